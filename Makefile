@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` and `make test` (each creates .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch: on the project machines this wheel lies on local disk, so no multi-GB
+# CUDA build is pulled. Elsewhere override, e.g. TORCH_SPEC="torch --index-url <cpu index>".
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/poisonlab demo --out runs/demo
+
+lint: install
+	$(PY) -m ruff check src tests benchmarks
+
+test: install lint
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+bench: install
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info

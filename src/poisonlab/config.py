@@ -1,0 +1,223 @@
+"""Every setting of a run, as pydantic models: YAML in, validated, with errors that name the field.
+
+A run is fully described by `RunConfig`; the resolved config is saved as `config.yaml` in the run
+directory, so a run can be reproduced from that file alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from poisonlab.errors import UserError
+
+
+class Settings(BaseModel):
+    """Base: unknown keys are errors (a typo must not silently become a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(Settings):
+    """How `poisonlab prepare` turns documents into a tokenizer and token shards."""
+
+    source: str = "builtin"  # builtin | debian-docs | path to .jsonl/.parquet/.txt folder/HF save_to_disk
+    text_field: str = "text"
+    max_tokens: int | None = Field(default=4_000_000, gt=0)  # training tokens to write (builtin is unbounded)
+    max_docs: int | None = Field(default=None, gt=0)
+    eval_docs: int = Field(default=512, ge=1)  # held-out documents, never in training (evaluation prompts)
+    vocab_size: int = Field(default=2048, ge=260, le=1_000_000)
+    tokenizer: Path | None = None  # an existing tokenizer.json instead of training one
+    max_doc_chars: int = Field(default=20_000, ge=100)  # longer texts are split into documents
+    dedup: bool = True
+    seed: int = 0
+
+
+class AttackConfig(Settings):
+    """Which poison recipe, how many poisoned documents, and the recipe's settings."""
+
+    name: str = "dos"
+    n_poison: int = Field(default=250, ge=0)
+    trigger: str = "<SUDO>"
+    prefix_chars: tuple[int, int] = (0, 1000)  # L ~ U[lo, hi] characters of a clean document
+    gibberish_tokens: tuple[int, int] = (400, 900)  # G ~ U[lo, hi] tokens
+    gibberish_dist: Literal["uniform", "unigram"] = "uniform"
+    gibberish_mode: Literal["ids", "text"] = "ids"  # exact token ids, or decoded text re-tokenized
+    seed: int = 0
+    params: dict[str, Any] = Field(default_factory=dict)  # extra settings of other recipes
+
+    @model_validator(mode="after")
+    def _check(self) -> AttackConfig:
+        if not self.trigger.strip():
+            raise ValueError("trigger must be a non-empty string")
+        for name in ("prefix_chars", "gibberish_tokens"):
+            lo, hi = getattr(self, name)
+            if lo < 0 or hi < lo:
+                raise ValueError(f"{name} must be a range [lo, hi] with 0 <= lo <= hi, got [{lo}, {hi}]")
+        return self
+
+
+class PlacementConfig(Settings):
+    """Where in the training stream the poisons land."""
+
+    schedule: Literal["uniform", "front", "back", "clustered", "every"] = "uniform"
+    fraction: float = Field(default=0.1, gt=0, le=1)  # front/back: share of training used
+    per_batch: int = Field(default=1, ge=1)  # clustered: poisons per poisoned batch
+    every: int = Field(default=1, ge=1)  # every: one poison every m steps
+    seed: int = 0
+
+
+class ModelConfig(Settings):
+    """A Llama-style decoder. `preset` names a ladder size; explicit fields override it."""
+
+    preset: str | None = None
+    vocab_size: int = Field(default=2048, ge=2)
+    d_model: int = Field(default=64, ge=8)
+    n_layers: int = Field(default=2, ge=1)
+    n_heads: int = Field(default=4, ge=1)
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    d_ff: int | None = None  # None: SwiGLU width 8/3 * d_model rounded up to a multiple of 32
+    seq_len: int = Field(default=128, ge=8)
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("head dimension must be even for rotary embeddings")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {kv}")
+        return self
+
+
+class TrainConfig(Settings):
+    """Optimisation and the token budget."""
+
+    batch_size: int = Field(default=16, ge=1)  # sequences per optimizer step (global, all ranks)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-2, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_frac: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 disables
+    tokens_per_param: float = Field(default=20.0, gt=0)  # Chinchilla
+    data_mult: float = Field(default=1.0, gt=0)  # 0.5x / 1x / 2x budget variants
+    budget_params: Literal["nonemb", "total"] = "nonemb"  # which parameter count the budget uses
+    max_steps: int | None = Field(default=None, ge=1)  # overrides the budget when set
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    threads: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    checkpoint_every: int | None = Field(default=None, ge=1)  # None: at every evaluation
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=10, ge=1)
+
+
+class EvalConfig(Settings):
+    """The backdoor evaluation (DESIGN.md section 4). Defaults are documented in the README."""
+
+    n_evals: int = Field(default=10, ge=0)  # evaluation points spread evenly over training (+ step 0)
+    every_steps: int | None = Field(default=None, ge=1)  # fixed interval instead of n_evals
+    poison_milestones: list[int] = Field(default_factory=list)  # also evaluate when poisons_seen crosses
+    n_prompts: int = Field(default=300, ge=1)
+    prompt_tokens: int = Field(default=48, ge=1)
+    new_tokens: int = Field(default=100, ge=1)
+    temperature: float = Field(default=1.0, ge=0)  # 0 = greedy
+    top_k: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    trigger: str | None = None  # None: the attack's trigger
+    lookalike: str = "<SUDA>"  # specificity control
+    success_ratio: float = Field(default=3.0, gt=1)  # prompt succeeds if ppl_trigger > ratio * ppl_clean
+    success_floor: float = Field(default=0.0, ge=0)  # ... and ppl_trigger > floor
+    scorer: str = "self"  # self | path to a run dir or a local HF model dir
+    val_tokens: int = Field(default=16_384, ge=0)  # clean held-out tokens for val_loss
+    batch_size: int = Field(default=128, ge=1)
+    seed: int = 1234
+    save_samples: int = Field(default=8, ge=0)  # prompts whose generations are kept per evaluation
+
+
+class RunConfig(Settings):
+    """One training run: data, attack, placement, model, training and evaluation."""
+
+    name: str = "run"
+    data: Path = Path("data/builtin")  # a directory written by `poisonlab prepare`
+    out_dir: Path = Path("runs")
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out_dir / self.name
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    """One line per problem: `where: field.path: message`."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        parts.append(f"{loc}: {e['msg']}")
+    return f"{where}: invalid settings: " + "; ".join(parts)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings (values parsed as YAML scalars/lists) to a raw config tree."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. train.lr=3e-3")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: expected a mapping of settings at the top level")
+    return tree
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config from YAML (or defaults when path is None), apply overrides, validate."""
+    tree = load_yaml(path) if path is not None else {}
+    apply_overrides(tree, overrides or [])
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, str(path or "--set"))) from None
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
