@@ -24,22 +24,276 @@ console = Console(stderr=True)
 
 
 # --- corpus: prepare -------------------------------------------------------------------------------
-# (section owned by corpus/)
+@app.command()
+def prepare(
+    out: Annotated[Path, typer.Option(help="data directory to write (tokenizer.json + shards)")],
+    corpus: Annotated[str, typer.Option(help="builtin, debian-docs, or a .jsonl/.parquet/.txt path, "
+                                        "a folder of them, or a HF save_to_disk folder")] = "builtin",
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size (incl. 256 bytes + EOS)")] = 2048,
+    max_tokens: Annotated[int, typer.Option(help="training tokens to write; 0 = all")] = 4_000_000,
+    max_docs: Annotated[int, typer.Option(help="training documents at most; 0 = no limit")] = 0,
+    text_field: Annotated[str, typer.Option(help="JSON field / Parquet or Arrow text column")] = "text",
+    eval_docs: Annotated[int, typer.Option(help="held-out documents for evaluation prompts")] = 512,
+    max_doc_chars: Annotated[int, typer.Option(help="longer texts are split into documents")] = 20_000,
+    dedup: Annotated[bool, typer.Option(help="drop exact duplicate documents")] = True,
+    seed: Annotated[int, typer.Option(help="seed of the built-in corpus")] = 0,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="a tokenizer.json to use, not train")] = None,  # noqa: UP045
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Turn a corpus into a tokenizer and token shards (train + held-out eval) in OUT."""
+    from pydantic import ValidationError
+
+    from poisonlab.config import CorpusConfig, format_validation_error
+    from poisonlab.corpus.prepare import prepare as run_prepare
+
+    try:
+        cfg = CorpusConfig(source=corpus, text_field=text_field, max_tokens=max_tokens or None,
+                           max_docs=max_docs or None, eval_docs=eval_docs, vocab_size=vocab_size,
+                           tokenizer=tokenizer, max_doc_chars=max_doc_chars, dedup=dedup, seed=seed)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, "prepare")) from None
+    s = run_prepare(cfg, out, progress=progress)
+    tr, ev = s["train"], s["eval"]
+    what = "reused" if s["reused"] else f"wrote in {s['seconds']:.1f} s"
+    console.print(f"{out}: {what}: train {tr['n_tokens']:,} tokens / {tr['n_docs']:,} docs, "
+                  f"eval {ev['n_tokens']:,} tokens / {ev['n_docs']:,} docs, vocab {s['vocab_size']:,}",
+                  highlight=False, soft_wrap=True)
+
 
 # --- attacks: poison -------------------------------------------------------------------------------
-# (section owned by attacks/)
+@app.command()
+def poison(
+    data: Annotated[Path, typer.Option(help="prepared data directory (tokenizer + shards)")],
+    out: Annotated[Path, typer.Option(help="output file; its name must contain 'poison'")] = Path(
+        "poisons.jsonl"
+    ),
+    attack: Annotated[str, typer.Option(help="recipe name, e.g. dos")] = "dos",
+    n: Annotated[int, typer.Option(help="number of poisoned documents")] = 250,
+    seed: Annotated[int, typer.Option(help="recipe seed")] = 0,
+    trigger: Annotated[Optional[str], typer.Option(help="trigger text (default <SUDO>)")] = None,  # noqa: UP045
+    mode: Annotated[Optional[str], typer.Option(help="gibberish: token 'ids' or re-tokenized 'text'")] = None,  # noqa: UP045
+    dist: Annotated[Optional[str], typer.Option(help="gibberish 'uniform' or 'unigram'")] = None,  # noqa: UP045
+    preview: Annotated[int, typer.Option(help="poisons to show")] = 3,
+) -> None:
+    """Make N poisoned documents with a recipe and write them to a poisons.jsonl file."""
+    from pydantic import ValidationError
+    from rich.table import Table
+
+    from poisonlab.attacks import make_poisons, write_poisons
+    from poisonlab.config import AttackConfig, format_validation_error
+
+    fields: dict = {"name": attack, "n_poison": n, "seed": seed}
+    for key, value in (("trigger", trigger), ("gibberish_mode", mode), ("gibberish_dist", dist)):
+        if value is not None:
+            fields[key] = value
+    try:
+        cfg = AttackConfig(**fields)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, "poison")) from None
+    poisons = make_poisons(data, cfg)
+    write_poisons(out, poisons, cfg, data_dir=data)
+    table = Table(title=f"{len(poisons)} poisons ({attack}) -> {out}", show_lines=True)
+    for col in ("id", "prefix", "trigger", "gibberish (tokens)"):
+        table.add_column(col, overflow="fold")
+    for p in poisons[:preview]:
+        prefix = p.text[: p.prefix_chars]
+        prefix = prefix if len(prefix) <= 80 else "..." + prefix[-77:]
+        at = p.text.find(p.trigger, p.prefix_chars)
+        tail = p.text[at + len(p.trigger) :] if at >= 0 else ""
+        table.add_row(p.id, repr(prefix), p.trigger, f"{p.gibberish_len}: {tail[:60]!r}")
+    Console().print(table)
 
 # --- training: train, export -----------------------------------------------------------------------
-# (section owned by train.py / export.py)
+@app.command("train")
+def train_cmd(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. train.lr=3e-3")] = None,  # noqa: UP045
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")] = True,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (train.threads)")] = None,  # noqa: UP045
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
+) -> None:
+    """Train one run (torchrun --nproc-per-node K ... for DDP); a finished run is skipped."""
+    from poisonlab.config import load_run_config
+    from poisonlab.train import train
+
+    overrides = list(set_ or [])
+    if threads is not None:
+        overrides.append(f"train.threads={threads}")
+    cfg = load_run_config(config, overrides)
+    run = train(cfg, resume=resume, progress=progress)
+    console.print(f"run: {run}", highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    to: Annotated[Path, typer.Option("--to", help="output directory (HF LlamaForCausalLM)")],
+    step: Annotated[Optional[int], typer.Option(help="checkpoint step (default: latest)")] = None,  # noqa: UP045
+) -> None:
+    """Export a run's model as a HF transformers checkpoint with its tokenizer."""
+    from poisonlab.export import export_run
+
+    out = export_run(run, to, step=step)
+    console.print(f"exported: {out}", highlight=False)
 
 # --- evaluation: eval ------------------------------------------------------------------------------
 # (section owned by evaluate.py)
+@app.command("eval")
+def eval_(
+    path: Annotated[Path, typer.Argument(help="run directory (or one checkpoint dir) or local HF model dir")],
+    checkpoint: Annotated[Optional[int], typer.Option(help="checkpoint step (default: latest)")] = None,  # noqa: UP045
+    data: Annotated[Optional[Path], typer.Option(help="prepared data dir (prompts, val text)")] = None,  # noqa: UP045
+    trigger: Annotated[Optional[str], typer.Option(help="trigger (default: the run's, else <SUDO>)")] = None,  # noqa: UP045
+    prompts: Annotated[Optional[Path], typer.Option(help="FILE.jsonl or DATA_DIR")] = None,  # noqa: UP045
+    n_prompts: Annotated[Optional[int], typer.Option(help="number of prompts K")] = None,  # noqa: UP045
+    new_tokens: Annotated[Optional[int], typer.Option(help="tokens generated per prompt T")] = None,  # noqa: UP045
+    temperature: Annotated[Optional[float], typer.Option(help="sampling temperature (0 = greedy)")] = None,  # noqa: UP045
+    scorer: Annotated[Optional[str], typer.Option(help="'self' or a run/HF dir")] = None,  # noqa: UP045
+    samples: Annotated[Optional[Path], typer.Option(help="write the samples (.jsonl) here")] = None,  # noqa: UP045
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
+) -> None:
+    """Test a model for a trigger backdoor: paired triggered / clean / look-alike generations."""
+    import json
+
+    from pydantic import ValidationError
+    from rich.table import Table
+
+    from poisonlab.config import EvalConfig, format_validation_error
+    from poisonlab.evaluate import base_eval_config, evaluate_path
+
+    fields = base_eval_config(path).model_dump()
+    for key, value in (("trigger", trigger), ("n_prompts", n_prompts), ("new_tokens", new_tokens),
+                       ("temperature", temperature), ("scorer", scorer)):
+        if value is not None:
+            fields[key] = value
+    try:
+        cfg = EvalConfig(**fields)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, "eval")) from None
+    metrics = evaluate_path(path, cfg, data_dir=data, checkpoint=checkpoint, prompts=prompts,
+                            samples_out=samples)
+    if json_:
+        print(json.dumps(metrics))
+        return
+    table = Table(title=f"backdoor evaluation: {metrics['model_path']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
 
 # --- sweeps, results, report, demo -----------------------------------------------------------------
 # (section owned by sweep.py / results.py / report.py / demo.py)
+@app.command("sweep")
+def sweep_cmd(
+    spec: Annotated[str, typer.Argument(help="sweep YAML file or preset: demo, tiny-grid, gpu-small, paper")],
+    out: Annotated[Optional[Path], typer.Option(help="sweep directory [default: sweeps/NAME]")] = None,  # noqa: UP045
+    executor: Annotated[str, typer.Option(help="local | slurm | inline")] = "local",
+    jobs: Annotated[Optional[int], typer.Option(help="runs side by side [default: 1/core]")] = None,  # noqa: UP045
+    threads_per_job: Annotated[Optional[int], typer.Option(help="threads per run")] = None,  # noqa: UP045
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the expanded runs and stop")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value, e.g. train.lr=3e-3")] = None,  # noqa: UP045
+    no_report: Annotated[bool, typer.Option("--no-report", help="skip the report at the end")] = False,
+) -> None:
+    """Run a grid of runs (sizes x poison counts x data budgets x seeds); finished runs are skipped."""
+    from rich.table import Table
+
+    from poisonlab.sweep import expand, load_spec, plan_rows, run_sweep
+
+    s = load_spec(spec, set_ or [])
+    sweep_dir = out or Path("sweeps") / s.name
+    if executor not in ("local", "slurm", "inline"):
+        raise UserError(f"--executor {executor!r}: use local, slurm or inline")
+    if dry_run:
+        rows = plan_rows(expand(s, sweep_dir))
+        table = Table(title=f"sweep {s.name}: {len(rows)} runs -> {sweep_dir}/runs")
+        cols = {"name": "name", "params_nonemb": "params", "tokens": "tokens", "n_poison": "N",
+                "data_mult": "data", "seed": "seed", "status": "status"}
+        for c, head in cols.items():
+            table.add_column(head, justify="left" if c in ("name", "status") else "right", no_wrap=True)
+        for r in rows:
+            table.add_row(*[str(r.get(c, "-")) for c in cols])
+        Console().print(table)
+        return
+    res = run_sweep(s, sweep_dir, executor=executor, jobs=jobs, threads=threads_per_job,  # type: ignore[arg-type]
+                    report=not no_report)
+    console.print(res.summary_line())
+    for o in res.failed:
+        console.print(f"  [red]failed[/] {o.name}: {o.error}  (see {sweep_dir}/runs/{o.name}/FAILED)",
+                      highlight=False)
+    if res.report:
+        console.print(f"report: {res.report}")
+
+
+@app.command("results")
+def results_cmd(
+    path: Annotated[Path, typer.Argument(help="sweep directory (or a folder of runs, or one run)")],
+    json_: Annotated[bool, typer.Option("--json", help="print the summary rows as JSON")] = False,
+    threshold: Annotated[float, typer.Option(help="ASR counted as success")] = 0.5,
+    unfinished: Annotated[bool, typer.Option("--unfinished", help="include runs without DONE")] = False,
+) -> None:
+    """Summary per size and N: final gap, ASR over seeds, poisons seen when ASR first reached success."""
+    import json
+
+    from poisonlab.results import failed_runs, gather, summarize, summary_table
+
+    rows = summarize(gather(path), threshold, include_unfinished=unfinished)
+    if json_:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        console.print("no finished runs yet (use --unfinished to see runs in progress)")
+    else:
+        wide = None if sys.stdout.isatty() else 160  # piped: do not squeeze the table into 80 columns
+        title = f"{path}: final evaluation, mean ± std over seeds"
+        Console(width=wide).print(summary_table(rows, title=title))
+    for name, err in failed_runs(path):
+        console.print(f"[red]failed[/] {name}: {err}", highlight=False)
+
+
+@app.command("report")
+def report_cmd(
+    path: Annotated[Path, typer.Argument(help="sweep directory (or a folder of runs)")],
+    threshold: Annotated[Optional[float], typer.Option(help="ASR counted as success")] = None,  # noqa: UP045
+) -> None:
+    """Figures, the count-vs-fraction fits and a self-contained HTML report under DIR/report/."""
+    from poisonlab.report import build_report
+
+    console.print(f"report: {build_report(path, threshold=threshold)}")
+
+
+# (demo: section owned by demo.py)
 
 # --- defenses: defend ------------------------------------------------------------------------------
-# (section owned by defenses/)
+@app.command("defend")
+def defend_cmd(
+    data: Annotated[Path, typer.Option(help="prepared data directory (clean documents + tokenizer)")],
+    poisons: Annotated[list[Path], typer.Option(help="poisons.jsonl (repeat for several recipes)")],
+    detectors: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="comma-separated detector specs, e.g. gopher-quality,perplexity:pct=99.9"),
+    ] = None,
+    n_clean: Annotated[int, typer.Option(help="clean documents for the false-positive rate")] = 1000,
+    n_calib: Annotated[int, typer.Option(help="clean training documents for calibration")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed of the clean-document sample")] = 0,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="write defenses.json and defenses.png here")] = None,  # noqa: UP045
+) -> None:
+    """Score data filters against poisons: recall, false-positive rate, clean docs lost per poison caught."""
+    import json
+
+    from poisonlab.defenses import defend, render_table, write_outputs
+
+    specs = [s for s in (detectors or "").split(",") if s.strip()] or None
+    result = defend(data, poisons, detectors=specs, n_clean=n_clean, n_calib=n_calib, seed=seed)
+    if out is not None:
+        paths = write_outputs(result, out)
+        console.print(f"wrote {paths['json']} and {paths['figure']}")
+    if json_:
+        print(json.dumps(result))
+    else:
+        Console(width=200).print(render_table(result))
 
 
 def main(argv: list[str] | None = None) -> None:

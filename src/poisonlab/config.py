@@ -32,6 +32,7 @@ class CorpusConfig(Settings):
     vocab_size: int = Field(default=2048, ge=260, le=1_000_000)
     tokenizer: Path | None = None  # an existing tokenizer.json instead of training one
     max_doc_chars: int = Field(default=20_000, ge=100)  # longer texts are split into documents
+    tokenizer_sample_chars: int = Field(default=4_000_000, ge=1_000)  # BPE trains on this much text
     dedup: bool = True
     seed: int = 0
 
@@ -119,6 +120,7 @@ class TrainConfig(Settings):
     checkpoint_every: int | None = Field(default=None, ge=1)  # None: at every evaluation
     keep_checkpoints: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, ge=1)
+    peak_flops: float | None = Field(default=None, gt=0)  # per device, for MFU; None: detected
 
 
 class EvalConfig(Settings):
@@ -142,6 +144,7 @@ class EvalConfig(Settings):
     batch_size: int = Field(default=128, ge=1)
     seed: int = 1234
     save_samples: int = Field(default=8, ge=0)  # prompts whose generations are kept per evaluation
+    stop_at_eos: bool = False  # end a generation at the end-of-document token (ppl over tokens up to it)
 
 
 class RunConfig(Settings):

@@ -42,7 +42,7 @@ class ShardWriter:
         self.dir, self.split = Path(directory), split
         self.dtype = token_dtype(vocab_size)
         self.vocab_size, self.eos_id = vocab_size, eos_id
-        self._f = open(self.dir / f"{split}.bin", "wb")
+        self._f = open(self.dir / f"{split}.bin", "wb")  # noqa: SIM115 (closed in close())
         self._hash = hashlib.sha256()
         self._ids: list[str] = []
         self._starts: list[int] = []

@@ -1,0 +1,42 @@
+"""Data filters and detectors, and how they are scored against poisons (`poisonlab defend`).
+
+A detector is one class with `@register_detector("name")`; see `base.py`. Built in: the datatrove
+heuristic filters (`heuristics.py`), a perplexity filter (`perplexity.py`) and a trigger miner
+(`miner.py`); `score.py` measures recall, false-positive rate and the web-scale cost.
+"""
+
+from __future__ import annotations
+
+from poisonlab.defenses.base import (
+    DefenseContext,
+    Detector,
+    Verdict,
+    detector_names,
+    get_detector,
+    register_detector,
+)
+from poisonlab.defenses.score import (
+    DEFAULT_DETECTORS,
+    defend,
+    discard_per_catch,
+    rate_upper,
+    render_table,
+    save_figure,
+    write_outputs,
+)
+
+__all__ = [
+    "DEFAULT_DETECTORS",
+    "DefenseContext",
+    "Detector",
+    "Verdict",
+    "defend",
+    "detector_names",
+    "discard_per_catch",
+    "get_detector",
+    "rate_upper",
+    "register_detector",
+    "render_table",
+    "save_figure",
+    "write_outputs",
+]

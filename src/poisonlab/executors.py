@@ -1,0 +1,321 @@
+"""Executors: run a sweep's runs, one config file each, and say how each one ended.
+
+- `inline`: in this process, one after another (debugging, tests with a closure as run function).
+- `local`: K child processes side by side, each pinned to T threads. On a 2-core machine two 1-thread
+  jobs give more total throughput than one 2-thread job (small models do not scale across threads).
+- `slurm`: through submitit (`cluster="local"` or `"debug"` run the same path without a cluster).
+
+Every executor calls `run_one(config_path)`, which skips a finished run (DONE), lets the run function
+resume an interrupted one, and records a failure in `FAILED` (message, traceback, log tail) instead of
+raising, so one broken run never stops the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from poisonlab.config import RunConfig, load_run_config
+from poisonlab.fsutil import write_text
+
+RunFn = Callable[[RunConfig], Any]
+Status = Literal["done", "skipped", "failed"]
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+LOG_TAIL_LINES = 40
+
+
+@dataclass
+class Job:
+    """One run to execute: its config file (written by the sweep) and where its results go."""
+
+    name: str
+    config_path: Path
+    run_dir: Path
+    model: str = ""
+    data_mult: float = 1.0
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: Status
+    seconds: float = 0.0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    def run(
+        self, jobs: list[Job], on_start: Callable[[Job], None], on_finish: Callable[[Outcome], None]
+    ) -> None: ...
+
+
+# --- one run -------------------------------------------------------------------------------------
+
+
+def default_run_fn(cfg: RunConfig) -> Any:
+    """The real run: train (which evaluates as it goes and resumes from its last checkpoint)."""
+    from poisonlab.train import train  # imported late: torch is heavy and tests never need it
+
+    return train(cfg, resume=True, progress=False)
+
+
+def resolve_run_fn(fn: RunFn | str | None) -> RunFn:
+    """A callable, a `module:function` string (how child processes receive it), or None (train)."""
+    if fn is None:
+        return default_run_fn
+    if callable(fn):
+        return fn
+    mod, _, attr = fn.partition(":")
+    obj: Any = importlib.import_module(mod)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def fn_spec(fn: RunFn | str | None) -> str | None:
+    """The `module:function` string that names `fn` in a child process."""
+    if fn is None or isinstance(fn, str):
+        return fn
+    mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not mod or "<" in qual:
+        raise ValueError(f"run function {fn!r} must be a module-level function to run in a child process")
+    return f"{mod}:{qual}"
+
+
+def set_thread_env(threads: int | None) -> None:
+    """Pin BLAS/OpenMP pools; must happen before torch is imported in this process."""
+    if threads:
+        for k in THREAD_ENV:
+            os.environ[k] = str(threads)
+
+
+def tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def record_failure(run_dir: Path, message: str, detail: str = "", logs: tuple[Path, ...] = ()) -> None:
+    """Write `FAILED`: the one-line message first (what `poisonlab results` shows), then the details."""
+    parts = [message.strip().splitlines()[0] if message.strip() else "failed", ""]
+    if detail:
+        parts += [detail.rstrip(), ""]
+    for log in (run_dir / "log.jsonl", *logs):
+        t = tail(log)
+        if t:
+            parts += [f"--- last lines of {log} ---", t, ""]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "FAILED", "\n".join(parts))
+
+
+def failure_message(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / "FAILED").read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def run_one(config_path: str | Path, *, threads: int | None = None, fn: RunFn | str | None = None) -> Status:
+    """Run one config unless it is finished; never raises for a failing run (it writes FAILED)."""
+    set_thread_env(threads)
+    cfg = load_run_config(config_path)
+    run_dir = cfg.run_dir
+    if (run_dir / "DONE").exists():
+        return "skipped"
+    with contextlib.suppress(FileNotFoundError):
+        (run_dir / "FAILED").unlink()  # a retry starts clean
+    if threads and cfg.train.threads is None:
+        cfg.train.threads = threads
+    try:
+        resolve_run_fn(fn)(cfg)
+        if not (run_dir / "DONE").exists():
+            raise RuntimeError(f"the run function returned but {run_dir / 'DONE'} was not written")
+    except Exception as e:
+        record_failure(run_dir, f"{type(e).__name__}: {e}", traceback.format_exc())
+        return "failed"
+    return "done"
+
+
+def _submitit_job(config_path: str, threads: int | None, fn: str | None, paths: list[str]) -> str:
+    # a run function named by string must import on the node as it did here (same shared filesystem)
+    sys.path.extend(p for p in paths if p not in sys.path)
+    return run_one(config_path, threads=threads, fn=fn)
+
+
+# --- executors -----------------------------------------------------------------------------------
+
+
+class InlineExecutor:
+    """Runs jobs in this process, one after another; `fn` may be any callable (a closure too)."""
+
+    def __init__(self, fn: RunFn | str | None = None) -> None:
+        self.fn = fn
+
+    def run(
+        self, jobs: list[Job], on_start: Callable[[Job], None], on_finish: Callable[[Outcome], None]
+    ) -> None:
+        for job in jobs:
+            on_start(job)
+            t0 = time.monotonic()
+            status = run_one(job.config_path, fn=self.fn)
+            err = failure_message(job.run_dir) if status == "failed" else None
+            on_finish(Outcome(job.name, status, time.monotonic() - t0, err))
+
+
+class LocalExecutor:
+    """K child processes side by side, each with T threads; output of each goes to `logs/<name>.log`."""
+
+    def __init__(
+        self, jobs: int, threads: int, logs_dir: Path, fn: RunFn | str | None = None, poll_s: float = 0.2
+    ) -> None:
+        self.k, self.threads, self.logs_dir, self.poll_s = max(1, jobs), max(1, threads), logs_dir, poll_s
+        self.spec = fn_spec(fn)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for k in THREAD_ENV:
+            env[k] = str(self.threads)
+        if self.spec:  # the child must import the run function the way this process does
+            paths = [p for p in sys.path if p] + [env.get("PYTHONPATH", "")]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        return env
+
+    def _start(self, job: Job, env: dict[str, str]) -> tuple[subprocess.Popen, Path, float]:
+        cmd = [sys.executable, "-m", "poisonlab.sweep", "run-one", str(job.config_path)]
+        cmd += ["--threads", str(self.threads)]
+        if self.spec:
+            cmd += ["--fn", self.spec]
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        log = self.logs_dir / f"{job.name}.log"
+        with open(log, "ab") as f:
+            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+            f.flush()
+            # own session: Ctrl-C reaches only us, and we stop each child's whole group cleanly
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return proc, log, time.monotonic()
+
+    def run(
+        self, jobs: list[Job], on_start: Callable[[Job], None], on_finish: Callable[[Outcome], None]
+    ) -> None:
+        env = self._env()
+        pending: deque[Job] = deque(jobs)
+        running: dict[str, tuple[Job, subprocess.Popen, Path, float]] = {}
+        try:
+            while pending or running:
+                while pending and len(running) < self.k:
+                    job = pending.popleft()
+                    on_start(job)
+                    proc, log, t0 = self._start(job, env)
+                    running[job.name] = (job, proc, log, t0)
+                for name, (job, proc, log, t0) in list(running.items()):
+                    rc = proc.poll()
+                    if rc is None:
+                        continue
+                    del running[name]
+                    on_finish(self._outcome(job, rc, log, time.monotonic() - t0))
+                if running:
+                    time.sleep(self.poll_s)
+        except BaseException:
+            for _job, proc, _log, _t0 in running.values():
+                _stop(proc)
+            raise
+
+    @staticmethod
+    def _outcome(job: Job, rc: int, log: Path, seconds: float) -> Outcome:
+        if rc == 0:
+            return Outcome(job.name, "done", seconds)
+        if not (job.run_dir / "FAILED").exists():  # killed, or crashed before it could say why
+            why = f"exit code {rc}" + (f" (signal {-rc})" if rc < 0 else "")
+            record_failure(job.run_dir, f"child process ended with {why}", logs=(log,))
+        else:
+            with open(job.run_dir / "FAILED", "a", encoding="utf-8") as f:
+                f.write(f"--- last lines of {log} ---\n{tail(log)}\n")
+        return Outcome(job.name, "failed", seconds, failure_message(job.run_dir))
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop one child's process group: SIGTERM, then SIGKILL after a grace period."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+class SubmititExecutor:
+    """Slurm through submitit; `cluster="local"`/`"debug"` use submitit's local executors (CI)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        threads: int | None = None,
+        fn: RunFn | str | None = None,
+        cluster: str | None = None,
+        parameters: dict[str, Any] | None = None,
+        poll_s: float = 5.0,
+    ) -> None:
+        self.folder, self.threads, self.cluster, self.poll_s = folder, threads, cluster, poll_s
+        self.parameters = dict(parameters or {})
+        self.spec = fn_spec(fn)
+
+    def run(
+        self, jobs: list[Job], on_start: Callable[[Job], None], on_finish: Callable[[Outcome], None]
+    ) -> None:
+        try:
+            import submitit
+        except ImportError:
+            from poisonlab.errors import UserError
+
+            raise UserError("the slurm executor needs submitit: pip install 'poisonlab[slurm]'") from None
+        ex = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
+        params = {"name": "poisonlab", **self.parameters}
+        if self.threads and "cpus_per_task" not in params:
+            params["cpus_per_task"] = self.threads
+        ex.update_parameters(**params)
+        paths = [p for p in sys.path if p] if self.spec else []
+        args = [(str(j.config_path), self.threads, self.spec, paths) for j in jobs]
+        if ex.cluster == "slurm":  # one job array: one scheduler call however many runs
+            with ex.batch():
+                handles = [ex.submit(_submitit_job, *a) for a in args]
+        else:
+            handles = [ex.submit(_submitit_job, *a) for a in args]
+        t0 = time.monotonic()
+        for job in jobs:
+            on_start(job)
+        waiting = dict(zip([j.name for j in jobs], zip(jobs, handles, strict=True), strict=True))
+        while waiting:
+            for name, (job, h) in list(waiting.items()):
+                if ex.cluster != "debug" and not h.done():
+                    continue
+                del waiting[name]
+                try:
+                    status = h.result()
+                    err = failure_message(job.run_dir) if status == "failed" else None
+                except Exception as e:  # the job itself died (node failure, timeout, OOM kill)
+                    last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                    msg = f"submitit job {h.job_id} failed: {last}"
+                    record_failure(job.run_dir, msg, str(e), logs=(Path(str(h.paths.stderr)),))
+                    status, err = "failed", msg
+                on_finish(Outcome(name, status, time.monotonic() - t0, err, {"job_id": h.job_id}))
+            if waiting:
+                time.sleep(self.poll_s)

@@ -1,0 +1,174 @@
+"""One batched generation loop: KV cache, common random numbers, and self-scoring in the same pass.
+
+Any causal LM is driven through a small adapter with two calls, `new_cache(batch, max_len)` and
+`step(idx, cache, start_pos, last_only)` -> float32 logits:
+- a poisonlab `Transformer` (its preallocated `KVCache`),
+- a HF causal LM (`DynamicCache`),
+- any other module whose `forward(idx)` returns logits (no cache: the whole context is recomputed
+  each step; slow, but handy for hand-made test models).
+
+Sampling is inverse-CDF with noise drawn beforehand, one uniform number per (prompt, position): two
+conditions that reach the same next-token distribution pick the same token, so generations only
+diverge where the model's predictions do (common random numbers, a paired comparison).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def is_hf_model(model: Any) -> bool:
+    return type(model).__module__.startswith("transformers.")
+
+
+class LMAdapter:
+    """Uniform view of a causal LM for generation and scoring."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        p = next(model.parameters(), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        self.kind = "hf" if is_hf_model(model) else ("poisonlab" if hasattr(model, "new_cache") else "plain")
+        self.context: int | None = None  # positions the model was trained on (None: unknown)
+        self.vocab_size: int | None = None
+        if self.kind == "poisonlab":
+            self.context, self.vocab_size = model.cfg.seq_len, model.cfg.vocab_size
+        elif self.kind == "hf":
+            self.context = getattr(model.config, "max_position_embeddings", None)
+            self.vocab_size = model.config.vocab_size
+            # transformers 5 renamed past_key_values to cache
+            params = inspect.signature(model.forward).parameters
+            self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        else:
+            self.context = getattr(model, "context", None)
+            self.vocab_size = getattr(model, "vocab_size", None)
+
+    def new_cache(self, batch_size: int, max_len: int) -> Any:
+        if self.kind == "poisonlab":
+            return self.model.new_cache(batch_size, max_len)
+        if self.kind == "hf":
+            from transformers import DynamicCache
+
+            return DynamicCache(config=self.model.config)
+        return {"ids": None}  # plain: the "cache" is the context so far
+
+    def step(self, idx: torch.Tensor, cache: Any, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T or 1, V) float32 for tokens idx at positions start_pos.., appending to cache."""
+        m = self.model
+        if self.kind == "poisonlab":
+            if last_only:  # skip the output layer on all but the last position (prefill)
+                h = m.hidden(idx, cache=cache, start_pos=start_pos)[:, -1:]
+                return m.lm_head(h).float()
+            return m(idx, cache=cache, start_pos=start_pos)
+        if self.kind == "hf":
+            kw = {self._cache_kw: cache, "use_cache": True}
+            if last_only:
+                kw["logits_to_keep"] = 1
+            return m(input_ids=idx, **kw).logits.float()
+        ids = idx if cache["ids"] is None else torch.cat([cache["ids"], idx], dim=1)
+        cache["ids"] = ids
+        logits = m(ids).float()[:, -idx.shape[1]:]
+        return logits[:, -1:] if last_only else logits
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits for a whole sequence, no cache."""
+        if self.kind == "hf":
+            return self.model(input_ids=idx, use_cache=False).logits.float()
+        return self.model(idx).float()
+
+
+def as_adapter(model: torch.nn.Module | LMAdapter) -> LMAdapter:
+    return model if isinstance(model, LMAdapter) else LMAdapter(model)
+
+
+def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Pick one token per row by inverse CDF with the given uniforms u (B,); temperature 0 = argmax.
+
+    Deterministic given (logits, u): identical distributions and noise give identical tokens.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    if temperature == 1.0 and top_k is None and (top_p is None or top_p >= 1.0):
+        return _inverse_cdf(logits.softmax(-1), u)
+    z = logits.float() / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        p = sorted_z.softmax(-1)
+        drop = (p.cumsum(-1) - p) >= top_p  # tokens after the nucleus (the first one always stays)
+        z = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
+    return _inverse_cdf(z.softmax(-1), u)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    cdf = probs.cumsum_(-1)
+    # scale u by the CDF's last value (1 up to rounding), so that the last token stays reachable;
+    # u > 0 keeps zero-probability tokens (flat CDF steps) unreachable
+    target = (u.to(cdf.dtype).clamp(min=1e-7) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, T) int64 generated tokens
+    nll: torch.Tensor  # (B, T) float64: -log p(token | context) under the model itself at temperature 1
+    lengths: torch.Tensor  # (B,) tokens that count (T, or up to and including EOS when stopping there)
+
+    def ppl(self) -> torch.Tensor:
+        """Perplexity of the generated tokens, per row."""
+        mask = torch.arange(self.nll.shape[1])[None, :] < self.lengths[:, None]
+        return torch.exp((self.nll * mask).sum(1) / self.lengths.clamp(min=1))
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module | LMAdapter, prompt: torch.Tensor, new_tokens: int, noise: torch.Tensor,
+             *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, stop_at_eos: bool = False) -> Generation:
+    """Continue each row of `prompt` (B, L) by `new_tokens` tokens, with the KV cache.
+
+    `noise` (B, new_tokens) holds the sampling uniforms. The log-probability of each picked token under
+    the model's own (untempered, untruncated) distribution is recorded from the same logits, so
+    self-scoring costs no extra forward pass.
+    """
+    lm = as_adapter(model)
+    B, L = prompt.shape
+    dev = lm.device
+    prompt = prompt.to(dev)
+    noise = noise.to(dev)
+    tokens = torch.zeros((B, new_tokens), dtype=torch.long, device=dev)
+    nll = torch.zeros((B, new_tokens), dtype=torch.float64, device=dev)
+    lengths = torch.full((B,), new_tokens, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    cache = lm.new_cache(B, L + new_tokens)
+    logits = lm.step(prompt, cache, 0, last_only=True)[:, -1]
+    for t in range(new_tokens):
+        tok = sample_tokens(logits, noise[:, t], temperature, top_k, top_p)
+        tokens[:, t] = tok
+        # log p(tok) = logit - logsumexp: one reduction instead of a full log-softmax
+        picked = logits.gather(1, tok[:, None]).squeeze(1)
+        nll[:, t] = torch.logsumexp(logits, -1).double() - picked.double()
+        if stop_at_eos and eos_id is not None:
+            newly = (tok == eos_id) & ~done
+            lengths = torch.where(newly, t + 1, lengths)
+            done |= newly
+            if bool(done.all()):
+                break
+        if t + 1 < new_tokens:
+            logits = lm.step(tok[:, None], cache, L + t)[:, -1]
+    return Generation(tokens.cpu(), nll.cpu(), lengths.cpu())
+
+
+@torch.inference_mode()
+def score(model: torch.nn.Module | LMAdapter, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """-log p(ids[:, t] | ids[:, :t]) for t >= start, shape (B, T - start), float64, one forward pass."""
+    lm = as_adapter(model)
+    logits = lm.logits(ids.to(lm.device))[:, start - 1 : -1]
+    lp = torch.log_softmax(logits.double(), -1)
+    return -lp.gather(2, ids[:, start:].to(lm.device)[..., None]).squeeze(-1).cpu()

@@ -1,0 +1,452 @@
+"""Sweeps: a grid of runs (sizes x poison counts x data budgets x seeds) from one YAML file or preset.
+
+A sweep spec is a `base` run config plus `grid` axes; `also` adds blocks that replace some axes (the
+study's design: 4 sizes at 1x, the two smallest also at 0.5x and 2x). `expand` turns it into RunConfigs
+named like `tiny-99k_n050_x1.0_s0` under `<sweep_dir>/runs/`; `run_sweep` hands them to an executor,
+skipping finished runs, and builds the report at the end.
+
+`python -m poisonlab.sweep run-one CONFIG.yaml [--threads T] [--fn module:function]` runs one config:
+that is what the local and Slurm executors start.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from poisonlab.config import (
+    RunConfig,
+    Settings,
+    _set_dotted,
+    apply_overrides,
+    format_validation_error,
+    load_yaml,
+)
+from poisonlab.errors import UserError
+from poisonlab.executors import (
+    InlineExecutor,
+    Job,
+    LocalExecutor,
+    Outcome,
+    RunFn,
+    SubmititExecutor,
+    run_one,
+)
+from poisonlab.fsutil import write_json, write_text
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+RUN_SECTIONS = ("data", "attack", "placement", "model", "train", "eval")  # `--set train.lr=..` means base
+
+
+class GridAxes(Settings):
+    """Axes of a grid; an axis left out keeps the base config's value."""
+
+    model: list[str | dict[str, Any]] | None = None  # ladder preset names, or model trees (+ `label`)
+    n_poison: list[int] | None = None
+    data_mult: list[float] | None = None
+    seed: list[int] | None = None  # sets every key in the spec's `seed_keys`
+    # any other setting as an axis, by dotted key: {"placement.schedule": [uniform, front]}
+    axes: dict[str, list[Any]] = Field(default_factory=dict)
+
+    def over(self, other: GridAxes) -> GridAxes:
+        """`other`'s axes replace this grid's; used for `also` blocks."""
+        merged = self.model_dump(exclude_unset=True)
+        merged.update(other.model_dump(exclude_unset=True))
+        return GridAxes.model_validate(merged)
+
+
+class ReportSettings(Settings):
+    asr_threshold: float = Field(default=0.5, gt=0, le=1)  # "success" = ASR at or above this
+    spread: Literal["minmax", "std"] = "minmax"  # shaded band over seeds in the figures
+
+
+class SweepSpec(Settings):
+    name: str = "sweep"
+    description: str = ""
+    base: dict[str, Any] = Field(default_factory=dict)  # a RunConfig tree shared by every run
+    grid: GridAxes = Field(default_factory=GridAxes)
+    also: list[GridAxes] = Field(default_factory=list)
+    seed_keys: list[str] = Field(default_factory=lambda: ["train.seed", "attack.seed", "placement.seed"])
+    slurm: dict[str, Any] = Field(default_factory=dict)  # submitit parameters (timeout_min, gpus_per_node...)
+    report: ReportSettings = Field(default_factory=ReportSettings)
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    model: str
+    n_poison: int
+    data_mult: float
+    seed: int
+    config: RunConfig
+    tree: dict[str, Any] = field(repr=False)  # as given (explicit fields only): what the child reads
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | None = None) -> SweepSpec:
+    """A sweep file, a preset name, or a raw tree; `overrides` are `key=value` (a run section means base)."""
+    if isinstance(spec, dict):
+        tree, where = copy.deepcopy(spec), "sweep spec"
+    else:
+        path = Path(spec)
+        if not path.is_file() and (PRESETS_DIR / f"{spec}.yaml").is_file():
+            path = PRESETS_DIR / f"{spec}.yaml"
+        elif not path.is_file():
+            known = ", ".join(list_presets())
+            raise UserError(f"{spec}: neither a sweep file nor a preset (presets: {known})")
+        tree, where = load_yaml(path), str(path)
+    fixed = [f"base.{o}" if _section(o) in RUN_SECTIONS else o for o in overrides or []]
+    apply_overrides(tree, fixed)
+    try:
+        out = SweepSpec.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, where)) from None
+    try:
+        RunConfig.model_validate(out.base)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, f"{where}: base")) from None
+    return out
+
+
+def _section(override: str) -> str:
+    return override.split("=", 1)[0].split(".", 1)[0].strip()
+
+
+# --- expansion -------------------------------------------------------------------------------------
+
+
+def _fmt_mult(m: float) -> str:
+    return f"{m:.1f}" if round(m, 1) == m else f"{m:g}"
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]", "", str(value).replace(" ", "-")) or "x"
+
+
+def _model_label(item: str | dict[str, Any] | None, base_model: dict[str, Any]) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict) and item.get("label"):
+        return str(item["label"])
+    m = item if isinstance(item, dict) else base_model
+    if m.get("preset"):
+        return str(m["preset"])
+    return f"d{m.get('d_model', 64)}l{m.get('n_layers', 2)}"
+
+
+def run_name(
+    model: str, n_poison: int, data_mult: float, seed: int, extra: dict[str, Any] | None = None
+) -> str:
+    """Stable, readable, sortable: `tiny-99k_n050_x1.0_s0[_schedule-front]`."""
+    name = f"{_slug(model)}_n{n_poison:03d}_x{_fmt_mult(data_mult)}_s{seed}"
+    for key, value in (extra or {}).items():
+        name += f"_{_slug(key.rsplit('.', 1)[-1])}-{_slug(value)}"
+    return name
+
+
+def expand(spec: SweepSpec, sweep_dir: str | Path) -> list[PlannedRun]:
+    """All runs of the sweep, in spec order, duplicates (same name and settings) dropped."""
+    runs_dir = Path(sweep_dir).absolute() / "runs"
+    blocks = [spec.grid] + [spec.grid.over(b) for b in spec.also]
+    out: dict[str, PlannedRun] = {}
+    for block in blocks:
+        keys = list(block.axes)
+        axes = [block.model, block.n_poison, block.data_mult, block.seed] + [block.axes[k] for k in keys]
+        axes = [a or [None] for a in axes]  # an axis left out keeps the base value
+        for model, n, mult, seed, *extra in itertools.product(*axes):
+            tree = copy.deepcopy(spec.base)
+            base_model = dict(tree.get("model") or {})
+            if isinstance(model, str):
+                tree["model"] = {**base_model, "preset": model}
+            elif isinstance(model, dict):
+                tree["model"] = {**base_model, **{k: v for k, v in model.items() if k != "label"}}
+            if n is not None:
+                _set_dotted(tree, "attack.n_poison", n)
+            if mult is not None:
+                _set_dotted(tree, "train.data_mult", mult)
+            if seed is not None:
+                for key in spec.seed_keys:
+                    _set_dotted(tree, key, seed)
+            for key, value in zip(keys, extra, strict=True):
+                _set_dotted(tree, key, value)
+            # paths absolute: children (and Slurm nodes) may start elsewhere
+            tree["data"] = str(Path(tree.get("data", RunConfig().data)).absolute())
+            tree["out_dir"] = str(runs_dir)
+            label = _model_label(model, base_model)
+            named = dict(zip(keys, extra, strict=True))
+            where = f"{label} (n_poison={n}, data_mult={mult}, seed={seed}, {named})"
+            probe = _validate(tree, where)
+            s = seed if seed is not None else probe.train.seed
+            name = run_name(label, probe.attack.n_poison, probe.train.data_mult, s, named)
+            tree["name"] = name
+            cfg = _validate(tree, name)
+            run = PlannedRun(name, label, cfg.attack.n_poison, cfg.train.data_mult, s, cfg, tree)
+            if name in out and out[name].config != cfg:
+                raise UserError(f"sweep {spec.name}: two different runs would both be named {name}")
+            out.setdefault(name, run)
+    return list(out.values())
+
+
+def _validate(tree: dict[str, Any], where: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, f"run {where}")) from None
+
+
+def plan_rows(runs: list[PlannedRun], sizes: bool = True) -> list[dict[str, Any]]:
+    """One row per run for `--dry-run` and `plan.json`; parameter counts when the model module knows."""
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {"name": r.name, "model": r.model, "n_poison": r.n_poison,
+                               "data_mult": r.data_mult, "seed": r.seed,
+                               "status": run_status(r.config.run_dir)}
+        if sizes:
+            row.update(_sizes(r.config))
+        rows.append(row)
+    return rows
+
+
+def _sizes(cfg: RunConfig) -> dict[str, Any]:
+    try:  # the model module may not know the preset (or not exist yet): sizes are a nicety here
+        from poisonlab.model import count_params, resolve_model_config
+
+        total, nonemb = count_params(resolve_model_config(cfg.model))
+        budget = nonemb if cfg.train.budget_params == "nonemb" else total
+        return {"params_total": total, "params_nonemb": nonemb,
+                "tokens": int(budget * cfg.train.tokens_per_param * cfg.train.data_mult)}
+    except Exception:
+        return {}
+
+
+def run_status(run_dir: Path) -> str:
+    if (run_dir / "DONE").exists():
+        return "done"
+    if (run_dir / "FAILED").exists():
+        return "failed"
+    if run_dir.exists():
+        return "started"
+    return "new"
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    outcomes: list[Outcome]
+    report: Path | None = None
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def summary_line(self) -> str:
+        return (f"{len(self.outcomes)} runs: {self.count('done')} done, {self.count('skipped')} skipped "
+                f"(finished before), {self.count('failed')} failed")
+
+
+def available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_jobs(n_runs: int, jobs: int | None = None, threads: int | None = None,
+                 cpus: int | None = None) -> tuple[int, int]:
+    """(jobs, threads per job). By default one 1-thread job per core: on CPU, tiny models gain more
+    from running side by side than from more threads each; the cores are shared out evenly."""
+    cpus = cpus or available_cpus()
+    k = jobs or max(1, min(n_runs, cpus))
+    return k, threads or max(1, cpus // k)
+
+
+def write_plan(spec: SweepSpec, runs: list[PlannedRun], sweep_dir: Path) -> None:
+    """`sweep.yaml` (the spec as run), `configs/<name>.yaml` (what each child reads), `plan.json`."""
+    write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    for r in runs:
+        # explicit fields only: a model preset must not be shadowed by dumped default widths
+        write_text(sweep_dir / "configs" / f"{r.name}.yaml", yaml.safe_dump(r.tree, sort_keys=False))
+    write_json(sweep_dir / "plan.json", [{k: v for k, v in row.items() if k != "status"}
+                                         for row in plan_rows(runs, sizes=False)])
+
+
+def run_sweep(
+    spec: SweepSpec,
+    sweep_dir: str | Path,
+    *,
+    executor: Literal["local", "slurm", "inline"] = "local",
+    jobs: int | None = None,
+    threads: int | None = None,
+    run_fn: RunFn | str | None = None,
+    progress: bool = True,
+    report: bool = True,
+    slurm_cluster: str | None = None,
+    poll_s: float | None = None,
+) -> SweepResult:
+    """Run every unfinished run of the sweep; failures are recorded, never raised. Then the report.
+
+    `run_fn(cfg)` replaces `poisonlab.train.train` (tests); for `local`/`slurm` it must be a
+    module-level function (the children import it by name).
+    """
+    sweep_dir = Path(sweep_dir).absolute()
+    runs = expand(spec, sweep_dir)
+    write_plan(spec, runs, sweep_dir)
+    todo = [r for r in runs if not (r.config.run_dir / "DONE").exists()]
+    missing = sorted({str(r.config.data) for r in todo if not r.config.data.exists()})
+    if run_fn is None and missing:  # fail once, up front, rather than once per run
+        raise UserError(f"data not prepared: {', '.join(missing)} (run `poisonlab prepare` first, "
+                        "or set base.data)")
+    outcomes = [Outcome(r.name, "skipped") for r in runs if r not in todo]
+    k, t = default_jobs(len(todo), jobs, threads)
+    job_list = [Job(r.name, sweep_dir / "configs" / f"{r.name}.yaml", r.config.run_dir, r.model, r.data_mult)
+                for r in todo]
+    if executor == "inline":
+        ex: Any = InlineExecutor(run_fn)
+    elif executor == "local":
+        ex = LocalExecutor(k, t, sweep_dir / "logs", run_fn, **({"poll_s": poll_s} if poll_s else {}))
+    elif executor == "slurm":
+        params = {"slurm_array_parallelism": jobs, **spec.slurm} if jobs else spec.slurm
+        ex = SubmititExecutor(sweep_dir / "slurm", threads=threads, fn=run_fn, cluster=slurm_cluster,
+                              parameters=params, **({"poll_s": poll_s} if poll_s else {}))
+    else:
+        raise UserError(f"unknown executor {executor!r}: use local, slurm or inline")
+
+    display = SweepProgress(len(runs), len(outcomes), k if executor == "local" else 1)
+    live = None
+    if progress and job_list:
+        from rich.console import Console
+        from rich.live import Live
+
+        live = Live(get_renderable=display.render, refresh_per_second=2, console=Console(stderr=True))
+        live.start()
+    try:
+        ex.run(job_list, display.start, lambda o: (outcomes.append(o), display.finish(o)))
+    finally:
+        if live is not None:
+            live.stop()
+            if not live.console.is_terminal:
+                live.console.line()  # a redirected log: end the last status line
+    result = SweepResult(sweep_dir, outcomes)
+    write_json(sweep_dir / "last_sweep.json", {
+        "summary": result.summary_line(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "outcomes": [{"name": o.name, "status": o.status, "seconds": round(o.seconds, 2), "error": o.error}
+                     for o in outcomes]})
+    if report and any((r.config.run_dir / "metrics.parquet").exists() for r in runs):
+        from poisonlab.report import build_report
+
+        result.report = build_report(sweep_dir)
+    return result
+
+
+class SweepProgress:
+    """What the live display shows: runs done/total, the ones running now, and an ETA.
+
+    The ETA uses this session's per-run wall times, per model label and scaled by the data budget
+    (cost grows with tokens), falling back to the mean over all finished runs.
+    """
+
+    def __init__(self, total: int, skipped: int, slots: int) -> None:
+        self.total, self.skipped, self.slots = total, skipped, max(1, slots)
+        self.running: dict[str, tuple[Job, float]] = {}
+        self.timings: list[tuple[Job, float]] = []
+        self.done = self.failed = 0
+        self.t0 = time.monotonic()
+
+    def start(self, job: Job) -> None:
+        self.running[job.name] = (job, time.monotonic())
+
+    def finish(self, o: Outcome) -> None:
+        job, _ = self.running.pop(o.name, (None, 0.0))
+        if o.status == "failed":
+            self.failed += 1
+        else:
+            self.done += 1
+            if job is not None and o.status == "done":
+                self.timings.append((job, o.seconds))
+
+    def _guess(self, job: Job) -> float | None:
+        same = [s * job.data_mult / j.data_mult for j, s in self.timings if j.model == job.model]
+        pool = same or [s for _, s in self.timings]
+        return sum(pool) / len(pool) if pool else None
+
+    def eta(self, remaining_queued: int) -> float | None:
+        if not self.timings:
+            return None
+        now = time.monotonic()
+        left = 0.0
+        for job, t0 in self.running.values():
+            g = self._guess(job) or 0.0
+            left += max(0.0, g - (now - t0))
+        mean = sum(s for _, s in self.timings) / len(self.timings)
+        left += remaining_queued * mean
+        return left / self.slots
+
+    def render(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        finished = self.skipped + self.done + self.failed
+        queued = self.total - finished - len(self.running)
+        eta = self.eta(queued)
+        head = (f"[bold]{finished}/{self.total}[/] runs finished ({self.skipped} before this session, "
+                f"{self.failed} failed) · {len(self.running)} running · {queued} queued · elapsed "
+                f"{_hms(time.monotonic() - self.t0)} · ETA {_hms(eta) if eta is not None else '?'}")
+        table = Table(show_edge=False, box=None, padding=(0, 2))
+        table.add_column("running now", no_wrap=True)
+        table.add_column("for", justify="right")
+        for name, (_job, t0) in self.running.items():
+            table.add_row(name, _hms(time.monotonic() - t0))
+        return Group(Text.from_markup(head), table) if self.running else Text.from_markup(head)
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# --- child entry point -----------------------------------------------------------------------------
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m poisonlab.sweep")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    one = sub.add_parser("run-one", help="run one config file (what the executors start)")
+    one.add_argument("config")
+    one.add_argument("--threads", type=int, default=None)
+    one.add_argument("--fn", default=None, help="module:function to call instead of poisonlab.train.train")
+    args = p.parse_args(argv)
+    try:
+        status = run_one(args.config, threads=args.threads, fn=args.fn)
+    except UserError as e:  # the config itself is broken: say so in one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"run-one: {status}", flush=True)
+    return 1 if status == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

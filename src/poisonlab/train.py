@@ -1,0 +1,428 @@
+"""The training loop: token budget, AdamW + warmup/cosine, evaluation hook, checkpoints, resume, logs.
+
+`train(cfg)` runs one run into `cfg.out_dir/cfg.name` and returns that directory:
+
+    config.yaml        the resolved config (model preset applied, vocabulary taken from the data)
+    ledger.parquet     which poison is trained on at which step (written by the stream)
+    checkpoints/       step_XXXXXXX/ (see checkpoint.py), the last `keep_checkpoints` kept
+    metrics.parquet    one row per evaluation point (run columns + the evaluator's metrics)
+    samples.jsonl      generations kept by the evaluator, one JSON object per line
+    log.jsonl          train loss, lr, tokens/s, MFU and poisons seen every `log_every` steps
+    DONE               written last; a run with DONE is skipped when started again
+
+Resume: the stream is a pure function of the step, so a checkpoint (weights, optimizer, RNG, step)
+is the whole state. Rows of metrics/samples/log beyond the checkpoint's step are dropped on resume,
+so a run killed at any moment ends exactly like an uninterrupted one (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from poisonlab import distributed
+from poisonlab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from poisonlab.config import RunConfig, TrainConfig, dump_yaml
+from poisonlab.errors import UserError
+from poisonlab.fsutil import atomic_path, write_text
+from poisonlab.model import Transformer, count_params, flops_per_token, resolve_model_config
+
+
+class Stream(Protocol):
+    """What the trainer needs from the data (poisonlab.stream.TrainingStream has it)."""
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def poisons_seen(self, steps_done: int) -> int: ...
+    def write_ledger(self, path: Path) -> None: ...
+
+
+class Evaluator(Protocol):
+    def run(self, model: torch.nn.Module, *, step: int) -> tuple[dict, list[dict]]: ...
+
+
+class SyntheticStream:
+    """Uniform random tokens with the TrainingStream interface, for benchmarks and tests.
+
+    `poisons_seen` pretends one poison every `poison_every` steps; the ledger is empty.
+    """
+
+    def __init__(self, vocab_size: int, *, seq_len: int, batch_size: int, seed: int = 0,
+                 poison_every: int = 4):
+        self.v, self.t, self.b, self.seed, self.every = vocab_size, seq_len, batch_size, seed, poison_every
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        tok = torch.randint(0, self.v, (self.b, self.t + 1), generator=g)
+        return tok[:, :-1], tok[:, 1:]
+
+    def poisons_seen(self, steps_done: int) -> int:
+        return steps_done // self.every
+
+    def write_ledger(self, path: Path) -> None:
+        pq.write_table(pa.table({"poison_id": pa.array([], pa.string()), "step": pa.array([], pa.int64())}),
+                       path)
+
+
+# --- budget, schedule, speed ----------------------------------------------------------------------------
+
+
+def total_steps(cfg: RunConfig) -> int:
+    """train.max_steps, else ceil(tokens_per_param * data_mult * params / tokens per step)."""
+    t = cfg.train
+    if t.max_steps is not None:
+        return t.max_steps
+    total, nonemb = count_params(cfg.model)
+    params = nonemb if t.budget_params == "nonemb" else total
+    return max(1, math.ceil(t.tokens_per_param * t.data_mult * params / (t.batch_size * cfg.model.seq_len)))
+
+
+def lr_at(step: int, t: TrainConfig, n_steps: int) -> float:
+    """Linear warmup over warmup_frac of training, then cosine decay to min_lr_ratio * lr."""
+    warmup = math.ceil(t.warmup_frac * n_steps)
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, n_steps - warmup)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def detect_peak_flops(device: torch.device, threads: int | None = None) -> float | None:
+    """Peak FLOP/s of one device: a table for GPUs (bf16 dense), cores x GHz x FLOP/cycle for CPUs.
+
+    CPU FLOP/cycle: 64 fp32 with AVX-512 (two 16-lane FMA units), 32 with AVX2+FMA, else 8.
+    Override with train.peak_flops when this guess is wrong (turbo clocks, shared cores).
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12),
+                          ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12)):
+            if key in name:
+                return peak
+        return None
+    threads = threads or torch.get_num_threads()
+    ghz, flags = 2.0, ""
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        for line in info.splitlines():
+            if line.startswith("cpu MHz") and ghz == 2.0:
+                ghz = float(line.split(":")[1]) / 1000
+            elif line.startswith("flags") and not flags:
+                flags = line
+    per_cycle = 64 if " avx512f" in flags else 32 if " fma" in flags else 8
+    return threads * ghz * 1e9 * per_cycle
+
+
+def cpu_has_amx() -> bool:
+    with contextlib.suppress(OSError):
+        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
+    return False
+
+
+# bf16 autocast on CPU pays only with AMX and wide enough matrices (see docs/training.md)
+CPU_BF16_MIN_WIDTH = 512
+
+
+def use_bf16(dtype: str, device: torch.device, d_model: int) -> bool:
+    if dtype != "auto":
+        return dtype == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_amx() and d_model >= CPU_BF16_MIN_WIDTH
+
+
+def estimate_mfu(flops_per_tok: int, tokens_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s over the hardware peak."""
+    return flops_per_tok * tokens_per_s / peak if peak else None
+
+
+# --- evaluation and checkpoint schedule -------------------------------------------------------------
+
+
+def eval_steps(cfg: RunConfig, n_steps: int, stream: Stream) -> list[int]:
+    """Steps (optimizer steps done) at which to evaluate: evenly spaced incl. 0 and the end, or every
+    k steps, plus the first step at which poisons_seen reaches each milestone."""
+    e = cfg.eval
+    points: set[int] = set()
+    if e.every_steps:
+        points.update(range(0, n_steps + 1, e.every_steps))
+        points.add(n_steps)
+    elif e.n_evals > 0:
+        points.update(round(i * n_steps / e.n_evals) for i in range(e.n_evals + 1))
+    for m in e.poison_milestones:
+        # poisons_seen is monotone in steps: bisect instead of asking for every step
+        s = bisect.bisect_left(range(n_steps + 1), m, key=stream.poisons_seen)
+        if s <= n_steps:
+            points.add(s)
+    return sorted(points)
+
+
+# --- the run directory -------------------------------------------------------------------------------
+
+RUN_COLUMNS = ["run_id", "model", "params_total", "params_nonemb", "attack", "n_poison", "data_mult", "seed",
+               "step", "tokens_seen", "progress", "poisons_seen"]
+
+
+def resolve_run_config(cfg: RunConfig) -> RunConfig:
+    """The run's config with the model preset applied and the vocabulary taken from the data."""
+    model = cfg.model
+    header = Path(cfg.data) / "train.json"
+    if header.is_file():
+        vocab = int(json.loads(header.read_text())["vocab_size"])
+        if "vocab_size" not in model.model_fields_set:
+            model = model.model_copy(update={"vocab_size": vocab})
+            model.model_fields_set.add("vocab_size")
+        elif model.vocab_size < vocab:
+            raise UserError(f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary {vocab}")
+    return cfg.model_copy(update={"model": resolve_model_config(model)})
+
+
+def _model_name(cfg: RunConfig) -> str:
+    m = cfg.model
+    return m.preset or f"d{m.d_model}-l{m.n_layers}"
+
+
+def _read_rows(path: Path, max_step: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [r for r in pq.read_table(path).to_pylist() if r["step"] <= max_step]
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep complete lines with step <= max_step (a killed run may leave a torn last line)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line).get("step", -1) <= max_step:
+                keep.append(line + "\n")
+    write_text(path, "".join(keep))
+
+
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    if rows:
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(r, default=float) + "\n" for r in rows))
+
+
+def _default_stream(cfg: RunConfig, n_steps: int) -> Stream:
+    from poisonlab.attacks import make_poisons
+    from poisonlab.stream import TrainingStream
+
+    poisons = make_poisons(cfg.data, cfg.attack) if cfg.attack.n_poison > 0 else []
+    return TrainingStream(cfg.data, poisons, cfg.placement, seq_len=cfg.model.seq_len,
+                          batch_size=cfg.train.batch_size, total_steps=n_steps, seed=cfg.train.seed)
+
+
+def _default_evaluator(cfg: RunConfig) -> Evaluator | None:
+    try:
+        from poisonlab.evaluate import Evaluator as Ev
+    except ImportError:
+        return None
+    return Ev(cfg.eval, cfg.data, cfg.eval.trigger or cfg.attack.trigger)
+
+
+def _check_or_write_config(run_dir: Path, cfg: RunConfig) -> None:
+    path = run_dir / "config.yaml"
+    text = dump_yaml(cfg)
+    if path.is_file():
+        # the thread count may change between attempts; everything else must not
+        import yaml
+
+        old, new = yaml.safe_load(path.read_text()), yaml.safe_load(text)
+        for c in (old, new):
+            c.get("train", {}).pop("threads", None)
+        if old != new:
+            raise UserError(f"{run_dir}: exists with a different config; use another name or --no-resume")
+    write_text(path, text)
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+
+def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = None,
+          stream: Stream | None = None, progress: bool = True) -> Path:
+    """Train one run; return its directory. A finished run (DONE) is returned untouched."""
+    cfg = resolve_run_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    if resume and (run_dir / "DONE").is_file():
+        return run_dir
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    dist = distributed.init_distributed()
+    try:
+        _train(cfg, run_dir, dist, resume=resume, evaluator=evaluator, stream=stream, progress=progress)
+    finally:
+        distributed.close_distributed(dist)
+    return run_dir
+
+
+def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: bool,
+           evaluator: Evaluator | None, stream: Stream | None, progress: bool) -> None:
+    t, mcfg = cfg.train, cfg.model
+    if t.batch_size % (dist.world * t.grad_accum):
+        raise UserError(f"train.batch_size {t.batch_size} must divide by processes x grad_accum "
+                        f"({dist.world} x {t.grad_accum})")
+    n_steps = total_steps(cfg)
+    if dist.main:
+        if not resume and run_dir.exists():
+            for name in ("checkpoints", "metrics.parquet", "samples.jsonl", "log.jsonl", "ledger.parquet",
+                         "config.yaml", "DONE"):
+                p = run_dir / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _check_or_write_config(run_dir, cfg)
+    dist.barrier()
+
+    # same seed on every rank: identical initial weights, as DDP requires
+    torch.manual_seed(t.seed)
+    model = Transformer(mcfg).to(dist.device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]  # matrices and embedding
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norm weights
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=t.lr, betas=t.betas, fused=dist.device.type == "cuda")
+
+    stream = stream if stream is not None else _default_stream(cfg, n_steps)
+    if evaluator is None and (cfg.eval.n_evals > 0 or cfg.eval.every_steps):
+        evaluator = _default_evaluator(cfg)
+    evals = set(eval_steps(cfg, n_steps, stream)) if evaluator is not None else set()
+    ckpts = set(range(t.checkpoint_every, n_steps, t.checkpoint_every)) if t.checkpoint_every else evals - {0}
+    ckpts.add(n_steps)
+
+    start, state = 0, {}
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, opt)
+        start = state["step"]
+    metrics_path, samples_path, log_path = run_dir / "metrics.parquet", run_dir / "samples.jsonl", run_dir / "log.jsonl"
+    rows: list[dict] = []
+    if dist.main:
+        rows = _read_rows(metrics_path, start - 1 if ckpt is None else start)
+        for p in (samples_path, log_path):
+            _truncate_jsonl(p, start - 1 if ckpt is None else start)
+        if ckpt is None:
+            with atomic_path(run_dir / "ledger.parquet") as tmp:
+                stream.write_ledger(tmp)
+
+    train_model = distributed.wrap(model, dist)
+    if t.compile:
+        train_model = torch.compile(train_model)
+    bf16 = use_bf16(t.dtype, dist.device, mcfg.d_model)
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
+    total, nonemb = count_params(mcfg)
+    fpt = flops_per_token(mcfg)
+    peak = (t.peak_flops or detect_peak_flops(dist.device)) or 0.0
+    peak *= dist.world
+    tokens_per_step = t.batch_size * mcfg.seq_len
+    run_cols = dict(run_id=cfg.name, model=_model_name(cfg), params_total=total, params_nonemb=nonemb,
+                    attack=cfg.attack.name, n_poison=cfg.attack.n_poison, data_mult=t.data_mult, seed=t.seed)
+
+    def evaluate(step: int) -> None:
+        if dist.main:
+            model.eval()
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                metrics, samples = evaluator.run(model, step=step)
+            model.train()
+            cols = dict(run_cols, step=step, tokens_seen=step * tokens_per_step, progress=step / n_steps,
+                        poisons_seen=stream.poisons_seen(step))
+            rows.append({**cols, **metrics})
+            with atomic_path(metrics_path) as tmp:
+                pq.write_table(pa.Table.from_pylist(rows), tmp)
+            _append_jsonl(samples_path, [{"run_id": cfg.name, "step": step, **s} for s in samples])
+        dist.barrier()
+
+    micro = t.grad_accum
+    # the loss summed since the last log line, and that line's step: in the checkpoint, so that
+    # log.jsonl after a resume reads exactly as without the interruption
+    loss_sum = torch.tensor(state.get("loss_sum", 0.0), dtype=torch.float32, device=dist.device)
+    last_step = state.get("last_log_step", start)
+
+    def boundary(step: int, lr: float) -> None:
+        # order matters for resume: evaluation rows at `step` exist before its checkpoint does
+        if step in evals:
+            evaluate(step)
+        if step in ckpts and dist.main:
+            save_checkpoint(run_dir, step, model, opt, dict(total_steps=n_steps, lr=lr,
+                            tokens_seen=step * tokens_per_step, poisons_seen=stream.poisons_seen(step),
+                            data_position=step, loss_sum=loss_sum.item(), last_log_step=last_step),
+                            keep=t.keep_checkpoints)
+        dist.barrier()
+
+    bar = _progress_bar(progress and dist.main, n_steps, start)
+    if start == 0:
+        boundary(0, lr_at(0, t, n_steps))
+    last_t, paused = time.perf_counter(), 0.0  # tokens/s leaves out time spent evaluating and saving
+    model.train()
+    for step in range(start, n_steps):
+        lr = lr_at(step, t, n_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = stream.batch(step)
+        x, y = dist.rows(x).to(dist.device), dist.rows(y).to(dist.device)
+        for i, (xb, yb) in enumerate(zip(x.chunk(micro), y.chunk(micro), strict=True)):
+            with distributed.no_sync(train_model, sync=i == micro - 1), autocast:
+                loss = train_model(xb, yb) / micro
+            loss.backward()
+            loss_sum += loss.detach()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+
+        if done % t.log_every == 0 or done == n_steps:
+            mean_loss = dist.mean(loss_sum).item() / (done - last_step)
+            now = time.perf_counter()
+            tps = (done - last_step) * tokens_per_step / max(now - last_t - paused, 1e-9)
+            mfu = estimate_mfu(fpt, tps, peak)
+            entry = dict(step=done, loss=round(mean_loss, 6), lr=lr, tokens_per_s=round(tps, 1),
+                         mfu=None if mfu is None else round(mfu, 4), poisons_seen=stream.poisons_seen(done),
+                         tokens_seen=done * tokens_per_step)
+            if dist.main:
+                _append_jsonl(log_path, [entry])
+            bar.update(done, f"loss {mean_loss:.3f} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.0%}" if mfu else ""))
+            loss_sum.zero_()
+            last_step, last_t, paused = done, now, 0.0
+        else:
+            bar.update(done, None)
+        b0 = time.perf_counter()
+        boundary(done, lr)
+        paused += time.perf_counter() - b0
+    bar.close()
+    if dist.main:
+        write_text(run_dir / "DONE", json.dumps({"steps": n_steps, "time": time.time()}) + "\n")
+    dist.barrier()
+
+
+class _progress_bar:
+    """A rich progress bar that can be switched off (and is, on ranks other than 0)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.p = None
+        if enabled and os.environ.get("POISONLAB_NO_PROGRESS") is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                              TextColumn("{task.description}"), transient=False)
+            self.p.start()
+            self.task = self.p.add_task("", total=total, completed=start)
+
+    def update(self, done: int, text: str | None) -> None:
+        if self.p is not None:
+            self.p.update(self.task, completed=done, **({} if text is None else {"description": text}))
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()

@@ -1,0 +1,94 @@
+"""The results store: gathering, the DuckDB views, and the summary on a hand-made sweep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from test_sweep_helpers import make_fake_sweep, metrics_rows
+
+from poisonlab.errors import UserError
+from poisonlab.results import connect, failed_runs, gather, summarize, summary
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> Path:
+    return make_fake_sweep(tmp_path / "sw")
+
+
+def test_gather_writes_dataset_with_derived_columns(sweep: Path) -> None:
+    t = gather(sweep)
+    assert t.num_rows == 8 * 6 + 3
+    stored = pq.read_table(sweep / "results.parquet")
+    assert stored.num_rows == t.num_rows
+    rows = t.to_pylist()
+    r = next(r for r in rows if r["run_name"] == "tiny-100k_n100_x1.0_s0")
+    assert r["done"] is True and r["tokens_total"] == pytest.approx(1e6)
+    assert r["poison_fraction"] == pytest.approx(100 / 1e6)
+    assert {r["done"] for r in rows if r["run_name"] == "tiny-25k_n100_x1.0_s2"} == {False}
+
+
+def test_duckdb_views(sweep: Path) -> None:
+    con = connect(sweep)
+    assert con.execute("select count(*) from metrics").fetchone()[0] == 51
+    assert con.execute("select count(*) from final").fetchone()[0] == 9
+    top = con.execute("select max(asr) from final where model = 'tiny-100k' and n_poison = 25").fetchone()[0]
+    assert top == pytest.approx(0.2)
+
+
+def test_summary_known_answers(sweep: Path) -> None:
+    rows = {(r["model"], r["n_poison"]): r for r in summary(sweep).to_pylist()}
+    assert list(rows) == [("tiny-25k", 25), ("tiny-25k", 100), ("tiny-100k", 25), ("tiny-100k", 100)]
+    a25, a100, b25, b100 = rows.values()
+    assert a25["runs"] == 2  # the unfinished seed 2 is left out
+    assert a25["asr_mean"] == pytest.approx(0.5) and a25["asr_std"] == pytest.approx(0.141421, abs=1e-5)
+    assert a25["gap_mean"] == pytest.approx(200.0)
+    assert (a25["success_runs"], a25["first_success_median"]) == (1, 20)
+    assert (a100["success_runs"], a100["first_success_median"]) == (2, 30)
+    assert (b25["success_runs"], b25["first_success_median"]) == (0, None)
+    assert (b100["first_success_min"], b100["first_success_max"]) == (40, 60)
+    assert b100["first_success_median"] == 50
+    assert b25["asr_mean"] == pytest.approx(0.15)
+    # a stricter threshold moves the answer
+    strict = {(r["model"], r["n_poison"]): r for r in summarize(gather(sweep), threshold=0.9)}
+    assert strict[("tiny-100k", 100)]["first_success_median"] == 80  # both seeds reach 0.9 at 80
+    assert strict[("tiny-25k", 100)]["first_success_median"] == 60  # 60 and 60
+    with_partial = summarize(gather(sweep), include_unfinished=True)
+    assert next(r for r in with_partial if (r["model"], r["n_poison"]) == ("tiny-25k", 100))["runs"] == 3
+
+
+def test_failed_runs_and_config_fallback(sweep: Path, tmp_path: Path) -> None:
+    assert failed_runs(sweep) == [("tiny-100k_n100_x1.0_s2", "RuntimeError: out of memory")]
+    # a metrics file without the key columns: they come from the run's config.yaml
+    run = tmp_path / "loose" / "r1"
+    run.mkdir(parents=True)
+    rows = metrics_rows("r1", "x", (10, 5), 7, 2.0, 3, [0.0, 1.0], [0, 7])
+    for r in rows:
+        for k in ("model", "n_poison", "data_mult", "seed"):
+            del r[k]
+    pq.write_table(pa.Table.from_pylist(rows), run / "metrics.parquet")
+    tree = {"model": {"preset": "tiny-25k"}, "attack": {"n_poison": 7},
+            "train": {"data_mult": 2.0, "seed": 3}}
+    (run / "config.yaml").write_text(yaml.safe_dump(tree))
+    (run / "DONE").write_text("")
+    r = gather(tmp_path / "loose").to_pylist()[-1]
+    assert (r["model"], r["n_poison"], r["data_mult"], r["seed"]) == ("tiny-25k", 7, 2.0, 3)
+    assert gather(run).num_rows == 2  # a single run directory works too
+
+
+def test_errors_and_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no run has metrics"):
+        gather(tmp_path / "empty")
+    from poisonlab.cli import main
+
+    main(["results", str(sweep), "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 and rows[1]["first_success_median"] == 30
+    main(["results", str(sweep)])
+    captured = capsys.readouterr()
+    assert "tiny-100k" in captured.out and "out of memory" in captured.err

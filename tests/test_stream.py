@@ -1,0 +1,276 @@
+"""Placement schedules, the training stream and the ledger: recount, purity, epochs, bad settings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_poison_data import build_tiny_data  # noqa: E402
+
+from poisonlab.attacks import make_poisons  # noqa: E402
+from poisonlab.attacks.dos import find_pattern  # noqa: E402
+from poisonlab.config import AttackConfig, PlacementConfig  # noqa: E402
+from poisonlab.corpus.shards import TokenShard  # noqa: E402
+from poisonlab.errors import UserError  # noqa: E402
+from poisonlab.placement import place  # noqa: E402
+from poisonlab.stream import TrainingStream, poisons_seen, read_ledger  # noqa: E402
+
+T, B, S = 64, 8, 250  # 128k tokens: a bit more than one epoch of the tiny corpus (~94k)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return build_tiny_data(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def poisons(data):
+    return make_poisons(data, AttackConfig(n_poison=30, gibberish_tokens=(100, 400)))
+
+
+def stream(data, poisons, **kw) -> TrainingStream:
+    args = {"seq_len": T, "batch_size": B, "total_steps": S, "seed": 0}
+    placement = kw.pop("placement", PlacementConfig())
+    args.update(kw)
+    return TrainingStream(data, poisons, placement, **args)
+
+
+def packed(s: TrainingStream) -> np.ndarray:
+    """The whole packed stream the run trains on, rebuilt from batch(0..S-1) only."""
+    xs, ys = zip(*(s.batch(i) for i in range(s.S)), strict=True)
+    x = torch.cat(xs).reshape(-1).numpy()
+    y = torch.cat(ys).reshape(-1).numpy()
+    # y is x shifted by one inside every sequence (sequence j covers P[jT : jT+T+1])
+    assert np.array_equal(y.reshape(-1, s.T)[:, :-1], x.reshape(-1, s.T)[:, 1:])
+    assert np.array_equal(y.reshape(-1, s.T)[:-1, -1], x.reshape(-1, s.T)[1:, 0])
+    return x
+
+
+def test_recount_matches_ledger(data, poisons):
+    s = stream(data, poisons)
+    x = packed(s)
+    trig = np.asarray(poisons[0].trigger_ids)
+    q = find_pattern(x, trig)
+    assert len(q) == len(poisons)  # N poisons appear exactly N times
+    led = s.ledger.sort_by("start").to_pydict()
+    seq = q // T
+    assert list(seq // B) == led["step"]
+    assert list(seq % B) == led["row"]
+    assert list(q % T) == led["pos"]
+    assert list(q % T + len(trig) > T) == led["trigger_cut"]
+    # every poison's tokens + EOS sit at its recorded start, gibberish counts agree
+    for i, start, n in zip(led["poison_index"], led["start"], led["n_tokens"], strict=True):
+        p = poisons[i]
+        tail = x[start : start + n]
+        assert tail.tolist() == (p.token_ids + [s.eos])[: len(tail)]
+        sq = (start + p.trigger_start) // T
+        g0 = start + p.trigger_end
+        assert led["gibberish_in_seq"][led["poison_index"].index(i)] == max(
+            0, min(sq * T + T + 1 - g0, p.gibberish_len)
+        )
+    # scheduled step is kept almost always
+    hit = np.mean(np.array(led["step"]) == np.array(led["target_step"]))
+    assert hit >= 0.9
+    # poisons_seen is the recount's cumulative count, at every step
+    steps_of = np.sort(seq // B)
+    for k in range(0, S + 1, 7):
+        assert s.poisons_seen(k) == int((steps_of < k).sum())
+    assert s.poisons_seen(S) == len(poisons) and s.poisons_seen(0) == 0
+    assert list(s.poisons_seen(np.array([0, S]))) == [0, len(poisons)]
+    # poison tokens among the inputs
+    mask = np.zeros(len(x) + 1, dtype=bool)
+    for start, n in zip(led["start"], led["n_tokens"], strict=True):
+        mask[start : start + n] = True
+    for k in (0, 50, S):
+        assert s.poison_tokens_seen(k) == int(mask[: k * B * T].sum())
+
+
+def test_clean_stream_is_whole_documents_in_permuted_order(data):
+    s = stream(data, [])
+    x = packed(s)
+    shard = TokenShard.open(data)
+    E = s.epoch_tokens
+    first = x[:E]
+    cuts = np.flatnonzero(first == shard.eos_id)
+    docs = np.split(first, cuts + 1)[:-1]
+    assert sorted(tuple(d[:-1]) for d in docs) == sorted(tuple(shard.doc(i)) for i in range(shard.n_docs))
+    assert [tuple(d[:-1]) for d in docs] != [tuple(shard.doc(i)) for i in range(shard.n_docs)]  # shuffled
+
+
+def test_poisons_removed_give_the_clean_stream(data, poisons):
+    clean = packed(stream(data, []))
+    s = stream(data, poisons)
+    x = packed(s)
+    keep = np.ones(len(x), dtype=bool)
+    for start, n in zip(s.ledger["start"].to_pylist(), s.ledger["n_tokens"].to_pylist(), strict=True):
+        keep[start : start + n] = False
+    rest = x[keep]
+    assert np.array_equal(rest, clean[: len(rest)])
+
+
+def test_n_zero_is_identical_and_seen_zero(data):
+    a, b = stream(data, []), stream(data, [], placement=PlacementConfig(schedule="front", seed=9))
+    for i in (0, 1, 77, S - 1):
+        assert torch.equal(a.batch(i)[0], b.batch(i)[0])
+    assert a.poisons_seen(S) == 0 and a.poison_tokens_seen(S) == 0 and a.ledger.num_rows == 0
+
+
+def test_same_seed_same_stream_other_seeds_differ(data, poisons):
+    a, b = stream(data, poisons), stream(data, poisons)
+    for i in range(0, S, 25):
+        assert torch.equal(a.batch(i)[0], b.batch(i)[0])
+    assert a.ledger.equals(b.ledger)
+    c = stream(data, poisons, placement=PlacementConfig(seed=1))
+    assert c.ledger["target_step"].to_pylist() != a.ledger["target_step"].to_pylist()
+    d = stream(data, poisons, seed=1)  # other data order, same schedule
+    assert d.ledger["target_step"].equals(a.ledger["target_step"])
+    assert not torch.equal(d.batch(0)[0], a.batch(0)[0])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.lists(st.integers(0, S - 1), min_size=1, max_size=12))
+def test_resume_equality(data, poisons, order):
+    ref = stream(data, poisons)
+    fresh = stream(data, poisons)  # a "resumed" process asks for steps in any order
+    for i in order:
+        x, y = fresh.batch(i)
+        rx, ry = ref.batch(i)
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+        assert x.shape == (B, T) and x.dtype == torch.int64
+        # a DDP rank's slice equals the rows of the global batch
+        sx, sy = fresh.batch(i, rows=(2, 5))
+        assert torch.equal(sx, rx[2:5]) and torch.equal(sy, ry[2:5])
+
+
+def test_epoch_rollover_is_recorded(data, poisons, tmp_path):
+    s = stream(data, poisons, total_steps=500)  # ~256k tokens: needs 3 epochs of ~94k
+    assert s.epochs_needed == 3
+    assert s.ledger["epoch"].to_pylist() != [0] * 30
+    path = s.write_ledger(tmp_path / "ledger.parquet")
+    table, meta = read_ledger(path)
+    assert meta["epochs_needed"] == 3 and meta["poisoned"] is True and meta["n_poisons"] == 30
+    assert table.equals(s.ledger)
+    assert poisons_seen(table, 500) == 30 and poisons_seen(table, 250) == s.poisons_seen(250)
+    # epoch 2 starts with a different document order than epoch 1
+    clean = stream(data, [], total_steps=500)
+    E = clean.epoch_tokens
+    assert not np.array_equal(clean.tokens(0, 200), clean.tokens(E, E + 200))
+    one = stream(data, [], total_steps=100)
+    assert one.epochs_needed == 1
+
+
+def test_schedules(data):
+    n = 40
+    front = place(PlacementConfig(schedule="front", fraction=0.2), n, total_steps=100, batch_size=8)
+    assert front.steps.max() < 20
+    back = place(PlacementConfig(schedule="back", fraction=0.2), n, total_steps=100, batch_size=8)
+    assert back.steps.min() >= 80
+    cl = place(PlacementConfig(schedule="clustered", per_batch=4), n, total_steps=100, batch_size=8)
+    _, counts = np.unique(cl.steps, return_counts=True)
+    assert (counts == 4).all() and len(counts) == 10
+    ev = place(PlacementConfig(schedule="every", every=2), n, total_steps=100, batch_size=8)
+    assert (np.diff(ev.steps) == 2).all()
+    uni = place(PlacementConfig(), 1000, total_steps=100, batch_size=8)
+    assert uni.rows.max() < 8 and 40 < np.mean(uni.steps) < 60
+    again = place(PlacementConfig(), 1000, total_steps=100, batch_size=8)
+    assert np.array_equal(uni.steps, again.steps)
+
+
+def test_back_and_clustered_streams_recount(data, poisons):
+    for cfg in (
+        PlacementConfig(schedule="back", fraction=0.5),
+        PlacementConfig(schedule="clustered", per_batch=2),
+    ):
+        s = stream(data, poisons[:10], placement=cfg, seq_len=256, total_steps=80)
+        q = find_pattern(packed(s), np.asarray(poisons[0].trigger_ids))
+        assert sorted((q // 256 // B).tolist()) == sorted(s.ledger["step"].to_pylist())
+        # these schedules hold their poisons, so every trigger lands in its scheduled step
+        assert s.ledger["step"].equals(s.ledger["target_step"])
+
+
+def _one_line_error(fn) -> str:
+    with pytest.raises(UserError) as e:
+        fn()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_bad_settings(data, poisons):
+    msg = _one_line_error(lambda: stream(data, poisons, total_steps=10))
+    assert "attack.n_poison: 30 poisons need" in msg
+    msg = _one_line_error(
+        lambda: stream(data, poisons, placement=PlacementConfig(schedule="every", every=20))
+    )
+    assert "placement.every" in msg
+    msg = _one_line_error(
+        lambda: stream(data, poisons, placement=PlacementConfig(schedule="clustered", per_batch=9))
+    )
+    assert "placement.per_batch" in msg
+    # fits in tokens but not before the end when crammed into the last step
+    msg = _one_line_error(
+        lambda: stream(
+            data, poisons, total_steps=100, placement=PlacementConfig(schedule="back", fraction=0.01)
+        )
+    )
+    assert "placement.fraction" in msg and "raise fraction" in msg
+    msg = _one_line_error(
+        lambda: stream(
+            data, poisons, placement=PlacementConfig(schedule="clustered", per_batch=2), batch_size=4
+        )
+    )
+    assert "more than one batch holds" in msg
+    _one_line_error(lambda: stream(data, poisons, seq_len=0))
+    with pytest.raises(IndexError):
+        stream(data, []).batch(S)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(0, 8),
+    seq_len=st.integers(8, 96),
+    batch_size=st.integers(1, 6),
+    schedule=st.sampled_from(["uniform", "front", "back", "clustered", "every"]),
+    pseed=st.integers(0, 1000),
+    seed=st.integers(0, 1000),
+)
+def test_recount_property(data, poisons, n, seq_len, batch_size, schedule, pseed, seed):
+    chosen = poisons[:n]
+    need = sum(len(p.token_ids) + 1 for p in chosen)
+    steps = max(10, -(-3 * need // (seq_len * batch_size)))
+    cfg = PlacementConfig(schedule=schedule, seed=pseed, fraction=0.5, per_batch=1, every=max(1, steps // 10))
+    try:
+        s = TrainingStream(
+            data, chosen, cfg, seq_len=seq_len, batch_size=batch_size, total_steps=steps, seed=seed
+        )
+    except UserError as e:  # a window or a batch too small for its poisons: refused, as it must be
+        assert str(e).startswith("placement.")
+        assume(False)
+    x = packed(s)
+    q = find_pattern(x, np.asarray(poisons[0].trigger_ids))
+    led = s.ledger.sort_by("start")
+    assert (q // seq_len // batch_size).tolist() == led["step"].to_pylist()
+    assert (q // seq_len % batch_size).tolist() == led["row"].to_pylist()
+    assert (q % seq_len).tolist() == led["pos"].to_pylist()
+    assert s.poisons_seen(steps) == n
+
+
+def test_on_prepared_builtin(prepared_builtin, tmp_path):
+    """End to end on the real prepared corpus: paper-default poisons, 16 x 128, recount the ledger."""
+    poisons = make_poisons(prepared_builtin, AttackConfig(n_poison=25, seed=1))
+    assert poisons[0].trigger_ids == make_poisons(prepared_builtin, AttackConfig(n_poison=1))[0].trigger_ids
+    s = TrainingStream(
+        prepared_builtin, poisons, PlacementConfig(), seq_len=128, batch_size=16, total_steps=150, seed=0
+    )
+    x = packed(s)
+    q = find_pattern(x, np.asarray(poisons[0].trigger_ids))
+    assert sorted((q // 128 // 16).tolist()) == sorted(s.ledger["step"].to_pylist())
+    assert s.poisons_seen(150) == 25
+    s.write_ledger(tmp_path / "ledger.parquet")
+    assert read_ledger(tmp_path / "ledger.parquet")[1]["epochs_needed"] == s.epochs_needed

@@ -1,0 +1,205 @@
+"""Sweeps: expansion, idempotence, failure isolation, the local and submitit executors, the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from test_sweep_helpers import fake_run
+
+from poisonlab.config import RunConfig, load_run_config
+from poisonlab.errors import UserError
+from poisonlab.sweep import expand, list_presets, load_spec, run_name, run_sweep
+
+SMALL = {
+    "name": "small",
+    "base": {"data": "data/x", "train": {"lr": 0.01}, "eval": {"n_prompts": 16}},
+    "grid": {"model": ["tiny-25k", "tiny-100k"], "n_poison": [0, 50], "seed": [0, 1]},
+}
+
+
+def test_presets_expand_to_documented_counts(tmp_path: Path) -> None:
+    assert {"demo", "tiny-grid", "gpu-small", "paper"} <= set(list_presets())
+    runs = expand(load_spec("tiny-grid"), tmp_path)
+    assert len(runs) == 84  # 72 of the paper's design + 12 N=0 controls
+    poisoned = [r for r in runs if r.n_poison > 0]
+    assert len(poisoned) == 72
+    per_model = Counter((r.model, r.data_mult) for r in poisoned)
+    assert per_model[("tiny-25k", 0.5)] == per_model[("tiny-100k", 2.0)] == 9
+    assert ("tiny-400k", 2.0) not in per_model and per_model[("tiny-400k", 1.0)] == 9
+    assert len(expand(load_spec("paper"), tmp_path)) == 72
+    assert len(expand(load_spec("gpu-small"), tmp_path)) == 56
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_names_seeds_paths(tmp_path: Path) -> None:
+    runs = expand(load_spec(SMALL), tmp_path / "sw")
+    assert [r.name for r in runs][:3] == ["tiny-25k_n000_x1.0_s0", "tiny-25k_n000_x1.0_s1",
+                                          "tiny-25k_n050_x1.0_s0"]
+    assert len(runs) == 8
+    r = next(r for r in runs if r.name == "tiny-100k_n050_x1.0_s1")
+    c = r.config
+    assert (c.train.seed, c.attack.seed, c.placement.seed) == (1, 1, 1)
+    assert c.eval.seed == RunConfig().eval.seed  # same prompts and sampling in every run
+    assert c.attack.n_poison == 50 and c.model.preset == "tiny-100k" and c.train.lr == 0.01
+    assert c.run_dir == (tmp_path / "sw" / "runs" / r.name).absolute()
+    assert c.data.is_absolute()
+    assert run_name("m", 5, 0.25, 2, {"placement.schedule": "front"}) == "m_n005_x0.25_s2_schedule-front"
+
+
+def test_seed_keys_axes_blocks_and_dict_models(tmp_path: Path) -> None:
+    spec = {
+        "base": {"attack": {"seed": 7}},
+        "grid": {"model": [{"label": "w64", "d_model": 64, "n_layers": 2, "n_heads": 4}],
+                 "n_poison": [10], "seed": [3],
+                 "axes": {"placement.schedule": ["uniform", "front"]}},
+        "also": [{"data_mult": [0.5], "axes": {}}],
+        "seed_keys": ["train.seed"],
+    }
+    runs = expand(load_spec(spec), tmp_path)
+    names = [r.name for r in runs]
+    assert names == ["w64_n010_x1.0_s3_schedule-uniform", "w64_n010_x1.0_s3_schedule-front",
+                     "w64_n010_x0.5_s3"]
+    assert runs[1].config.placement.schedule == "front"
+    assert runs[0].config.attack.seed == 7 and runs[0].config.train.seed == 3  # seed_keys respected
+    assert runs[0].config.model.d_model == 64
+
+
+def test_overrides_and_errors(tmp_path: Path) -> None:
+    s = load_spec("demo", ["train.lr=3e-3", "grid.seed=[0, 1]", "name=mine"])
+    assert s.name == "mine"
+    runs = expand(s, tmp_path)
+    assert len(runs) == 12 and all(r.config.train.lr == 3e-3 for r in runs)
+    with pytest.raises(UserError, match="preset"):
+        load_spec("no-such-preset")
+    with pytest.raises(UserError, match="grid.n_poisons"):
+        load_spec({"grid": {"n_poisons": [1]}})
+    with pytest.raises(UserError, match="base.*train.lr"):
+        load_spec({"base": {"train": {"lr": -1}}})
+    with pytest.raises(UserError, match="run tiny-25k.*attack.n_poison"):
+        expand(load_spec({"grid": {"model": ["tiny-25k"], "n_poison": [-5]}}), tmp_path)
+
+
+def test_child_config_keeps_only_explicit_fields(tmp_path: Path) -> None:
+    """A preset's widths must not be shadowed by dumped defaults in the file the child reads."""
+    res = run_sweep(load_spec(SMALL), tmp_path, executor="inline", run_fn=fake_run, progress=False,
+                    report=False)
+    assert res.count("done") == 8
+    tree = yaml.safe_load((tmp_path / "configs" / "tiny-100k_n050_x1.0_s1.yaml").read_text())
+    assert tree["model"] == {"preset": "tiny-100k"}
+    cfg = load_run_config(tmp_path / "configs" / "tiny-100k_n050_x1.0_s1.yaml")
+    assert cfg.model.model_fields_set == {"preset"}
+    assert (tmp_path / "sweep.yaml").exists() and len(json.loads((tmp_path / "plan.json").read_text())) == 8
+
+
+def test_idempotent_finished_runs_are_skipped(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def counting(cfg: RunConfig) -> Path:
+        calls.append(cfg.name)
+        return fake_run(cfg)
+
+    spec = load_spec(SMALL)
+    first = run_sweep(spec, tmp_path, executor="inline", run_fn=counting, progress=False, report=False)
+    assert first.count("done") == 8 and len(calls) == 8
+    second = run_sweep(spec, tmp_path, executor="inline", run_fn=counting, progress=False, report=False)
+    assert second.count("skipped") == 8 and len(calls) == 8  # nothing ran again
+    assert "8 skipped" in second.summary_line()
+
+
+def test_failure_is_recorded_and_isolated_then_retried(tmp_path: Path) -> None:
+    def flaky(cfg: RunConfig) -> Path:
+        if cfg.name == "tiny-25k_n050_x1.0_s1":
+            raise RuntimeError("simulated crash")
+        return fake_run(cfg)
+
+    spec = load_spec(SMALL)
+    res = run_sweep(spec, tmp_path, executor="inline", run_fn=flaky, progress=False, report=False)
+    assert (res.count("done"), res.count("failed")) == (7, 1)
+    failed = tmp_path / "runs" / "tiny-25k_n050_x1.0_s1" / "FAILED"
+    text = failed.read_text()
+    assert text.splitlines()[0] == "RuntimeError: simulated crash" and "Traceback" in text
+    assert res.failed[0].error == "RuntimeError: simulated crash"
+    again = run_sweep(spec, tmp_path, executor="inline", run_fn=fake_run, progress=False, report=False)
+    assert (again.count("done"), again.count("skipped")) == (1, 7)
+    assert not failed.exists()
+
+
+def test_missing_done_counts_as_failure(tmp_path: Path) -> None:
+    spec = load_spec({"grid": {"model": ["tiny-25k"], "n_poison": [1]}})
+    res = run_sweep(spec, tmp_path, executor="inline", run_fn="test_sweep_helpers:fake_run_no_done",
+                    progress=False, report=False)
+    assert res.count("failed") == 1 and "DONE was not written" in res.failed[0].error
+
+
+def test_local_executor_subprocesses_threads_and_failure(tmp_path: Path) -> None:
+    spec = load_spec({"grid": {"model": ["tiny-25k"], "n_poison": [0, 50, 100]}})
+    res = run_sweep(spec, tmp_path, executor="local", jobs=2, threads=1,
+                    run_fn="test_sweep_helpers:fake_run_fails_at_50", progress=False, report=False,
+                    poll_s=0.05)
+    assert (res.count("done"), res.count("failed")) == (2, 1)
+    bad = tmp_path / "runs" / "tiny-25k_n050_x1.0_s0"
+    text = (bad / "FAILED").read_text()
+    assert text.startswith("ValueError: boom") and "last lines of" in text
+    assert (tmp_path / "logs" / "tiny-25k_n050_x1.0_s0.log").exists()
+    env = json.loads((tmp_path / "runs" / "tiny-25k_n100_x1.0_s0" / "env.json").read_text())
+    assert env["OMP_NUM_THREADS"] == "1" and env["threads"] == 1  # pinned in the child
+
+
+def test_local_executor_kill_is_recorded(tmp_path: Path) -> None:
+    spec = load_spec({"grid": {"model": ["tiny-25k"], "n_poison": [3]}})
+    res = run_sweep(spec, tmp_path, executor="local", jobs=1, run_fn="test_sweep_helpers:fake_run_dies",
+                    progress=False, report=False, poll_s=0.05)
+    assert res.count("failed") == 1 and "exit code 9" in res.failed[0].error
+
+
+@pytest.mark.parametrize("cluster", ["local", "debug"])
+def test_submitit_executor(tmp_path: Path, cluster: str) -> None:
+    pytest.importorskip("submitit")
+    spec = load_spec({"grid": {"model": ["tiny-25k"], "n_poison": [0, 50]}})
+    res = run_sweep(spec, tmp_path, executor="slurm", slurm_cluster=cluster, threads=1,
+                    run_fn="test_sweep_helpers:fake_run_fails_at_50", progress=False, report=False,
+                    poll_s=0.1)
+    assert (res.count("done"), res.count("failed")) == (1, 1)
+    assert (tmp_path / "runs" / "tiny-25k_n000_x1.0_s0" / "DONE").exists()
+    assert (tmp_path / "runs" / "tiny-25k_n050_x1.0_s0" / "FAILED").read_text().startswith("ValueError")
+
+
+def test_cli_dry_run_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from poisonlab.cli import main
+
+    main(["sweep", "demo", "--dry-run", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "tiny-100k_n050_x1.0_s0" in out and "6 runs" in out
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "nope"])
+    assert e.value.code == 2
+
+
+def test_progress_display_eta() -> None:
+    from rich.console import Console
+
+    from poisonlab.executors import Job, Outcome
+    from poisonlab.sweep import SweepProgress
+
+    p = SweepProgress(total=5, skipped=1, slots=2)
+    first = Job("a1", Path("c"), Path("d"), "small", 1.0)
+    p.start(first)
+    p.finish(Outcome("a1", "done", 10.0))
+    p.start(Job("a2", Path("c"), Path("d"), "small", 2.0))  # same model, twice the data: ~20 s
+    p.start(Job("b1", Path("c"), Path("d"), "big", 1.0))  # unknown model: the mean, 10 s
+    assert p.eta(remaining_queued=1) == pytest.approx((20 + 10 + 10) / 2, abs=0.5)
+    console = Console(width=120, record=True)
+    console.print(p.render())
+    text = console.export_text()
+    assert "2/5 runs finished" in text and "a2" in text and "ETA 0:2" in text
+
+
+def test_missing_data_is_one_error_up_front(tmp_path: Path) -> None:
+    spec = load_spec({"base": {"data": str(tmp_path / "nowhere")}, "grid": {"n_poison": [1, 2]}})
+    with pytest.raises(UserError, match="data not prepared"):
+        run_sweep(spec, tmp_path / "sw", executor="inline", progress=False, report=False)
