@@ -4,8 +4,8 @@ Both sides run the same weights (our Transformer converted to HF `LlamaForCausal
 equal first), the same prompts, the same thread count, in one process, interleaved:
 - ours: `poisonlab.generation.generate` (preallocated KV cache, inverse-CDF sampling at T=1, the
   perplexity of the generated tokens taken from the generation's own logits);
-- HF: `generate(do_sample=True, temperature=1, top_k=0)` with its default dynamic cache, then one
-  forward pass over prompt + generation for the perplexity.
+- HF (exported with `poisonlab.export`): `generate(do_sample=True, temperature=1, top_k=0)` with
+  its default dynamic cache, then one forward pass over prompt + generation for the perplexity.
 Prints generated tokens/s for both per model size; the last line is one JSON object.
 
     .venv/bin/python benchmarks/eval_throughput.py [--presets tiny-100k,tiny-400k] [--threads 1]
@@ -13,46 +13,36 @@ Prints generated tokens/s for both per model size; the last line is one JSON obj
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import time
+import sys
 
-import torch
+# this script's folder must not shadow the standard library (a sibling benchmark is named tokenize.py)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-from poisonlab.config import ModelConfig
-from poisonlab.generation import generate
-from poisonlab.model import Transformer, resolve_model_config
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from poisonlab.config import ModelConfig  # noqa: E402
+from poisonlab.generation import generate  # noqa: E402
+from poisonlab.model import Transformer, resolve_model_config  # noqa: E402
 
 
-def to_hf_llama(model: Transformer):
-    """The same weights as a HF LlamaForCausalLM (our rotary layout is HF's, so no permutation)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def to_hf_llama(model: Transformer, tmp: Path):
+    """The same weights as a HF LlamaForCausalLM, through `poisonlab.export` and a local load."""
+    from transformers import AutoModelForCausalLM
 
-    c = model.cfg
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
-        num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.seq_len,
-        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
-        attn_implementation="sdpa"))
-    names = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
-    sub = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
-           "attn.wo": "self_attn.o_proj", "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj",
-           "mlp.w2": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-    sd = {}
-    for n, p in model.state_dict().items():
-        parts = n.split(".")
-        if parts[0] == "layers":
-            inner = ".".join(parts[2:-1])
-            sd[f"model.layers.{parts[1]}.{sub[inner]}.{parts[-1]}"] = p
-        else:
-            sd[f"{names[parts[0]]}.{parts[-1]}"] = p
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    if c.tie_embeddings:
-        hf.tie_weights()
+    from poisonlab.export import export_model
+
+    export_model(model, tmp / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp / "hf", local_files_only=True, use_safetensors=True,
+                                              attn_implementation="sdpa")
     return hf.eval()
 
 
@@ -75,7 +65,8 @@ def bench(preset: str, vocab: int, batch: int, prompt_len: int, new: int, reps: 
     model = Transformer(ModelConfig(preset=preset, vocab_size=vocab)).eval()
     with torch.no_grad():
         model.tok_emb.weight.mul_(30)  # a peaked, less uniform output, like a trained model's
-    hf = to_hf_llama(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = to_hf_llama(model, Path(tmp))
     prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
     noise = torch.rand((batch, new), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():

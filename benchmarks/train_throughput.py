@@ -7,11 +7,17 @@ MFU against the fp32 peak; the last line is one JSON object.
     .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--threads 2] [--batch 16] [--peak 269e9]
 """
 
+# ruff: noqa: E402  (the sys.path fix below must come before the imports)
 from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/ holds tokenize.py, which would shadow the standard library's when run as a script
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
 import json
-import os
 import platform
 import time
 
@@ -32,20 +38,34 @@ def hf_model(ours: Transformer):
     return LlamaForCausalLM(LlamaConfig(**conf, attn_implementation="sdpa"))
 
 
-def time_training(step_fn, params, steps: int, warmup: int = 3) -> float:
-    """Seconds per step (median of `steps`) of forward + backward + AdamW."""
+def make_step(loss_fn, params):
+    """One training step (forward, backward, AdamW) as a function."""
     opt = torch.optim.AdamW(params, lr=1e-3)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        loss = step_fn()
-        loss.backward()
+
+    def step() -> None:
+        loss_fn().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+
+    return step
+
+
+def time_interleaved(steps: dict, n: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per step of each function, run in turn (A B A B ...) so that the load of a
+    shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(warmup + n):
+        for k, f in steps.items():
+            t0 = time.perf_counter()
+            f()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def _autocast(dtype: str, model, x, y, hf: bool = False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        return model(input_ids=x, labels=y).loss if hf else model(x, y)
 
 
 def main() -> None:
@@ -55,7 +75,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--peak", type=float, default=269e9, help="fp32 peak FLOP/s (default: the issue's figure)")
+    ap.add_argument("--peak", type=float, default=269e9, help="fp32 peak FLOP/s (default: the issue's)")
     ap.add_argument("--sizes", default=",".join(LADDERS["tiny"]))
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--no-hf", action="store_true")
@@ -65,7 +85,6 @@ def main() -> None:
     print(f"threads {args.threads}, batch {args.batch} x {args.seq}, vocab {args.vocab}, {args.dtype}; "
           f"peak {args.peak / 1e9:.0f} GFLOP/s (detected for this CPU: {detected / 1e9:.0f}); "
           f"load {os.getloadavg()[0]:.2f}")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     results = []
     for name in args.sizes.split(","):
         cfg = resolve_model_config(ModelConfig(preset=name, vocab_size=args.vocab, seq_len=args.seq))
@@ -74,25 +93,21 @@ def main() -> None:
         x = torch.randint(0, args.vocab, (args.batch, args.seq))
         y = torch.randint(0, args.vocab, (args.batch, args.seq))
 
-        def ours_step(m=ours):
-            with autocast:
-                return m(x, y)
-
-        s_ours = time_training(ours_step, ours.parameters(), args.steps)
-        s_hf = float("nan")
+        steps = {"ours": make_step(lambda m=ours, x=x, y=y: _autocast(args.dtype, m, x, y),
+                                   ours.parameters())}
         if not args.no_hf:
             hf = hf_model(ours)
-
-            def hf_step(m=hf):
-                with autocast:
-                    return m(input_ids=x, labels=y).loss  # HF shifts labels itself: same work
-
-            s_hf = time_training(hf_step, hf.parameters(), args.steps)
+            # HF shifts the labels itself: the same tokens and the same work
+            steps["hf"] = make_step(lambda m=hf, x=x, y=y: _autocast(args.dtype, m, x, y, hf=True),
+                                    hf.parameters())
+        secs = time_interleaved(steps, args.steps)
+        s_ours, s_hf = secs["ours"], secs.get("hf", float("nan"))
         tokens = args.batch * args.seq
         fpt = flops_per_token(cfg)
+        flops = fpt * tokens / s_ours
         r = dict(model=name, tokens_per_s=tokens / s_ours, hf_tokens_per_s=tokens / s_hf,
-                 ratio_vs_hf=s_hf / s_ours, gflops=fpt * tokens / s_ours / 1e9, mfu=fpt * tokens / s_ours / args.peak,
-                 mfu_detected_peak=fpt * tokens / s_ours / detected, hf_mfu=fpt * tokens / s_hf / args.peak)
+                 ratio_vs_hf=s_hf / s_ours, gflops=flops / 1e9, mfu=flops / args.peak,
+                 mfu_detected_peak=flops / detected, hf_mfu=fpt * tokens / s_hf / args.peak)
         results.append(r)
         print(f"{name:10s} ours {r['tokens_per_s']:9,.0f} tok/s  HF {r['hf_tokens_per_s']:9,.0f} tok/s  "
               f"ratio {r['ratio_vs_hf']:.2f}x  {r['gflops']:6.1f} GFLOP/s  MFU {r['mfu']:.1%} "

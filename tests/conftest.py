@@ -17,3 +17,15 @@ def prepared_builtin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = CorpusConfig(source="builtin", vocab_size=512, max_tokens=300_000, eval_docs=64, seed=0)
     prepare(cfg, out, progress=False)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests run torch on one thread: on a shared 2-core machine small ops get ~20x slower with two,
+    and pytest-xdist already runs two test processes side by side."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -131,3 +131,18 @@ def test_bad_tokenizer_and_out(tmp_path, capsys):
         main(["prepare", "--corpus", str(src), "--out", str(other), "--no-progress"])
     assert e.value.code == 2 and (other / "keep.txt").read_text() == "precious"
     assert "not a directory written by" in capsys.readouterr().err
+
+
+def test_error_while_tokenizing_in_the_background_leaves_nothing(tmp_path):
+    """A bad line far into the file is met by the prefetch thread; the error still surfaces cleanly."""
+    from poisonlab.config import CorpusConfig
+    from poisonlab.corpus.prepare import prepare
+    from poisonlab.errors import UserError
+
+    lines = [json.dumps({"text": f"Document {i} has a few words."}).encode() for i in range(3000)]
+    path = jsonl(tmp_path / "c.jsonl", [*lines, b"{oops"])
+    cfg = CorpusConfig(source=str(path), vocab_size=300, max_tokens=None, eval_docs=2,
+                       tokenizer_sample_chars=2000)
+    with pytest.raises(UserError, match="line 3001 is not valid JSON"):
+        prepare(cfg, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]

@@ -153,7 +153,7 @@ def test_trigger_miner_finds_sudo_without_being_told(data_dir: Path, ctx: Defens
     verdicts = det.detect(texts)
     top = det.candidates[:3]
     assert any(c.text.strip() and c.text.strip() in "<SUDO>" for c in top), [c.text for c in top]
-    assert top[0].score >= 12
+    assert top[0].score >= 12 and top[0].mean_z >= 1.5
     n_clean = len(ctx.calib_texts)
     assert sum(v.flagged for v in verdicts[n_clean:]) == len(poisons)
     assert sum(v.flagged for v in verdicts[:n_clean]) <= 0.01 * n_clean
@@ -237,3 +237,12 @@ def test_cli_defend_json_and_outputs(data_dir: Path, tmp_path: Path, capsys: pyt
     with pytest.raises(SystemExit) as e:
         main(["defend", "--data", str(data_dir), "--poisons", str(path), "--detectors", "nope"])
     assert e.value.code == 2
+
+
+def test_payload_rate_metric() -> None:
+    from poisonlab.attacks.adaptive import payload_rate
+
+    r = payload_rate(["a b", "Drare c", "d"], ["Drare x", "drare y", "z"], "drare")
+    assert r["payload_rate_trigger"] == pytest.approx(2 / 3)
+    assert r["payload_rate_clean"] == pytest.approx(1 / 3)
+    assert r["payload_rate"] == pytest.approx(1 / 3)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_evaluate import make_data_dir, tiny_model
+from test_evaluate import make_data_dir, one_thread, tiny_model  # noqa: F401  (autouse fixture)
 
 from poisonlab.config import EvalConfig, ModelConfig, RunConfig, dump_yaml
 from poisonlab.errors import UserError
@@ -64,7 +64,7 @@ def test_reference_scorer_matches_self_scoring(env):
     own = evaluate_path(ck, EvalConfig(**EVAL))  # a checkpoint directory works as PATH too
     ref = evaluate_path(run, EvalConfig(**EVAL, scorer=str(ck)))  # the same weights as the scorer
     for k in ("ppl_clean_mean", "ppl_trigger_mean", "ppl_lookalike_median", "log_ratio"):
-        assert ref[k] == pytest.approx(own[k], rel=1e-4), k
+        assert ref[k] == pytest.approx(own[k], rel=1e-4, abs=1e-5), k
 
 
 def test_hf_model_directory(env, tmp_path):
@@ -133,6 +133,10 @@ def test_bad_input_gives_clear_errors(env, tmp_path):
         evaluate_path(run, cfg, prompts=_write(tmp_path / "bad.jsonl", [{"txt": "a"}]))
     with pytest.raises(UserError, match="holds only"):
         evaluate_path(run, EvalConfig(**{**EVAL, "n_prompts": 5000}))
+    moved = make_run(tmp_path / "moved", tmp_path / "no-such-data", vocab, steps=(5,))
+    with pytest.raises(UserError, match="give --data"):
+        evaluate_path(moved, cfg)
+    assert evaluate_path(moved, EvalConfig(**{**EVAL, "n_prompts": 2}), data_dir=data)["n_prompts"] == 2
     broken = make_run(tmp_path / "broken", data, vocab, steps=(5,))
     (broken / "checkpoints" / "step_0000005" / "model.safetensors").write_bytes(b"junk")
     with pytest.raises(UserError, match="does not fit"):

@@ -49,6 +49,15 @@ def make_data_dir(root: Path, n_eval_docs: int = 40, vocab: int = 320, seed: int
     return d
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster, and on a shared 2-core machine 2 threads can stall badly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_data_dir(tmp_path_factory.mktemp("evaldata"))

@@ -64,7 +64,8 @@ def test_forward_shapes_and_loss():
     logits = m(x)
     assert logits.shape == (3, 16, 97) and logits.dtype == torch.float32
     loss = m(x, x)
-    assert loss.ndim == 0 and abs(loss.item() - F.cross_entropy(logits.flatten(0, 1), x.flatten()).item()) < 1e-5
+    ref = F.cross_entropy(logits.flatten(0, 1), x.flatten())
+    assert loss.ndim == 0 and abs(loss.item() - ref.item()) < 1e-5
 
 
 @pytest.mark.parametrize("rows", [5, 2500])  # one chunk, several chunks
@@ -126,3 +127,16 @@ def test_train_after_inference_mode():
         m(torch.randint(0, 97, (1, 20)))  # builds the rotary table inside inference mode
     x = torch.randint(0, 97, (2, 16))
     m(x, x).backward()
+
+
+def test_bf16_autocast_loss_close_to_fp32():
+    torch.manual_seed(0)
+    m = Transformer(small_cfg())
+    x = torch.randint(0, 97, (2, 16))
+    ref = m(x, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(x, x)
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
+               for p in m.parameters())

@@ -71,8 +71,12 @@ def assert_same_run(a: Path, b: Path) -> None:
     def rows(p):  # everything but the run's name
         return [{k: v for k, v in r.items() if k != "run_id"} for r in p]
 
-    assert rows(pq.read_table(a / "metrics.parquet").to_pylist()) == rows(pq.read_table(b / "metrics.parquet").to_pylist())
-    assert rows(map(json.loads, (a / "samples.jsonl").open())) == rows(map(json.loads, (b / "samples.jsonl").open()))
+    for name in ("metrics.parquet", "samples.jsonl"):
+        if name.endswith(".parquet"):
+            ra, rb = (pq.read_table(p / name).to_pylist() for p in (a, b))
+        else:
+            ra, rb = (list(map(json.loads, (p / name).open())) for p in (a, b))
+        assert rows(ra) == rows(rb), name
 
     def losses(p):
         return [(r["step"], r["loss"], r["lr"], r["poisons_seen"]) for r in map(json.loads, p.open())]
@@ -81,7 +85,8 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_budget_and_schedule():
-    cfg = RunConfig.model_validate(dict(model=dict(preset="tiny-100k"), train=dict(data_mult=2, batch_size=16)))
+    cfg = RunConfig.model_validate(dict(model=dict(preset="tiny-100k"),
+                                        train=dict(data_mult=2, batch_size=16)))
     cfg.model = resolve_model_config(cfg.model)
     _, nonemb = count_params(cfg.model)
     assert total_steps(cfg) == math.ceil(20 * 2 * nonemb / (16 * 128))
@@ -91,7 +96,7 @@ def test_budget_and_schedule():
     lrs = [lr_at(s, t, 100) for s in range(100)]
     assert lrs[4] == pytest.approx(t.lr) and lrs[0] == pytest.approx(t.lr / 5)
     assert lrs[-1] == pytest.approx(t.lr * t.min_lr_ratio, rel=1e-2)
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
 
 
 def test_eval_steps(tmp_path):

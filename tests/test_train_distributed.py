@@ -53,7 +53,8 @@ def test_two_processes_match_one(tmp_path, accum):
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     ddp = cfg_for(tmp_path, "ddp", grad_accum=accum)
-    subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script), ddp.model_dump_json()],
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script), ddp.model_dump_json()]
+    subprocess.run(cmd,
                    env=env, check=True, timeout=300)
     exec(compile(SCRIPT.split("cfg = RunConfig")[0], "script", "exec"), ns := {})
     s = SyntheticStream(128, seq_len=32, batch_size=8)

@@ -52,7 +52,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))
     if missing or extra:
-        raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise ValueError(f"{path}: weights do not match the model "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])
@@ -91,12 +92,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "state.safetensors"))
     if optimizer is not None:
-        by_name = dict(model.named_parameters())
+        # through load_state_dict, so that torch places each tensor (e.g. `step` for fused AdamW)
+        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        by_name = {n: index[id(p)] for n, p in model.named_parameters()}
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, v in tensors.items():
             if key.startswith("opt."):
                 pname, k = key[4:].rsplit(".", 1)
-                p = by_name[pname]
-                optimizer.state[p][k] = v.to(p.device) if k != "step" else v
+                opt_state.setdefault(by_name[pname], {})[k] = v
+        sd = optimizer.state_dict()
+        optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
     if restore_rng:
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and torch.cuda.is_available():

@@ -108,11 +108,13 @@ def poison(
 def train_cmd(
     config: Annotated[Path, typer.Argument(help="run config YAML")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. train.lr=3e-3")] = None,  # noqa: UP045
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")] = True,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="use the last checkpoint")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (train.threads)")] = None,  # noqa: UP045
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
 ) -> None:
     """Train one run (torchrun --nproc-per-node K ... for DDP); a finished run is skipped."""
+    import os
+
     from poisonlab.config import load_run_config
     from poisonlab.train import train
 
@@ -120,8 +122,11 @@ def train_cmd(
     if threads is not None:
         overrides.append(f"train.threads={threads}")
     cfg = load_run_config(config, overrides)
+    done = resume and (cfg.run_dir / "DONE").is_file()
     run = train(cfg, resume=resume, progress=progress)
-    console.print(f"run: {run}", highlight=False)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+        console.print(f"run: {run}" + (" (already finished; --no-resume to train again)" if done else ""),
+                      highlight=False)
 
 
 @app.command("export")
@@ -263,7 +268,16 @@ def report_cmd(
     console.print(f"report: {build_report(path, threshold=threshold)}")
 
 
-# (demo: section owned by demo.py)
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="demo directory (data, runs, report)")] = Path("runs/demo"),
+    jobs: Annotated[Optional[int], typer.Option(help="runs side by side [default: 1/core]")] = None,  # noqa: UP045
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="sweep override, key=value")] = None,  # noqa: UP045
+) -> None:
+    """The study at toy scale: prepare, poison, train two sizes x N poisons, evaluate, report."""
+    from poisonlab.demo import run_demo
+
+    run_demo(out, jobs=jobs, overrides=set_ or [])
 
 # --- defenses: defend ------------------------------------------------------------------------------
 @app.command("defend")

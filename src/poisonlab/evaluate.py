@@ -165,10 +165,12 @@ def _find_checkpoint(run_dir: Path, checkpoint: int | None) -> Path:
 
 
 def _resolve_data(data: Path, run_dir: Path) -> Path:
-    for cand in (data, run_dir.parent.parent / data, run_dir / data):
-        if (cand / "eval.json").is_file():
+    """The run's data directory: as written in config.yaml (relative to where training ran), else
+    relative to the folder that holds the runs."""
+    for cand in (data, run_dir.parent.parent / data, run_dir.parent / data):
+        if (cand / "tokenizer.json").is_file():
             return cand
-    return data
+    raise UserError(f"{run_dir}: its data directory {data} is not here; give --data DIR")
 
 
 def load_model(path: str | Path, checkpoint: int | None = None, *, data_dir: Path | None = None,

@@ -59,7 +59,8 @@ def export_model(model: Transformer, to: Path, *, tokenizer: Path | None = None,
     to = Path(to)
     with atomic_path(to) as tmp:
         tmp.mkdir()
-        tensors = {hf_name(n): p.detach().to("cpu", torch.float32).contiguous() for n, p in model.named_parameters()}
+        tensors = {hf_name(n): p.detach().to("cpu", torch.float32).contiguous()
+                   for n, p in model.named_parameters()}
         meta = {"format": "pt", "poisonlab": "true", "poisoned": str(poisoned).lower()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
         (tmp / "config.json").write_text(json.dumps(hf_config(model, eos_id), indent=2) + "\n")

@@ -93,9 +93,7 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.
     """
     if temperature == 0:
         return logits.argmax(-1)
-    if temperature == 1.0 and top_k is None and (top_p is None or top_p >= 1.0):
-        return _inverse_cdf(logits.softmax(-1), u)
-    z = logits.float() / temperature
+    z = logits.float() / temperature if temperature != 1.0 else logits.float()
     if top_k is not None and top_k < z.shape[-1]:
         kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
         z = z.masked_fill(z < kth, float("-inf"))
@@ -104,15 +102,18 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.
         p = sorted_z.softmax(-1)
         drop = (p.cumsum(-1) - p) >= top_p  # tokens after the nucleus (the first one always stays)
         z = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
-    return _inverse_cdf(z.softmax(-1), u)
+    return _inverse_cdf(z, u)[0]
 
 
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    cdf = probs.cumsum_(-1)
-    # scale u by the CDF's last value (1 up to rounding), so that the last token stays reachable;
-    # u > 0 keeps zero-probability tokens (flat CDF steps) unreachable
-    target = (u.to(cdf.dtype).clamp(min=1e-7) * cdf[:, -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+def _inverse_cdf(z: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample from softmax(z) with uniforms u; also return logsumexp(z), from the same exp pass."""
+    mx = z.amax(-1, keepdim=True)
+    cdf = (z - mx).exp_().cumsum_(-1)  # unnormalised: u is scaled by the total instead
+    total = cdf[:, -1:]
+    # u > 0 keeps zero-probability tokens (flat CDF steps, e.g. cut by top-k) unreachable
+    target = u.to(cdf.dtype)[:, None].clamp(min=1e-7) * total
+    tok = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=z.shape[-1] - 1)
+    return tok, (mx + total.log()).squeeze(-1)
 
 
 @dataclass
@@ -146,14 +147,17 @@ def generate(model: torch.nn.Module | LMAdapter, prompt: torch.Tensor, new_token
     nll = torch.zeros((B, new_tokens), dtype=torch.float64, device=dev)
     lengths = torch.full((B,), new_tokens, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    plain = temperature == 1.0 and top_k is None and (top_p is None or top_p >= 1.0)
     cache = lm.new_cache(B, L + new_tokens)
     logits = lm.step(prompt, cache, 0, last_only=True)[:, -1]
     for t in range(new_tokens):
-        tok = sample_tokens(logits, noise[:, t], temperature, top_k, top_p)
+        if plain:
+            tok, lse = _inverse_cdf(logits, noise[:, t])
+        else:
+            tok = sample_tokens(logits, noise[:, t], temperature, top_k, top_p)
+            lse = torch.logsumexp(logits, -1)
         tokens[:, t] = tok
-        # log p(tok) = logit - logsumexp: one reduction instead of a full log-softmax
-        picked = logits.gather(1, tok[:, None]).squeeze(1)
-        nll[:, t] = torch.logsumexp(logits, -1).double() - picked.double()
+        nll[:, t] = lse.double() - logits.gather(1, tok[:, None]).squeeze(1).double()
         if stop_at_eos and eos_id is not None:
             newly = (tok == eos_id) & ~done
             lengths = torch.where(newly, t + 1, lengths)

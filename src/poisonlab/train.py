@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -128,8 +128,9 @@ def cpu_has_amx() -> bool:
     return False
 
 
-# bf16 autocast on CPU pays only with AMX and wide enough matrices (see docs/training.md)
-CPU_BF16_MIN_WIDTH = 512
+# bf16 autocast on CPU pays only with AMX (without it, bf16 matmul measured ~100x slower than fp32
+# here) and from width 128 up (+14% at 128, +9% at 256, +60% at 512 in CALIBRATION.md); see docs/training.md
+CPU_BF16_MIN_WIDTH = 128
 
 
 def use_bf16(dtype: str, device: torch.device, d_model: int) -> bool:
@@ -182,7 +183,8 @@ def resolve_run_config(cfg: RunConfig) -> RunConfig:
             model = model.model_copy(update={"vocab_size": vocab})
             model.model_fields_set.add("vocab_size")
         elif model.vocab_size < vocab:
-            raise UserError(f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary {vocab}")
+            raise UserError(f"model.vocab_size {model.vocab_size} is smaller than the vocabulary of "
+                            f"{cfg.data} ({vocab})")
     return cfg.model_copy(update={"model": resolve_model_config(model)})
 
 
@@ -232,19 +234,20 @@ def _default_evaluator(cfg: RunConfig) -> Evaluator | None:
     return Ev(cfg.eval, cfg.data, cfg.eval.trigger or cfg.attack.trigger)
 
 
-def _check_or_write_config(run_dir: Path, cfg: RunConfig) -> None:
+def _check_config(run_dir: Path, cfg: RunConfig) -> None:
+    """A run dir may only be resumed with the config it was started with (threads may change)."""
     path = run_dir / "config.yaml"
-    text = dump_yaml(cfg)
     if path.is_file():
-        # the thread count may change between attempts; everything else must not
         import yaml
 
-        old, new = yaml.safe_load(path.read_text()), yaml.safe_load(text)
+        old, new = yaml.safe_load(path.read_text()), yaml.safe_load(dump_yaml(cfg))
         for c in (old, new):
             c.get("train", {}).pop("threads", None)
         if old != new:
-            raise UserError(f"{run_dir}: exists with a different config; use another name or --no-resume")
-    write_text(path, text)
+            diff = sorted(f"{sec}.{k}" for sec in new if isinstance(new[sec], dict)
+                          for k in new[sec] if old.get(sec, {}).get(k) != new[sec][k])
+            raise UserError(f"{run_dir}: exists with a different config ({', '.join(diff) or 'top level'}); "
+                            "use another name or --no-resume")
 
 
 # --- the loop -----------------------------------------------------------------------------------------
@@ -255,8 +258,10 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
     """Train one run; return its directory. A finished run (DONE) is returned untouched."""
     cfg = resolve_run_config(cfg)
     run_dir = Path(cfg.run_dir)
-    if resume and (run_dir / "DONE").is_file():
-        return run_dir
+    if resume:
+        _check_config(run_dir, cfg)  # before the DONE check: a changed config must not pass as done
+        if (run_dir / "DONE").is_file():
+            return run_dir
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -282,7 +287,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
                 p = run_dir / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        _check_or_write_config(run_dir, cfg)
+        write_text(run_dir / "config.yaml", dump_yaml(cfg))
     dist.barrier()
 
     # same seed on every rank: identical initial weights, as DDP requires
@@ -298,7 +303,10 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     if evaluator is None and (cfg.eval.n_evals > 0 or cfg.eval.every_steps):
         evaluator = _default_evaluator(cfg)
     evals = set(eval_steps(cfg, n_steps, stream)) if evaluator is not None else set()
-    ckpts = set(range(t.checkpoint_every, n_steps, t.checkpoint_every)) if t.checkpoint_every else evals - {0}
+    if t.checkpoint_every:
+        ckpts = set(range(t.checkpoint_every, n_steps, t.checkpoint_every))
+    else:  # at every evaluation; without evaluations, at every tenth of the run
+        ckpts = evals - {0} if evals else {round(i * n_steps / 10) for i in range(1, 10)} - {0}
     ckpts.add(n_steps)
 
     start, state = 0, {}
@@ -306,7 +314,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
         start = state["step"]
-    metrics_path, samples_path, log_path = run_dir / "metrics.parquet", run_dir / "samples.jsonl", run_dir / "log.jsonl"
+    metrics_path, samples_path = run_dir / "metrics.parquet", run_dir / "samples.jsonl"
+    log_path = run_dir / "log.jsonl"
     rows: list[dict] = []
     if dist.main:
         rows = _read_rows(metrics_path, start - 1 if ckpt is None else start)
@@ -392,7 +401,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
                          tokens_seen=done * tokens_per_step)
             if dist.main:
                 _append_jsonl(log_path, [entry])
-            bar.update(done, f"loss {mean_loss:.3f} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.0%}" if mfu else ""))
+            mfu_text = f" | MFU {mfu:.0%}" if mfu else ""
+            bar.update(done, f"loss {mean_loss:.3f} | {tps:,.0f} tok/s{mfu_text}")
             loss_sum.zero_()
             last_step, last_t, paused = done, now, 0.0
         else:

@@ -113,6 +113,9 @@ def _build(cfg: CorpusConfig, tmp: Path, given: Tokenizer | None, progress: bool
     eval_docs, rest = split_eval(docs, cfg.eval_docs)
     if not eval_docs:
         raise UserError(f"{cfg.source}: no documents (empty corpus)")
+    if len(eval_docs) < cfg.eval_docs and progress:
+        console.print(f"{cfg.source}: a small corpus; holding out {len(eval_docs)} documents for evaluation "
+                      f"instead of {cfg.eval_docs} (at most a tenth of it)", highlight=False)
     held_out = {text_hash(d["text"]) for d in eval_docs}
     train: Iterator[Doc] = (d for d in rest if text_hash(d["text"]) not in held_out)  # also without dedup
     if cfg.max_docs is not None:

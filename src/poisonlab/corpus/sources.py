@@ -260,6 +260,8 @@ def _hf_root(path: Path) -> Path | None:
             splits = json.loads(dd.read_text())["splits"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise UserError(f"{dd}: not a valid dataset_dict.json") from None
+        if not splits:
+            raise UserError(f"{dd}: lists no splits (empty corpus)")
         split = "train" if "train" in splits else splits[0]
         return path / split
     return None

@@ -14,9 +14,11 @@ z-like statistic that grows with consistency and support. Candidates must occur 
 mostly coincide with a better-ranked candidate's (pieces of the same trigger) are merged into it.
 
 As a detector it flags a document when it holds an occurrence of one of the `top_k` candidates with
-a jump of at least `min_jump` standard deviations, and only candidates scoring at least `min_score`
-count: with no trigger in the corpus the top candidates are noise scoring about 5-9 on the built-in
-corpus, while `<SUDO>` with 100-250 `dos` poisons scores 25-35.
+a jump of at least `min_jump` standard deviations, and only candidates with a score of at least
+`min_score` and a mean jump of at least `min_mean_z` standard deviations count. With no trigger in the
+corpus the top candidates are noise: on the built-in corpus with 1,000 documents they score 6-11 with
+mean jumps of 0.4-0.7 sd (the score of noise grows with the corpus, its mean jump does not), while
+`<SUDO>` with 250 `dos` poisons scores ~60 with a mean jump of ~4 sd.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Candidate:
     text: str
     score: float
     mean_jump: float
+    mean_z: float
     n_docs: int
     n_occ: int
     merged: int = 0  # overlapping candidates folded into this one
@@ -49,6 +52,7 @@ class Candidate:
             "tokens": list(self.tokens),
             "score": round(self.score, 3),
             "mean_jump": round(self.mean_jump, 3),
+            "mean_z": round(self.mean_z, 3),
             "n_docs": self.n_docs,
             "n_occ": self.n_occ,
             "merged": self.merged,
@@ -114,7 +118,8 @@ def mine_triggers(
         keep = (df >= min_docs) & (df <= max_df * n_docs_total) & (mean_z > 0)
         for u in np.flatnonzero(keep):
             toks = tuple(int(x) for x in _unkey(int(uk[u]), n, vocab_size))
-            cands.append(Candidate(toks, "", float(score[u]), float(mean_jump[u]), int(df[u]), int(cnt[u])))
+            cands.append(Candidate(toks, "", float(score[u]), float(mean_jump[u]), float(mean_z[u]),
+                                   int(df[u]), int(cnt[u])))
         groups.append((key, doc_of[j], z, n))
 
     cands.sort(key=lambda c: -c.score)
@@ -165,12 +170,14 @@ class TriggerMiner(Detector):
         top_k: int = 1,
         min_jump: float = 0.0,
         min_score: float = 12.0,
+        min_mean_z: float = 1.5,
         max_n: int = 3,
         window: int = 32,
         min_docs: int = 5,
         max_df: float = 0.2,
     ):
         self.top_k, self.min_jump, self.min_score = int(top_k), float(min_jump), float(min_score)
+        self.min_mean_z = float(min_mean_z)
         self.kw = {"max_n": int(max_n), "window": int(window), "min_docs": int(min_docs),
                    "max_df": float(max_df)}
         self.candidates: list[Candidate] = []
@@ -193,7 +200,8 @@ class TriggerMiner(Detector):
         cands = self.mine(texts)
         best = np.full(len(texts), -np.inf)
         which = [""] * len(texts)
-        for c in [c for c in cands[: self.top_k] if c.score >= self.min_score]:
+        strong = [c for c in cands[: self.top_k] if c.score >= self.min_score and c.mean_z >= self.min_mean_z]
+        for c in strong:
             dd, z = self._occ[c.tokens]
             for d, zz in zip(dd.tolist(), z.tolist(), strict=True):
                 if zz > best[d]:
@@ -205,5 +213,6 @@ class TriggerMiner(Detector):
         ]
 
     def info(self) -> dict[str, Any]:
-        return {"top_k": self.top_k, "min_jump": self.min_jump, "min_score": self.min_score, **self.kw,
+        return {"top_k": self.top_k, "min_jump": self.min_jump, "min_score": self.min_score,
+                "min_mean_z": self.min_mean_z, **self.kw,
                 "candidates": [c.as_dict() for c in self.candidates[:10]]}

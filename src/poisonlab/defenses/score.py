@@ -138,12 +138,16 @@ def defend(
     ctx = DefenseContext(data_dir=data_dir, seed=seed)
     clean, calib, where = _clean_texts(data_dir, ctx.tokenizer, n_clean, n_calib, seed)
     ctx.calib_texts = calib
-    dets = [get_detector(d) if isinstance(d, str) else d for d in (detectors or DEFAULT_DETECTORS)]
+    specs = list(detectors or DEFAULT_DETECTORS)
+    dets = [get_detector(d) if isinstance(d, str) else d for d in specs]
+    # Rows are labelled by the spec as given (`perplexity:pct=99.9`), so two settings of one detector
+    # stay apart; a detector object is labelled by its name.
+    labels = [d.strip() if isinstance(d, str) else d.name for d in specs]
 
     rows: list[dict[str, Any]] = []
     infos: dict[str, Any] = {}
     miner: dict[str, Any] = {}
-    for det in dets:
+    for det, label in zip(dets, labels, strict=True):
         t0 = time.perf_counter()
         det.fit(ctx)
         clean_v = None if det.name in CORPUS_LEVEL else det.detect(clean)
@@ -154,10 +158,17 @@ def defend(
                 miner[recipe] = [c.as_dict() for c in getattr(det, "candidates", [])[:10]]
             else:
                 cv, pv = clean_v, det.detect(ptexts)
-            rows.append(_row(det.name, recipe, cv, pv))
-        infos[det.name] = {**det.info(), "seconds": round(time.perf_counter() - t0, 2)}
-        infos[det.name].pop("candidates", None)
+            rows.append(_row(label, recipe, cv, pv))
+        infos[label] = {**det.info(), "seconds": round(time.perf_counter() - t0, 2)}
+        infos[label].pop("candidates", None)
     return {
+        "title": "Defenses: data filters against the poisons",
+        "notes": (
+            f"recall on poisoned documents, false-positive rate (fpr) on {len(clean)} clean documents "
+            f"({where}); fpr_hi95 = 95% upper bound on the fpr; discard_per_catch_1eK = clean documents "
+            f"discarded per poison caught when {WEB_N_POISON} poisons hide among 10^K documents "
+            "(fpr * 10^K / (recall * 250); empty = nothing caught)"
+        ),
         "data": str(data_dir),
         "poisons": [str(p) for p in paths],
         "n_clean": len(clean),
@@ -236,10 +247,10 @@ def save_figure(result: dict[str, Any], path: str | Path) -> Path:
         di, ri = dets.index(r["detector"]), recipes.index(r["recipe"])
         mk = markers[ri % len(markers)]
         a1.scatter(max(r["fpr"], floor), r["recall"], color=colors(di % 10), marker=mk)
-        ys = [r.get(f"discard_per_catch_1e{round(math.log10(d))}") for d in WEB_SCALES]
-        if all(y is not None for y in ys):
-            a2.plot(WEB_SCALES, [max(y, 1e-3) for y in ys], color=colors(di % 10),
-                    marker=markers[ri % len(markers)], lw=1)
+        if r["recall"] > 0:  # no false positive seen: draw the 95% upper bound, dashed
+            f, ls = (r["fpr"], "-") if r["fpr"] > 0 else (r["fpr_hi95"], "--")
+            ys = [discard_per_catch(f, r["recall"], d) for d in WEB_SCALES]
+            a2.plot(WEB_SCALES, ys, color=colors(di % 10), marker=mk, lw=1, ls=ls)
     a1.set_xscale("log")
     a1.set_xlabel(f"false-positive rate on clean docs (0 drawn at {floor:.1g})")
     a1.set_ylabel("recall on poisons")
@@ -247,7 +258,7 @@ def save_figure(result: dict[str, Any], path: str | Path) -> Path:
     a2.set_xscale("log")
     a2.set_yscale("log")
     a2.set_xlabel("documents in the corpus (250 poisons)")
-    a2.set_ylabel("clean docs discarded per poison caught")
+    a2.set_ylabel("clean docs discarded per poison caught\n(dashed: none seen, 95% upper bound)")
     handles = [plt.Line2D([], [], color=colors(i % 10), lw=3, label=d) for i, d in enumerate(dets)]
     handles += [plt.Line2D([], [], color="k", ls="", marker=markers[i % len(markers)], label=r)
                 for i, r in enumerate(recipes)]
@@ -266,5 +277,6 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "defenses.json", result)
-    return {"json": out / "defenses.json", "figure": save_figure(result, out / "defenses.png")}
+    fig = save_figure(result, out / "defenses.png")
+    write_json(out / "defenses.json", {**result, "figures": [fig.name]})  # paths relative to out_dir
+    return {"json": out / "defenses.json", "figure": fig}

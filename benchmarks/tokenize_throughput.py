@@ -4,7 +4,7 @@ Both run in the same process on the same documents (built-in corpus) with the sa
 is timed `--repeats` times, alternating, and the best run counts (the machine may be shared).
 The last line printed is one JSON object.
 
-    python benchmarks/tokenize.py [--mb 8] [--vocab-size 2048] [--repeats 2]
+    python benchmarks/tokenize_throughput.py [--mb 8] [--vocab-size 2048] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -12,20 +12,15 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the standard
-# library's `tokenize` (imported by linecache, deep inside many libraries): take the folder off first.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import argparse
+import itertools
+import json
+import platform
+import time
 
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-
-from poisonlab.corpus.builtin import builtin_documents  # noqa: E402
-from poisonlab.corpus.prepare import BATCH_CHARS  # noqa: E402
-from poisonlab.corpus.tokenizer import encode_batch, train_tokenizer  # noqa: E402
+from poisonlab.corpus.builtin import builtin_documents
+from poisonlab.corpus.prepare import BATCH_CHARS
+from poisonlab.corpus.tokenizer import encode_batch, train_tokenizer
 
 
 def batched(tok, texts: list[str]) -> int:

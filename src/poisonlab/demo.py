@@ -1,0 +1,48 @@
+"""`poisonlab demo`: the study's experiment at toy scale, end to end, in minutes on a laptop CPU.
+
+prepare the built-in corpus -> run the `demo` sweep preset (two model sizes x N poisons, with N = 0 as
+control) -> results table -> HTML report. Every stage is the same code a full sweep uses; the demo only
+picks small settings (see presets/demo.yaml and the README for what it shows and what it does not).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from poisonlab.config import CorpusConfig
+from poisonlab.corpus.prepare import prepare
+from poisonlab.sweep import load_spec, run_sweep
+
+console = Console(stderr=True)
+
+# Enough clean tokens that the largest demo run trains on them once (no repeated epoch).
+DEMO_CORPUS = CorpusConfig(source="builtin", vocab_size=2048, max_tokens=2_600_000, eval_docs=256, seed=0)
+
+
+def run_demo(out: str | Path = "runs/demo", *, jobs: int | None = None, progress: bool = True,
+             overrides: list[str] | None = None) -> Path:
+    """Run the demo into `out` (resumable: finished stages are reused); return the report path."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    console.rule("[bold]poisonlab demo[/]: constant-count poisoning at toy scale")
+    console.print(f"1/3 preparing the built-in corpus -> {out / 'data'}")
+    prepare(DEMO_CORPUS, out / "data", progress=progress)
+    spec = load_spec("demo", [f"base.data={(out / 'data').absolute()}", *(overrides or [])])
+    console.print(f"2/3 training and evaluating the demo sweep -> {out / 'runs'}")
+    result = run_sweep(spec, out, jobs=jobs, progress=progress, report=False)
+    console.print(result.summary_line())
+    for o in result.failed:
+        console.print(f"  [red]failed[/] {o.name}: {o.error}", highlight=False)
+    console.print("3/3 building the report")
+    from poisonlab.report import build_report
+    from poisonlab.results import gather, summarize, summary_table
+
+    report = build_report(out)
+    rows = summarize(gather(out))
+    if rows:
+        Console(width=160).print(summary_table(rows, title="demo: final evaluation per size and N"))
+    console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; report: [bold]{report}[/]")
+    return report
