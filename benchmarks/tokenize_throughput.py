@@ -9,12 +9,10 @@ The last line printed is one JSON object.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import argparse
 import itertools
 import json
+import os
 import platform
 import time
 
