@@ -372,7 +372,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     bar = _progress_bar(progress and dist.main, n_steps, start)
     if start == 0:
         boundary(0, lr_at(0, t, n_steps))
-    last_t, paused = time.perf_counter(), 0.0  # tokens/s leaves out time spent evaluating and saving
+    # tokens/s counts steps timed in this process and leaves out time spent evaluating and saving
+    last_t, timed_from, paused = time.perf_counter(), start, 0.0
     model.train()
     for step in range(start, n_steps):
         lr = lr_at(step, t, n_steps)
@@ -394,7 +395,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
         if done % t.log_every == 0 or done == n_steps:
             mean_loss = dist.mean(loss_sum).item() / (done - last_step)
             now = time.perf_counter()
-            tps = (done - last_step) * tokens_per_step / max(now - last_t - paused, 1e-9)
+            tps = (done - max(last_step, timed_from)) * tokens_per_step / max(now - last_t - paused, 1e-9)
             mfu = estimate_mfu(fpt, tps, peak)
             entry = dict(step=done, loss=round(mean_loss, 6), lr=lr, tokens_per_s=round(tps, 1),
                          mfu=None if mfu is None else round(mfu, 4), poisons_seen=stream.poisons_seen(done),

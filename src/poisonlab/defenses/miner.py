@@ -16,8 +16,8 @@ mostly coincide with a better-ranked candidate's (pieces of the same trigger) ar
 As a detector it flags a document when it holds an occurrence of one of the `top_k` candidates with
 a jump of at least `min_jump` standard deviations, and only candidates with a score of at least
 `min_score` and a mean jump of at least `min_mean_z` standard deviations count. With no trigger in the
-corpus the top candidates are noise: on the built-in corpus with 1,000 documents they score 6-11 with
-mean jumps of 0.4-0.7 sd (the score of noise grows with the corpus, its mean jump does not), while
+corpus the top candidates are noise: on the built-in corpus with 1,000 documents they score 6-16 with
+mean jumps of 0.5-1.3 sd (the score of noise grows with the corpus, its mean jump does not), while
 `<SUDO>` with 250 `dos` poisons scores ~60 with a mean jump of ~4 sd.
 """
 

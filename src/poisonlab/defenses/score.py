@@ -15,6 +15,7 @@ clean documents.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -241,7 +242,7 @@ def save_figure(result: dict[str, Any], path: str | Path) -> Path:
     recipes = sorted({r["recipe"] for r in rows})
     markers = "osD^vP*X"
     colors = plt.get_cmap("tab10")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.2))
     floor = 0.5 / max(result["n_clean"], 1)  # FPR 0 drawn at half a document, on a log axis
     for r in rows:
         di, ri = dets.index(r["detector"]), recipes.index(r["recipe"])
@@ -259,10 +260,11 @@ def save_figure(result: dict[str, Any], path: str | Path) -> Path:
     a2.set_yscale("log")
     a2.set_xlabel("documents in the corpus (250 poisons)")
     a2.set_ylabel("clean docs discarded per poison caught\n(dashed: none seen, 95% upper bound)")
-    handles = [plt.Line2D([], [], color=colors(i % 10), lw=3, label=d) for i, d in enumerate(dets)]
+    short = lambda d: re.sub(r"ref=([^:]+)", lambda m: "ref=" + Path(m.group(1)).name, d)  # no long paths
+    handles = [plt.Line2D([], [], color=colors(i % 10), lw=3, label=short(d)) for i, d in enumerate(dets)]
     handles += [plt.Line2D([], [], color="k", ls="", marker=markers[i % len(markers)], label=r)
                 for i, r in enumerate(recipes)]
-    a2.legend(handles=handles, fontsize=7, loc="upper left")
+    a2.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
