@@ -125,8 +125,9 @@ def test_perplexity_threshold_and_clean_fpr(ctx: DefenseContext, data_dir: Path)
 def test_perplexity_with_a_run_dir_reference(ctx: DefenseContext, tmp_path: Path) -> None:
     """A poisonlab run dir (config.yaml + checkpoints/step_*/model.safetensors) loads as reference."""
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
+    from poisonlab.checkpoint import model_tensors
     from poisonlab.config import ModelConfig, RunConfig, dump_yaml
     from poisonlab.model import Transformer
 
@@ -136,7 +137,9 @@ def test_perplexity_with_a_run_dir_reference(ctx: DefenseContext, tmp_path: Path
     (run / "checkpoints" / "step_0000001").mkdir(parents=True)
     (run / "config.yaml").write_text(dump_yaml(cfg))
     torch.manual_seed(0)
-    save_model(Transformer(cfg.model), str(run / "checkpoints" / "step_0000001" / "model.safetensors"))
+    ckpt = run / "checkpoints" / "step_0000001"
+    save_file(model_tensors(Transformer(cfg.model)), str(ckpt / "model.safetensors"))
+    (ckpt / "state.json").write_text("{}")  # marks a complete checkpoint
     det = get_detector(f"perplexity:ref={run}:pct=50")
     ctx_small = DefenseContext(data_dir=ctx.data_dir, calib_texts=ctx.calib_texts[:20])
     det.fit(ctx_small)

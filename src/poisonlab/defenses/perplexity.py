@@ -75,13 +75,6 @@ class BigramLM:
         return out
 
 
-def _latest_checkpoint(run_dir: Path) -> Path:
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*/model.safetensors"))
-    if not ckpts:
-        raise UserError(f"{run_dir}: no checkpoints/step_*/model.safetensors; has the run trained?")
-    return ckpts[-1]
-
-
 class _Scorer:
     """Per-document mean negative log-likelihood (nats/token) under a reference model."""
 
@@ -117,7 +110,7 @@ class _TorchScorer(_Scorer):
                 chunks.append((i, ids[s : s + self.seq_len + 1]))
         tot = np.zeros(len(texts))
         cnt = np.zeros(len(texts))
-        with torch.no_grad():
+        with torch.inference_mode():
             for b in range(0, len(chunks), self.bs):
                 batch = chunks[b : b + self.bs]
                 L = max(len(c) for _, c in batch)
@@ -137,26 +130,9 @@ class _TorchScorer(_Scorer):
 
 
 def _run_scorer(run_dir: Path, tokenizer: Any) -> _Scorer:
-    import torch
-    from safetensors.torch import load_file
+    from poisonlab.checkpoint import load_model
 
-    from poisonlab.config import load_run_config
-    from poisonlab.model import Transformer
-
-    cfg = load_run_config(run_dir / "config.yaml")
-    model = Transformer(cfg.model)
-    state = load_file(str(_latest_checkpoint(run_dir)))
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
-    # Tied embeddings: safetensors stores the shared tensor once, under either name.
-    if cfg.model.tie_embeddings:
-        w = state.get("tok_emb.weight", state.get("lm_head.weight"))
-        if w is not None:
-            state["tok_emb.weight"] = state["lm_head.weight"] = w
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{run_dir}: checkpoint does not match its config.yaml (missing {missing[:3]})")
-    model.eval()
-    torch.set_grad_enabled(False)
+    model = load_model(run_dir)
     return _TorchScorer(lambda x: model(x), tokenizer, model.cfg.seq_len)
 
 
