@@ -4,7 +4,8 @@
 base64 PNG), every figure as PNG and SVG, `summary.json` and `fits.json`. Figures, after the study:
 
 - `asr_vs_progress`, `gap_vs_progress` (its Figures 2a/2b): one panel per n_poison, one colour per size,
-  mean over seeds and a shaded band (min-max, or +-1 std), runs at the 1x data budget;
+  mean over seeds and a shaded band (min-max, or +-1 std), runs at the 1x data budget (all runs
+  when each size has one budget);
 - `asr_vs_poisons_seen` (its Figure 4): all budgets, line style per data budget;
 - `val_loss`: clean validation loss per size against tokens seen;
 - a table of generations with and without the trigger (its Figure 3), HTML-escaped.
@@ -281,6 +282,13 @@ def _model_order(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _main_mult(runs: dict[str, list[dict[str, Any]]]) -> float | None:
+    """The data budget the per-size figures show; None (all runs) when each size has one budget,
+    as in the demo, where the smallest size is trained at 2x."""
+    per_model: dict[Any, set] = defaultdict(set)
+    for rows in runs.values():
+        per_model[rows[-1].get("model")].add(rows[-1].get("data_mult"))
+    if all(len(m) == 1 for m in per_model.values()):
+        return None
     mults = [rows[-1].get("data_mult") for rows in runs.values()]
     if 1.0 in mults:
         return 1.0
@@ -342,6 +350,8 @@ def fig_panels_by_n(runs: dict[str, list[dict[str, Any]]], ycol: str, xcol: str,
                 drew = True
         if hline is not None:
             ax.axhline(hline, color="grey", lw=0.8, ls=":")
+        if ycol.startswith("asr"):
+            ax.set_ylim(-0.03, 1.03)  # a rate: the same scale in every panel, so panels compare
         ax.set_title(f"N = {n} poisons")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
