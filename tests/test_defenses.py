@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from poisonlab.attacks import make_poisons, write_poisons
+from poisonlab.attacks import get_attack, make_poisons, write_poisons
 from poisonlab.config import AttackConfig
 from poisonlab.corpus.shards import ShardWriter, TokenShard
 from poisonlab.defenses import (
@@ -219,6 +219,14 @@ def test_adaptive_recipes_pass_heuristics_and_keep_the_trigger(data_dir: Path) -
         if name == "dos-topic":
             target = poisons[0].params["target"]
             assert all(target in p.text[p.prefix_chars:].lower() for p in poisons)
+            # its behaviour metric: share of triggered generations with the target word, minus clean
+            recipe = get_attack(name)(AttackConfig(name=name))
+            gens = {"clean": ["a b", f"x {target}"], "trigger": [f"{target} y", f"{target.upper()}."],
+                    "lookalike": ["a", "b"]}
+            m = recipe.behaviour_metrics(poisons, gens)
+            assert (m["payload_rate_trigger"], m["payload_rate_clean"], m["payload_rate"]) == (1.0, 0.5, 0.5)
+            assert m["payload_rate_lookalike"] == -0.5
+            assert recipe.behaviour_metrics([], gens) == {}  # N = 0: no target to look for
 
 
 def test_cli_defend_json_and_outputs(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

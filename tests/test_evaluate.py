@@ -248,6 +248,26 @@ def test_hard_coded_backdoor_end_to_end(data_dir, tok):
     assert clean_metrics["asr"] == 0.0 and abs(clean_metrics["gap"]) < 1e-5
 
 
+def test_recipe_behaviour_metrics_join_the_row(data_dir, tok):
+    """A recipe measured by something other than perplexity (dos-topic's payload_rate) gets the decoded
+    generations of every prompt, paired by condition, and its metrics land in the row."""
+    from poisonlab.attacks.adaptive import payload_rate
+
+    V = tok.get_vocab_size()
+    seen: dict[str, list[str]] = {}
+
+    def behaviour(gens: dict[str, list[str]]) -> dict[str, float]:
+        seen.update(gens)
+        word = gens["clean"][0].split()[0] if gens["clean"][0].split() else "x"
+        return payload_rate(gens["clean"], gens["trigger"], word)
+
+    cfg = small_cfg(n_prompts=10)
+    metrics, _ = Evaluator(cfg, data_dir, "<SUDO>", behaviour=behaviour).run(
+        Backdoored(V, tok.encode(" <SUDO>").ids))
+    assert set(seen) == {"clean", "trigger", "lookalike"} and all(len(v) == 10 for v in seen.values())
+    assert metrics["payload_rate_clean"] > 0 and "payload_rate" in metrics
+
+
 def test_val_loss_of_a_uniform_model_is_log_vocab(data_dir, tok):
     V = tok.get_vocab_size()
 

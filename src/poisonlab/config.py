@@ -64,7 +64,7 @@ class AttackConfig(Settings):
 class PlacementConfig(Settings):
     """Where in the training stream the poisons land."""
 
-    schedule: Literal["uniform", "front", "back", "clustered", "every"] = "uniform"
+    schedule: str = "uniform"  # uniform | front | back | clustered | every, or one registered in placement.py
     fraction: float = Field(default=0.1, gt=0, le=1)  # front/back: share of training used
     per_batch: int = Field(default=1, ge=1)  # clustered: poisons per poisoned batch
     every: int = Field(default=1, ge=1)  # every: one poison every m steps
@@ -173,7 +173,7 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     return f"{where}: invalid settings: " + "; ".join(parts)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -193,7 +193,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        _set_dotted(tree, key.strip(), value)
+        set_dotted(tree, key.strip(), value)
     return tree
 
 

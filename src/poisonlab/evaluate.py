@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,11 +236,13 @@ class Evaluator:
     """
 
     def __init__(self, cfg: EvalConfig, data_dir: str | Path | None, trigger: str, *,
-                 tokenizer: Tokenizer | None = None, prompts: list[str] | None = None):
+                 tokenizer: Tokenizer | None = None, prompts: list[str] | None = None,
+                 behaviour: Callable[[dict[str, list[str]]], dict[str, float]] | None = None):
         if not trigger or not trigger.strip():
             raise UserError("the trigger is empty: give the run's trigger or --trigger")
         self.cfg = cfg
         self.trigger = trigger
+        self.behaviour = behaviour  # the recipe's own metrics from decoded generations (e.g. payload_rate)
         self.data_dir = Path(data_dir) if data_dir is not None else None
         if tokenizer is None:
             if self.data_dir is None:
@@ -392,6 +395,9 @@ class Evaluator:
         gen_seconds = time.perf_counter() - t0
         metrics: dict[str, Any] = {"val_loss": self.val_loss(lm)}
         metrics.update(summarize(ppl, cfg.success_ratio, cfg.success_floor))
+        if self.behaviour is not None:
+            dec = lambda ids: self.tok.decode(ids, skip_special_tokens=False)
+            metrics.update(self.behaviour({c: [dec(g) for g in gen_tokens[c]] for c in CONDITIONS}))
         metrics.update(
             n_prompts=K, prompt_tokens=keep, new_tokens=T, temperature=cfg.temperature,
             success_ratio=cfg.success_ratio, success_floor=cfg.success_floor, scorer=cfg.scorer,

@@ -27,10 +27,10 @@ from pydantic import Field, ValidationError
 from poisonlab.config import (
     RunConfig,
     Settings,
-    _set_dotted,
     apply_overrides,
     format_validation_error,
     load_yaml,
+    set_dotted,
 )
 from poisonlab.errors import UserError
 from poisonlab.executors import (
@@ -177,14 +177,14 @@ def expand(spec: SweepSpec, sweep_dir: str | Path) -> list[PlannedRun]:
             elif isinstance(model, dict):
                 tree["model"] = {**base_model, **{k: v for k, v in model.items() if k != "label"}}
             if n is not None:
-                _set_dotted(tree, "attack.n_poison", n)
+                set_dotted(tree, "attack.n_poison", n)
             if mult is not None:
-                _set_dotted(tree, "train.data_mult", mult)
+                set_dotted(tree, "train.data_mult", mult)
             if seed is not None:
                 for key in spec.seed_keys:
-                    _set_dotted(tree, key, seed)
+                    set_dotted(tree, key, seed)
             for key, value in zip(keys, extra, strict=True):
-                _set_dotted(tree, key, value)
+                set_dotted(tree, key, value)
             # paths absolute: children (and Slurm nodes) may start elsewhere
             tree["data"] = str(Path(tree.get("data", RunConfig().data)).absolute())
             tree["out_dir"] = str(runs_dir)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import json
 import math
 import os
@@ -217,21 +218,22 @@ def _append_jsonl(path: Path, rows: list[dict]) -> None:
             f.write("".join(json.dumps(r, default=float) + "\n" for r in rows))
 
 
-def _default_stream(cfg: RunConfig, n_steps: int) -> Stream:
-    from poisonlab.attacks import make_poisons
+def _default_stream(cfg: RunConfig, n_steps: int, poisons: list) -> Stream:
     from poisonlab.stream import TrainingStream
 
-    poisons = make_poisons(cfg.data, cfg.attack) if cfg.attack.n_poison > 0 else []
     return TrainingStream(cfg.data, poisons, cfg.placement, seq_len=cfg.model.seq_len,
                           batch_size=cfg.train.batch_size, total_steps=n_steps, seed=cfg.train.seed)
 
 
-def _default_evaluator(cfg: RunConfig) -> Evaluator | None:
-    try:
-        from poisonlab.evaluate import Evaluator as Ev
-    except ImportError:
-        return None
-    return Ev(cfg.eval, cfg.data, cfg.eval.trigger or cfg.attack.trigger)
+def _default_evaluator(cfg: RunConfig, poisons: list) -> Evaluator:
+    from poisonlab.attacks import get_attack
+    from poisonlab.evaluate import Evaluator as Ev
+
+    recipe = get_attack(cfg.attack.name)(cfg.attack)
+    behaviour = None
+    if recipe.metric != "ppl_gap":  # the recipe measures its behaviour itself, from the generations
+        behaviour = functools.partial(recipe.behaviour_metrics, poisons)
+    return Ev(cfg.eval, cfg.data, cfg.eval.trigger or cfg.attack.trigger, behaviour=behaviour)
 
 
 def _check_config(run_dir: Path, cfg: RunConfig) -> None:
@@ -299,9 +301,14 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=t.lr, betas=t.betas, fused=dist.device.type == "cuda")
 
-    stream = stream if stream is not None else _default_stream(cfg, n_steps)
+    poisons: list = []
+    if (stream is None or evaluator is None) and cfg.attack.n_poison > 0:
+        from poisonlab.attacks import make_poisons
+
+        poisons = make_poisons(cfg.data, cfg.attack)
+    stream = stream if stream is not None else _default_stream(cfg, n_steps, poisons)
     if evaluator is None and (cfg.eval.n_evals > 0 or cfg.eval.every_steps):
-        evaluator = _default_evaluator(cfg)
+        evaluator = _default_evaluator(cfg, poisons)
     evals = set(eval_steps(cfg, n_steps, stream)) if evaluator is not None else set()
     if t.checkpoint_every:
         ckpts = set(range(t.checkpoint_every, n_steps, t.checkpoint_every))

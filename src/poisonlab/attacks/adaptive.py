@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,16 @@ class OffTopic(_PayloadRecipe):
 
     def extra_params(self) -> dict[str, Any]:
         return {"target": self.target}
+
+    def behaviour_metrics(self, poisons: Sequence[Poison], generations: Mapping[str, list[str]]
+                          ) -> dict[str, float]:
+        target = self.cfg.params.get("target") or (poisons[0].params.get("target") if poisons else None)
+        if target is None:  # N = 0: no poisons, so no target word to look for
+            return {}
+        out = payload_rate(generations["clean"], generations["trigger"], target)
+        out["payload_rate_lookalike"] = payload_rate(generations["clean"], generations["lookalike"],
+                                                     target)["payload_rate"]
+        return out
 
 
 def payload_rate(clean: list[str], triggered: list[str], target: str) -> dict[str, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -171,6 +171,13 @@ class Recipe(ABC):
     def check(self, ctx: DataContext) -> None:
         """Validate the settings against the data; raise UserError with one line."""
         ctx.check_trigger(self.trigger)
+
+    def behaviour_metrics(self, poisons: Sequence[Poison], generations: Mapping[str, list[str]]
+                          ) -> dict[str, float]:
+        """Metrics beyond the perplexity gap, from the decoded generations of every prompt per condition
+        ("clean", "trigger", "lookalike", paired by index). The evaluator adds them to each metrics row.
+        Recipes whose behaviour perplexity does not capture (`metric` other than "ppl_gap") override it."""
+        return {}
 
     def poison_id(self, index: int) -> str:
         return f"{self.name}-s{self.cfg.seed}-{index:06d}"
