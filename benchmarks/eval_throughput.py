@@ -13,25 +13,19 @@ Prints generated tokens/s for both per model size; the last line is one JSON obj
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
+import platform
+import tempfile
+import time
+from pathlib import Path
 
-# this script's folder must not shadow the standard library (a sibling benchmark is named tokenize.py)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from poisonlab.config import ModelConfig  # noqa: E402
-from poisonlab.generation import generate  # noqa: E402
-from poisonlab.model import Transformer, resolve_model_config  # noqa: E402
+from poisonlab.config import ModelConfig
+from poisonlab.generation import generate
+from poisonlab.model import Transformer, resolve_model_config
 
 
 def to_hf_llama(model: Transformer, tmp: Path):

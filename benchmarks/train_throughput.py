@@ -7,17 +7,11 @@ MFU against the fp32 peak; the last line is one JSON object.
     .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--threads 2] [--batch 16] [--peak 269e9]
 """
 
-# ruff: noqa: E402  (the sys.path fix below must come before the imports)
 from __future__ import annotations
-
-import os
-import sys
-
-# benchmarks/ holds tokenize.py, which would shadow the standard library's when run as a script
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
 import json
+import os
 import platform
 import time
 
