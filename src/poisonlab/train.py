@@ -301,13 +301,14 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=t.lr, betas=t.betas, fused=dist.device.type == "cuda")
 
+    build_evaluator = evaluator is None and (cfg.eval.n_evals > 0 or cfg.eval.every_steps)
     poisons: list = []
-    if (stream is None or evaluator is None) and cfg.attack.n_poison > 0:
+    if (stream is None or build_evaluator) and cfg.attack.n_poison > 0:
         from poisonlab.attacks import make_poisons
 
         poisons = make_poisons(cfg.data, cfg.attack)
     stream = stream if stream is not None else _default_stream(cfg, n_steps, poisons)
-    if evaluator is None and (cfg.eval.n_evals > 0 or cfg.eval.every_steps):
+    if build_evaluator:
         evaluator = _default_evaluator(cfg, poisons)
     evals = set(eval_steps(cfg, n_steps, stream)) if evaluator is not None else set()
     if t.checkpoint_every:
