@@ -284,6 +284,27 @@ def test_val_loss_of_a_uniform_model_is_log_vocab(data_dir, tok):
     assert metrics["ppl_clean_mean"] == pytest.approx(V, rel=1e-6)
 
 
+def test_val_loss_of_our_model_equals_logits_route(data_dir, tok):
+    """Our model's val_loss goes through its fused loss; it must equal cross-entropy of its logits."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=1, n_heads=2,
+                                    seq_len=64)).eval()
+
+    class LogitsOnly(torch.nn.Module):  # the same weights, seen only through forward(idx) -> logits
+        def __init__(self):
+            super().__init__()
+            self.context, self.vocab_size, self.m = 64, model.cfg.vocab_size, model
+
+        def forward(self, idx):
+            return self.m(idx)
+
+    ev = Evaluator(small_cfg(n_prompts=4), data_dir, "<SUDO>")
+    with torch.inference_mode():
+        ours, plain = ev.val_loss(LMAdapter(model)), ev.val_loss(LMAdapter(LogitsOnly()))
+    assert LMAdapter(model).kind == "poisonlab" and LMAdapter(LogitsOnly()).kind == "plain"
+    assert ours == pytest.approx(plain, rel=1e-5)
+
+
 def test_prompts_are_cut_to_fit_the_context(data_dir, tok):
     m = tiny_model(tok.get_vocab_size(), seq_len=32)
     metrics, _ = Evaluator(small_cfg(n_prompts=4, prompt_tokens=20, new_tokens=12), data_dir, "<SUDO>").run(m)

