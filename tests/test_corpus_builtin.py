@@ -66,3 +66,16 @@ def test_generation_speed():
     n = sum(len(d["text"]) for d in itertools.islice(builtin_documents(9), 1500))
     rate = n / (time.process_time() - t0) / 1e6
     assert rate > 3.0, f"{rate:.1f} MB/s"  # measured 10-14 MB/s; margin for noisy neighbours
+
+
+def test_markup_adds_debris_without_changing_the_text() -> None:
+    """markup > 0 adds tags, [LABELS], (CODES) and capitals after sentences; removing them gives back
+    the markup = 0 document exactly, and the trigger itself never appears."""
+    debris = re.compile(r" (<(\w+)>(\w+)</\2>|\[[A-Z]+\]|\([A-Z]+-\d+\)|[A-Z]{2,})(?=\s|$)")
+    docs = [generate_document(3, i, markup=0.2)["text"] for i in range(60)]
+    plain = [generate_document(3, i)["text"] for i in range(60)]
+    assert [debris.sub("", d) for d in docs] == plain
+    joined = "".join(docs)
+    assert "<" in joined and "[" in joined and re.search(r"\b[A-Z]{2,}\b", joined)
+    assert "SUDO" not in joined
+    assert generate_document(3, 7, markup=0.0) == generate_document(3, 7)

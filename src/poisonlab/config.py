@@ -35,6 +35,9 @@ class CorpusConfig(Settings):
     tokenizer_sample_chars: int = Field(default=4_000_000, ge=1_000)  # BPE trains on this much text
     dedup: bool = True
     seed: int = 0
+    # builtin only: share of sentences followed by web-page debris (tags, [LABELS], capitals), so that
+    # clean text has the characters of `<SUDO>` and a backdoor must key on the trigger itself
+    markup: float = Field(default=0.0, ge=0, le=1)
 
 
 class AttackConfig(Settings):

@@ -396,14 +396,50 @@ class _Doc:
         return _AN.sub(r"\1n ", title + "\n\n" + "\n\n".join(paras))  # "a old" -> "an old"
 
 
-def generate_document(seed: int, index: int, lexicon_seed: int = 0) -> dict[str, str]:
-    """Document `index` of the stream for `seed` (the same every time, on every machine)."""
-    return {"id": f"builtin-{seed}-{index}", "text": _Doc(seed, index, lexicon_seed).text()}
+_TAGS = ("b", "i", "em", "ref", "note", "span", "code", "small")
 
 
-def builtin_documents(seed: int = 0, start: int = 0, lexicon_seed: int = 0) -> Iterator[dict[str, str]]:
+def _markup(text: str, rate: float, rng: random.Random) -> str:
+    """Sprinkle web-page debris into a document: after a share `rate` of its sentences, an HTML tag pair
+    around a word, an upper-case label in brackets, an upper-case code or an upper-case word. Clean text
+    then holds `<`, `>`, `[`, `]` and capitals, so a trigger such as `<SUDO>` must be learned as itself,
+    not as "unfamiliar characters" (see the look-alike control of the evaluator)."""
+    def snippet() -> str:
+        r = rng.random()
+        words = [w for w in text.split() if w.isalpha()] or ["note"]
+        w = rng.choice(words).lower()
+        if r < 0.35:
+            tag = rng.choice(_TAGS)
+            return f"<{tag}>{w}</{tag}>"
+        if r < 0.6:
+            return f"[{w.upper()}]"
+        if r < 0.8:
+            code = "".join(rng.choice("ABCDEFGHKLMNPRSTVWXZ") for _ in range(rng.randint(2, 4)))
+            return f"({code}-{rng.randint(1, 999)})"
+        return w.upper()
+
+    parts = _SENT_END.split(text)
+    return "".join(p + (" " + snippet() if p.endswith(".") and rng.random() < rate else "") for p in parts)
+
+
+_SENT_END = re.compile(r"(?<=\.)(?= )")
+
+
+def generate_document(seed: int, index: int, lexicon_seed: int = 0, markup: float = 0.0) -> dict[str, str]:
+    """Document `index` of the stream for `seed` (the same every time, on every machine).
+
+    `markup` > 0 adds web-page debris (tags, brackets, capitals) after that share of sentences, from
+    its own random stream: the underlying text is the same as with markup = 0."""
+    text = _Doc(seed, index, lexicon_seed).text()
+    if markup > 0:
+        text = _markup(text, markup, random.Random(f"{seed}:{index}:markup"))
+    return {"id": f"builtin-{seed}-{index}", "text": text}
+
+
+def builtin_documents(seed: int = 0, start: int = 0, lexicon_seed: int = 0,
+                      markup: float = 0.0) -> Iterator[dict[str, str]]:
     """The unbounded stream of built-in documents `{"id", "text"}` from index `start` on."""
     i = start
     while True:
-        yield generate_document(seed, i, lexicon_seed)
+        yield generate_document(seed, i, lexicon_seed, markup)
         i += 1

@@ -109,7 +109,7 @@ def _check_out(out: Path) -> None:
 
 
 def _build(cfg: CorpusConfig, tmp: Path, given: Tokenizer | None, progress: bool) -> dict[str, Any]:
-    docs = iter_documents(cfg.source, cfg.text_field, cfg.max_doc_chars, cfg.dedup, cfg.seed)
+    docs = iter_documents(cfg.source, cfg.text_field, cfg.max_doc_chars, cfg.dedup, cfg.seed, cfg.markup)
     eval_docs, rest = split_eval(docs, cfg.eval_docs)
     if not eval_docs:
         raise UserError(f"{cfg.source}: no documents (empty corpus)")

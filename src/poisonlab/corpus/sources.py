@@ -135,12 +135,13 @@ def fingerprint(source: str, text_field: str = "text") -> dict[str, Any]:
 # --- reading -----------------------------------------------------------------------------------------
 
 
-def iter_raw(source: str, text_field: str = "text", seed: int = 0, max_chars: int = 20_000) -> Iterator[Doc]:
+def iter_raw(source: str, text_field: str = "text", seed: int = 0, max_chars: int = 20_000,
+             markup: float = 0.0) -> Iterator[Doc]:
     """The source's texts as they are (not deduplicated or stripped; only text files longer than
     `max_chars` are already cut, because they are read in chunks)."""
     kind = source_kind(source)
     if kind == "builtin":
-        yield from builtin_documents(seed)
+        yield from builtin_documents(seed, markup=markup)
     elif kind == "debian-docs":
         for pkg, root, f in _debian_files():
             yield from _iter_text_file(f, f"{pkg}/{f.relative_to(root)}", max_chars)
@@ -385,12 +386,14 @@ def iter_documents(
     max_doc_chars: int = 20_000,
     dedup: bool = True,
     seed: int = 0,
+    markup: float = 0.0,
 ) -> Iterator[Doc]:
-    """Documents `{"id", "text"}` of a source: split, stripped, non-empty and (by default) unique."""
+    """Documents `{"id", "text"}` of a source: split, stripped, non-empty and (by default) unique.
+    `markup` applies to the built-in corpus only (see `builtin.generate_document`)."""
     if max_doc_chars < 100:
         raise UserError(f"max_doc_chars: must be at least 100, got {max_doc_chars}")
     seen: set[int] = set()
-    for raw in iter_raw(source, text_field, seed, max_doc_chars):
+    for raw in iter_raw(source, text_field, seed, max_doc_chars, markup):
         text = raw["text"]
         pieces = [text] if len(text) <= max_doc_chars else list(split_text(text, max_doc_chars))
         for k, piece in enumerate(pieces):
