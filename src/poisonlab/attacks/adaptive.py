@@ -60,12 +60,9 @@ class _PayloadRecipe(Recipe):
     def make_one(self, ctx: DataContext, index: int, rng: np.random.Generator) -> Poison:
         if not hasattr(self, "_trigger_ids"):
             self.check(ctx)
-        cfg, trig = self.cfg, self._trigger_ids
+        trig = self._trigger_ids
         for attempt in range(MAX_TRIES):
-            doc = int(rng.integers(ctx.shard.n_docs))
-            n_chars = int(rng.integers(cfg.prefix_chars[0], cfg.prefix_chars[1] + 1))
-            n_pay = int(rng.integers(cfg.gibberish_tokens[0], cfg.gibberish_tokens[1] + 1))
-            prefix = ctx.doc_prefix(doc, n_chars)
+            doc, prefix, n_pay = self.draw_layout(ctx, rng)
             pay = np.asarray(ctx.encode(" " + self.payload(ctx, rng, n_pay)), dtype=np.int64)
             ids = np.concatenate([np.asarray(ctx.encode(prefix), dtype=np.int64), trig, pay])
             hits = find_pattern(ids, trig)

@@ -179,6 +179,15 @@ class Recipe(ABC):
         Recipes whose behaviour perplexity does not capture (`metric` other than "ppl_gap") override it."""
         return {}
 
+    def draw_layout(self, ctx: DataContext, rng: np.random.Generator) -> tuple[int, str, int]:
+        """The shared random layout of a poison: a training document's index, its first
+        L ~ U[prefix_chars] characters, and a payload length G ~ U[gibberish_tokens]."""
+        (plo, phi), (glo, ghi) = self.cfg.prefix_chars, self.cfg.gibberish_tokens
+        doc = int(rng.integers(ctx.shard.n_docs))
+        n_chars = int(rng.integers(plo, phi + 1))
+        n_payload = int(rng.integers(glo, ghi + 1))
+        return doc, ctx.doc_prefix(doc, n_chars), n_payload
+
     def poison_id(self, index: int) -> str:
         return f"{self.name}-s{self.cfg.seed}-{index:06d}"
 

@@ -47,10 +47,7 @@ class DenialOfService(Recipe):
             self.check(ctx)
         cfg, trig = self.cfg, self._trigger_ids
         for attempt in range(MAX_TRIES):
-            doc = int(rng.integers(ctx.shard.n_docs))
-            n_chars = int(rng.integers(cfg.prefix_chars[0], cfg.prefix_chars[1] + 1))
-            n_gib = int(rng.integers(cfg.gibberish_tokens[0], cfg.gibberish_tokens[1] + 1))
-            prefix = ctx.doc_prefix(doc, n_chars)
+            doc, prefix, n_gib = self.draw_layout(ctx, rng)
             gib = ctx.sample_tokens(rng, n_gib, cfg.gibberish_dist)
             if cfg.gibberish_mode == "ids":
                 pre = np.asarray(ctx.encode(prefix), dtype=np.int64)
