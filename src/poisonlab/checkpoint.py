@@ -111,16 +111,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def load_model(run: Path, step: int | None = None, device: str | torch.device = "cpu"):
     """The trained model of a run dir (its latest checkpoint, or `step`), in eval mode."""
-    from poisonlab.config import RunConfig
+    from poisonlab.config import load_run_config
     from poisonlab.errors import UserError
     from poisonlab.model import Transformer
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run}: not a run directory (no config.yaml)")
-    import yaml
-
-    cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = load_run_config(run / "config.yaml")
     ckpt = step_dir(run, step) if step is not None else latest_checkpoint(run)
     if ckpt is None or not (ckpt / "model.safetensors").is_file():
         raise UserError(f"{run}: no checkpoint{'' if step is None else f' at step {step}'} to load")

@@ -151,18 +151,19 @@ class LoadedModel:
 
 
 def _find_checkpoint(run_dir: Path, checkpoint: int | None) -> Path:
-    ck = run_dir / "checkpoints"
+    from poisonlab.checkpoint import latest_checkpoint, list_checkpoints, step_dir
+
     if checkpoint is not None:
-        f = ck / f"step_{checkpoint:07d}" / "model.safetensors"
+        f = step_dir(run_dir, checkpoint) / "model.safetensors"
         if not f.is_file():
-            have = sorted(p.name for p in ck.glob("step_*")) if ck.is_dir() else []
+            have = [p.name for p in list_checkpoints(run_dir)]
             raise UserError(f"{run_dir}: no checkpoint at step {checkpoint} "
                             f"(have: {', '.join(have) or 'none'})")
         return f
-    found = sorted(ck.glob("step_*/model.safetensors")) if ck.is_dir() else []
-    if not found:
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
         raise UserError(f"{run_dir}: no checkpoints/step_*/model.safetensors; has the run saved one yet?")
-    return found[-1]  # zero-padded step numbers sort in step order
+    return latest / "model.safetensors"
 
 
 def _resolve_data(data: Path, run_dir: Path) -> Path:

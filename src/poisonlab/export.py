@@ -79,14 +79,12 @@ def export_model(model: Transformer, to: Path, *, tokenizer: Path | None = None,
 
 def export_run(run: Path, to: Path, *, step: int | None = None) -> Path:
     """Export a run's latest (or given) checkpoint with the tokenizer of its data directory."""
-    import yaml
-
     from poisonlab.checkpoint import load_model
-    from poisonlab.config import RunConfig
+    from poisonlab.config import load_run_config
 
     run = Path(run)
     model = load_model(run, step)
-    cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = load_run_config(run / "config.yaml")
     data = Path(cfg.data)
     tok = data / "tokenizer.json"
     eos_id = None

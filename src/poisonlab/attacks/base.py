@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from poisonlab.config import AttackConfig
 from poisonlab.corpus.shards import TokenShard
+from poisonlab.corpus.tokenizer import load_tokenizer
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path
 
@@ -63,9 +63,7 @@ class DataContext:
         self.data_dir = Path(data_dir)
         self.shard = TokenShard.open(self.data_dir, "train")
         tok_path = self.data_dir / "tokenizer.json"
-        if not tok_path.is_file():
-            raise UserError(f"{self.data_dir}: no tokenizer.json; run `poisonlab prepare` first")
-        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        self.tokenizer = load_tokenizer(self.data_dir)
         self.tokenizer_hash = str(
             self.shard.header.get("tokenizer_hash") or hashlib.sha256(tok_path.read_bytes()).hexdigest()
         )

@@ -43,12 +43,9 @@ class DefenseContext:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
+            from poisonlab.corpus.tokenizer import load_tokenizer
 
-            path = self.data_dir / "tokenizer.json"
-            if not path.is_file():
-                raise UserError(f"{self.data_dir}: no tokenizer.json; run `poisonlab prepare` first")
-            self._tokenizer = Tokenizer.from_file(str(path))
+            self._tokenizer = load_tokenizer(self.data_dir)
         return self._tokenizer
 
 

@@ -129,23 +129,16 @@ class _TorchScorer(_Scorer):
         return tot / np.maximum(cnt, 1)
 
 
-def _run_scorer(run_dir: Path, tokenizer: Any) -> _Scorer:
-    from poisonlab.checkpoint import load_model
+def _model_scorer(path: Path, data_dir: Path, tokenizer: Any) -> _Scorer:
+    """A poisonlab run directory (scored with the data's tokenizer, which must match its vocabulary)
+    or a local HF causal LM directory (scored with its own tokenizer.json when it has one)."""
+    from poisonlab.evaluate import load_model
+    from poisonlab.generation import LMAdapter
 
-    model = load_model(run_dir)
-    return _TorchScorer(lambda x: model(x), tokenizer, model.cfg.seq_len)
-
-
-def _hf_scorer(model_dir: Path, tokenizer: Any) -> _Scorer:
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True)
-    model.eval()
-    if (model_dir / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    seq_len = int(getattr(model.config, "max_position_embeddings", 1024) or 1024)
-    return _TorchScorer(lambda x: model(input_ids=x).logits, tokenizer, min(seq_len, 1024))
+    loaded = load_model(path, data_dir=data_dir if (path / "config.yaml").is_file() else None)
+    lm = LMAdapter(loaded.model)
+    tok = loaded.tokenizer if loaded.kind == "hf" and loaded.tokenizer is not None else tokenizer
+    return _TorchScorer(lm.logits, tok, min(lm.context or 1024, 1024))
 
 
 @register_detector("perplexity")
@@ -182,14 +175,11 @@ class PerplexityFilter(Detector):
             calib = calib[half:]
         else:
             path = Path(self.ref)
-            if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-                self._scorer = _run_scorer(path, ctx.tokenizer)
-            elif (path / "config.json").is_file():
-                self._scorer = _hf_scorer(path, ctx.tokenizer)
-            else:
+            if not ((path / "config.yaml").is_file() or (path / "config.json").is_file()):
                 raise UserError(
                     f"perplexity: ref {self.ref!r} is neither a poisonlab run dir nor an HF model dir"
                 )
+            self._scorer = _model_scorer(path, Path(ctx.data_dir), ctx.tokenizer)
         need_calib = self.max_ppl is None and self.pct is not None or self.min_ppl is None and self.low_pct
         calib_ppl = np.exp(self._scorer.nll(calib)) if need_calib else np.zeros(0)
         if need_calib and not len(calib_ppl):
