@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 
 from poisonlab.config import EvalConfig
 from poisonlab.corpus.shards import TokenShard
+from poisonlab.corpus.tokenizer import load_tokenizer
 from poisonlab.errors import UserError
 from poisonlab.generation import LMAdapter, generate, score
 
@@ -41,12 +42,10 @@ MIN_EXCERPT = 8  # shortest excerpt we accept when prompts must be cut to fit th
 # --- prompts ---------------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer.json file, or a directory holding one."""
-    p = Path(path)
-    f = p / "tokenizer.json" if p.is_dir() else p
-    if not f.is_file():
-        raise UserError(f"{p}: no tokenizer.json")
+def _model_tokenizer(model_dir: Path) -> Tokenizer:
+    """A HF model directory's own tokenizer.json (any vocabulary; prepared data dirs go through
+    `poisonlab.corpus.tokenizer.load_tokenizer`, which also checks the end-of-document token)."""
+    f = model_dir / "tokenizer.json"
     try:
         return Tokenizer.from_file(str(f))
     except Exception as e:  # tokenizers raises bare Exceptions on malformed files
@@ -216,7 +215,7 @@ def load_model(path: str | Path, checkpoint: int | None = None, *, data_dir: Pat
             raise UserError(f"{p}: cannot load as a HF causal LM ({str(e).splitlines()[0]})") from None
         tok = None
         if (p / "tokenizer.json").is_file():
-            tok = load_tokenizer(p)
+            tok = _model_tokenizer(p)
         elif data_dir is not None:
             tok = load_tokenizer(data_dir)
         if tok is not None and tok.get_vocab_size() > model.config.vocab_size:
