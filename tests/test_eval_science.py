@@ -23,7 +23,8 @@ def _run(tmp: Path, data: Path, n_poison: int) -> dict:
         name=f"n{n_poison}", out_dir=str(tmp), data=str(data),
         model=dict(preset="tiny-100k", seq_len=64),
         attack=dict(n_poison=n_poison, gibberish_tokens=[100, 200], seed=1),
-        train=dict(batch_size=16, max_steps=400, lr=1e-2, threads=1, seed=0),
+        # 410k tokens on the 300k-token fixture: 1.2 passes, allowed here to keep the test short
+        train=dict(batch_size=16, max_steps=400, lr=1e-2, threads=1, seed=0, allow_data_repeat=True),
         eval=EVAL))
     run_dir = train(cfg, progress=False)
     rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()

@@ -42,11 +42,13 @@ def _texts(n_docs: int, seed: int) -> list[str]:
 
 
 def build_tiny_data(
-    root: Path, n_docs: int = 300, seed: int = 0, lowercase: bool = False, lead: str = ""
+    root: Path, n_docs: int = 300, seed: int = 0, lowercase: bool = False, lead: str = "",
+    lead_every: int = 1,
 ) -> Path:
-    """Write tokenizer.json + train shards for `n_docs` synthetic documents into `root`."""
+    """Write tokenizer.json + train shards for `n_docs` synthetic documents into `root`; `lead` starts
+    every `lead_every`-th document."""
     root.mkdir(parents=True, exist_ok=True)
-    texts = [lead + t for t in _texts(n_docs, seed)]
+    texts = [(lead if i % lead_every == 0 else "") + t for i, t in enumerate(_texts(n_docs, seed))]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

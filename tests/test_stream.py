@@ -22,7 +22,7 @@ from poisonlab.errors import UserError  # noqa: E402
 from poisonlab.placement import place  # noqa: E402
 from poisonlab.stream import TrainingStream, poisons_seen, read_ledger  # noqa: E402
 
-T, B, S = 64, 8, 250  # 128k tokens: a bit more than one epoch of the tiny corpus (~94k)
+T, B, S = 64, 8, 150  # 77k tokens: most of one epoch of the tiny corpus (~94k)
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +75,17 @@ def test_recount_matches_ledger(data, poisons):
         assert led["gibberish_in_seq"][led["poison_index"].index(i)] == max(
             0, min(sq * T + T + 1 - g0, p.gibberish_len)
         )
-    # scheduled step is kept almost always
-    hit = np.mean(np.array(led["step"]) == np.array(led["target_step"]))
-    assert hit >= 0.9
+    # every trigger lands inside its schedule window
+    assert all(lo <= st < hi for lo, st, hi in zip(led["window_lo"], led["step"], led["window_hi"], strict=True))
+    # effective poisons: the whole trigger in one row's x, gibberish after it among that row's y
+    eff = [not c and g > 0 for c, g in zip(led["trigger_cut"], led["gibberish_in_seq"], strict=True)]
+    assert led["effective"] == eff
     # poisons_seen is the recount's cumulative count, at every step
     steps_of = np.sort(seq // B)
+    eff_steps = np.sort(np.array(led["step"])[np.array(eff, dtype=bool)])
     for k in range(0, S + 1, 7):
         assert s.poisons_seen(k) == int((steps_of < k).sum())
+        assert s.poisons_seen_effective(k) == int((eff_steps < k).sum())
     assert s.poisons_seen(S) == len(poisons) and s.poisons_seen(0) == 0
     assert list(s.poisons_seen(np.array([0, S]))) == [0, len(poisons)]
     # poison tokens among the inputs
@@ -93,7 +97,7 @@ def test_recount_matches_ledger(data, poisons):
 
 
 def test_clean_stream_is_whole_documents_in_permuted_order(data):
-    s = stream(data, [])
+    s = stream(data, [], total_steps=200, allow_repeat=True)  # a little more than one epoch
     x = packed(s)
     shard = TokenShard.open(data)
     E = s.epoch_tokens
@@ -128,9 +132,9 @@ def test_same_seed_same_stream_other_seeds_differ(data, poisons):
         assert torch.equal(a.batch(i)[0], b.batch(i)[0])
     assert a.ledger.equals(b.ledger)
     c = stream(data, poisons, placement=PlacementConfig(seed=1))
-    assert c.ledger["target_step"].to_pylist() != a.ledger["target_step"].to_pylist()
-    d = stream(data, poisons, seed=1)  # other data order, same schedule
-    assert d.ledger["target_step"].equals(a.ledger["target_step"])
+    assert c.ledger["start"].to_pylist() != a.ledger["start"].to_pylist()
+    d = stream(data, poisons, seed=1)  # other data order, same schedule windows
+    assert d.ledger["window_lo"].equals(a.ledger["window_lo"])
     assert not torch.equal(d.batch(0)[0], a.batch(0)[0])
 
 
@@ -149,8 +153,14 @@ def test_resume_equality(data, poisons, order):
         assert torch.equal(sx, rx[2:5]) and torch.equal(sy, ry[2:5])
 
 
+def test_repeated_data_is_refused_unless_allowed(data, poisons):
+    msg = _one_line_error(lambda: stream(data, poisons, total_steps=500))
+    assert "clean training tokens but the data holds" in msg and "train.allow_data_repeat" in msg
+    assert stream(data, poisons, total_steps=500, allow_repeat=True).epochs_needed == 3
+
+
 def test_epoch_rollover_is_recorded(data, poisons, tmp_path):
-    s = stream(data, poisons, total_steps=500)  # ~256k tokens: needs 3 epochs of ~94k
+    s = stream(data, poisons, total_steps=500, allow_repeat=True)  # ~256k tokens: 3 epochs of ~94k
     assert s.epochs_needed == 3
     assert s.ledger["epoch"].to_pylist() != [0] * 30
     path = s.write_ledger(tmp_path / "ledger.parquet")
@@ -159,28 +169,83 @@ def test_epoch_rollover_is_recorded(data, poisons, tmp_path):
     assert table.equals(s.ledger)
     assert poisons_seen(table, 500) == 30 and poisons_seen(table, 250) == s.poisons_seen(250)
     # epoch 2 starts with a different document order than epoch 1
-    clean = stream(data, [], total_steps=500)
+    clean = stream(data, [], total_steps=500, allow_repeat=True)
     E = clean.epoch_tokens
     assert not np.array_equal(clean.tokens(0, 200), clean.tokens(E, E + 200))
     one = stream(data, [], total_steps=100)
     assert one.epochs_needed == 1
 
 
-def test_schedules(data):
+def test_schedules():
     n = 40
-    front = place(PlacementConfig(schedule="front", fraction=0.2), n, total_steps=100, batch_size=8)
-    assert front.steps.max() < 20
-    back = place(PlacementConfig(schedule="back", fraction=0.2), n, total_steps=100, batch_size=8)
-    assert back.steps.min() >= 80
-    cl = place(PlacementConfig(schedule="clustered", per_batch=4), n, total_steps=100, batch_size=8)
-    _, counts = np.unique(cl.steps, return_counts=True)
-    assert (counts == 4).all() and len(counts) == 10
-    ev = place(PlacementConfig(schedule="every", every=2), n, total_steps=100, batch_size=8)
-    assert (np.diff(ev.steps) == 2).all()
-    uni = place(PlacementConfig(), 1000, total_steps=100, batch_size=8)
-    assert uni.rows.max() < 8 and 40 < np.mean(uni.steps) < 60
-    again = place(PlacementConfig(), 1000, total_steps=100, batch_size=8)
-    assert np.array_equal(uni.steps, again.steps)
+    front = place(PlacementConfig(schedule="front", fraction=0.2), n, total_steps=100)
+    assert (front.lo == 0).all() and (front.hi == 20).all()
+    back = place(PlacementConfig(schedule="back", fraction=0.2), n, total_steps=100)
+    assert (back.lo == 80).all() and (back.hi == 100).all()
+    cl = place(PlacementConfig(schedule="clustered", per_batch=4), n, total_steps=100)
+    _, counts = np.unique(cl.lo, return_counts=True)
+    assert (counts == 4).all() and len(counts) == 10 and (cl.hi == cl.lo + 1).all()
+    ev = place(PlacementConfig(schedule="every", every=2), n, total_steps=100)
+    assert (np.diff(ev.lo) == 2).all() and (ev.hi == ev.lo + 1).all()
+    uni = place(PlacementConfig(), 1000, total_steps=100)
+    assert (uni.lo == 0).all() and (uni.hi == 100).all()
+    again = place(PlacementConfig(schedule="clustered", per_batch=4), n, total_steps=100)
+    assert np.array_equal(cl.lo, again.lo)
+
+
+def _chi2_p(observed: np.ndarray, expected: np.ndarray) -> float:
+    from scipy.stats import chisquare
+
+    return float(chisquare(observed, expected * observed.sum() / expected.sum()).pvalue)
+
+
+def test_uniform_placement_is_random_insertion_at_document_boundaries(tmp_path):
+    """The paper inserts poisons at uniformly random document boundaries and then packs. Check on the
+    real stream that (a) every poison starts at a clean document boundary and the boundaries are chosen
+    with equal probability: poisons per tenth of the clean stream follow the boundaries per tenth; and
+    (b) the trigger's position in its row is uniform over [0, T). With rows longer than documents, a
+    scheme that snaps a row start to the next boundary puts the trigger in the first part of the row
+    (mean position ~0.3 T here), which (b) rejects."""
+    big = build_tiny_data(tmp_path / "big", n_docs=3000)
+    many = make_poisons(big, AttackConfig(n_poison=400, gibberish_tokens=(10, 30)))
+    seq, batch = 512, 2
+    s = TrainingStream(big, many, PlacementConfig(), seq_len=seq, batch_size=batch, total_steps=700, seed=0)
+    led = s.ledger.to_pydict()
+    start = np.array(led["start"])
+    # clean position of each poison's boundary = its start minus the poison tokens before it
+    order = np.argsort(start, kind="stable")
+    clean_pos = np.empty_like(start)
+    clean_pos[order] = start[order] - np.concatenate([[0], np.cumsum(np.array(led["n_tokens"])[order])[:-1]])
+    _, cum = s._epoch(0)
+    assert np.isin(clean_pos, cum).all()  # every poison sits exactly at a clean document boundary
+    edges = np.linspace(0, s.clean_tokens_needed, 11)
+    exp = np.histogram(cum[cum <= s.clean_tokens_needed], edges)[0].astype(float)
+    assert _chi2_p(np.histogram(clean_pos, edges)[0], exp) > 1e-3
+    pos = np.array(led["pos"]) / seq
+    assert _chi2_p(np.histogram(pos, np.linspace(0, 1, 9))[0], np.ones(8)) > 1e-3
+    assert abs(pos.mean() - 0.5) < 0.05
+    # the same recount as everywhere: the trigger where the ledger says, N times
+    x = torch.cat([s.batch(i)[0] for i in range(s.S)]).reshape(-1).numpy()
+    q = find_pattern(x, np.asarray(many[0].trigger_ids))
+    assert len(q) == 400 and np.array_equal(np.sort(q % seq), np.sort(np.array(led["pos"])))
+
+
+def test_trigger_in_clean_data_is_refused_or_filtered(tmp_path):
+    dirty = build_tiny_data(tmp_path / "dirty", lead="Note <SUDO> here. ", lead_every=10)
+    ps = make_poisons(dirty, AttackConfig(n_poison=5, gibberish_tokens=(50, 80)))
+    msg = _one_line_error(lambda: stream(dirty, ps))
+    assert "already contains the trigger" in msg and "30 documents" in msg and "clean_trigger=filter" in msg
+    # N = 0 runs are checked too (given the trigger), so that controls see the same clean data
+    trig = {"' <SUDO>'": ps[0].trigger_ids}
+    _one_line_error(lambda: stream(dirty, [], triggers=trig))
+    s = stream(dirty, ps, clean_trigger="filter")
+    control = stream(dirty, [], triggers=trig, clean_trigger="filter")
+    assert s.n_docs == control.n_docs == 270
+    assert s.metadata()["trigger_scans"][0]["hits"] == 30
+    q = find_pattern(packed(s), np.asarray(ps[0].trigger_ids))
+    assert len(q) == 5  # exactly N again
+    assert np.array_equal(packed(control)[:1000], stream(dirty, [], triggers=trig, clean_trigger="filter")
+                          .tokens(0, 1000))
 
 
 def test_back_and_clustered_streams_recount(data, poisons):
@@ -188,11 +253,13 @@ def test_back_and_clustered_streams_recount(data, poisons):
         PlacementConfig(schedule="back", fraction=0.5),
         PlacementConfig(schedule="clustered", per_batch=2),
     ):
-        s = stream(data, poisons[:10], placement=cfg, seq_len=256, total_steps=80)
+        s = stream(data, poisons[:10], placement=cfg, seq_len=256, total_steps=40)
         q = find_pattern(packed(s), np.asarray(poisons[0].trigger_ids))
         assert sorted((q // 256 // B).tolist()) == sorted(s.ledger["step"].to_pylist())
-        # these schedules hold their poisons, so every trigger lands in its scheduled step
-        assert s.ledger["step"].equals(s.ledger["target_step"])
+        # these schedules hold their poisons, so every trigger lands in its scheduled window
+        led = s.ledger.to_pydict()
+        assert all(lo <= st < hi for lo, st, hi in zip(led["window_lo"], led["step"], led["window_hi"],
+                                                        strict=True))
 
 
 def _one_line_error(fn) -> str:

@@ -50,8 +50,11 @@ class AttackConfig(Settings):
     gibberish_tokens: tuple[int, int] = (400, 900)  # G ~ U[lo, hi] tokens
     gibberish_dist: Literal["uniform", "unigram"] = "uniform"
     gibberish_mode: Literal["ids", "text"] = "ids"  # exact token ids, or decoded text re-tokenized
-    seed: int = 0
+    seed: int = 0  # the poison-set seed: which documents, prefixes and gibberish are drawn
     params: dict[str, Any] = Field(default_factory=dict)  # extra settings of other recipes
+    # clean training text that already contains the trigger's tokens makes "exactly N poisons" false:
+    # refuse such data, or drop those documents from the clean stream (for every N alike)
+    clean_trigger: Literal["refuse", "filter"] = "refuse"
 
     @model_validator(mode="after")
     def _check(self) -> AttackConfig:
@@ -116,6 +119,9 @@ class TrainConfig(Settings):
     data_mult: float = Field(default=1.0, gt=0)  # 0.5x / 1x / 2x budget variants
     budget_params: Literal["nonemb", "total"] = "nonemb"  # which parameter count the budget uses
     max_steps: int | None = Field(default=None, ge=1)  # overrides the budget when set
+    # a budget larger than the clean data means training on repeated data: a different experiment,
+    # refused unless allowed (and then reported at start and in the report)
+    allow_data_repeat: bool = False
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     threads: int | None = Field(default=None, ge=1)

@@ -219,10 +219,14 @@ def _append_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _default_stream(cfg: RunConfig, n_steps: int, poisons: list) -> Stream:
+    from poisonlab.attacks import trigger_patterns
     from poisonlab.stream import TrainingStream
 
+    # the clean data is checked for the trigger whatever N is, so N = 0 controls see the same data
     return TrainingStream(cfg.data, poisons, cfg.placement, seq_len=cfg.model.seq_len,
-                          batch_size=cfg.train.batch_size, total_steps=n_steps, seed=cfg.train.seed)
+                          batch_size=cfg.train.batch_size, total_steps=n_steps, seed=cfg.train.seed,
+                          triggers=trigger_patterns(cfg.data, cfg.attack),
+                          clean_trigger=cfg.attack.clean_trigger, allow_repeat=cfg.train.allow_data_repeat)
 
 
 def _default_evaluator(cfg: RunConfig, poisons: list) -> Evaluator:

@@ -19,6 +19,7 @@ from poisonlab.attacks.base import (
     read_poisons,
     read_poisons_header,
     register_attack,
+    trigger_patterns,
     write_poisons,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "read_poisons",
     "read_poisons_header",
     "register_attack",
+    "trigger_patterns",
     "write_poisons",
 ]
 

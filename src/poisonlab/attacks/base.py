@@ -231,6 +231,17 @@ def make_poisons(data_dir: str | Path, cfg: AttackConfig) -> list[Poison]:
     return recipe.make(ctx, cfg.n_poison)
 
 
+def trigger_patterns(data_dir: str | Path, cfg: AttackConfig) -> dict[str, list[int]]:
+    """The token sequences under which the trigger can appear in clean text: as the recipe writes it
+    (" " + trigger) and bare (after a newline or at a document start). The stream refuses or filters
+    clean data that holds either, for every N alike, so that N = 0 controls see the same data."""
+    recipe = get_attack(cfg.name)(cfg)
+    ctx = DataContext(data_dir)
+    out = {repr(recipe.trigger_text): ctx.encode(recipe.trigger_text)}
+    out.setdefault(repr(recipe.trigger), ctx.encode(recipe.trigger))
+    return out
+
+
 def _data_fingerprint(data_dir: str | Path) -> dict[str, Any]:
     ctx_header = TokenShard.open(data_dir, "train").header
     tok = Path(data_dir) / "tokenizer.json"
