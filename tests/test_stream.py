@@ -76,7 +76,8 @@ def test_recount_matches_ledger(data, poisons):
             0, min(sq * T + T + 1 - g0, p.gibberish_len)
         )
     # every trigger lands inside its schedule window
-    assert all(lo <= st < hi for lo, st, hi in zip(led["window_lo"], led["step"], led["window_hi"], strict=True))
+    windows = zip(led["window_lo"], led["step"], led["window_hi"], strict=True)
+    assert all(lo <= st < hi for lo, st, hi in windows)
     # effective poisons: the whole trigger in one row's x, gibberish after it among that row's y
     eff = [not c and g > 0 for c, g in zip(led["trigger_cut"], led["gibberish_in_seq"], strict=True)]
     assert led["effective"] == eff
