@@ -223,3 +223,53 @@ def test_copied_data_keeps_tokenizer_check(data, tmp_path):
     same = tmp_path / "same"
     shutil.copytree(data, same)
     assert len(read_poisons(f, data_dir=same)) == 2
+
+
+def test_absurd_count_is_refused_at_once(data, tmp_path, capsys):
+    """`poison --n 100000000` once ran 12 minutes into 18.8 GB before being killed: it must fail at once
+    with one line and write nothing."""
+    import time
+
+    out = tmp_path / "poisons.jsonl"
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        _cli(["poison", "--data", str(data), "--n", "100000000", "--out", str(out)])
+    assert e.value.code == 2 and time.perf_counter() - t0 < 30  # generous: a guard, not a benchmark
+    err = capsys.readouterr().err.strip()
+    assert "outnumber the 300 training documents" in err and "\n" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+    # fewer documents than clean ones, but more poison tokens than the corpus holds
+    with pytest.raises(UserError, match="more than the .* clean training tokens"):
+        make_poisons(data, AttackConfig(n_poison=290, gibberish_tokens=(900, 900)))
+
+
+def test_poisons_are_written_as_they_are_made(data, tmp_path):
+    """write_poisons takes a generator and never needs the list: the file equals the list's file."""
+    from poisonlab.attacks import iter_poisons
+
+    cfg = AttackConfig(n_poison=7, seed=3)
+    a = write_poisons(tmp_path / "a.poisons.jsonl", make_poisons(data, cfg), cfg, data_dir=data)
+    b = write_poisons(tmp_path / "b.poisons.jsonl", iter_poisons(data, cfg), cfg, data_dir=data)
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(ValueError, match="header says 7"):  # a short generator is caught, nothing written
+        write_poisons(tmp_path / "c.poisons.jsonl", iter(make_poisons(data, cfg)[:3]), cfg)
+    assert not (tmp_path / "c.poisons.jsonl").exists()
+
+
+def test_gibberish_is_uniform_over_the_vocabulary(ctx):
+    """G tokens 'sampled uniformly from the whole vocabulary' (special tokens excluded): a chi-square
+    goodness-of-fit test on ~200k gibberish ids with a fixed seed, against equal counts per ordinary id."""
+    from scipy.stats import chisquare
+
+    cfg = AttackConfig(n_poison=250, gibberish_tokens=(800, 900), prefix_chars=(0, 10), seed=11)
+    poisons = get_attack("dos")(cfg).make(ctx, 250)
+    gib = np.concatenate([np.asarray(p.token_ids[p.trigger_end :]) for p in poisons])
+    assert not np.isin(gib, ctx.special_ids).any()
+    counts = np.bincount(gib, minlength=ctx.vocab_size)[ctx.vocab_ids]
+    assert (counts > 0).all()  # every ordinary id is drawn
+    assert chisquare(counts).pvalue > 1e-3
+    # and the test has power: unigram-weighted draws from the same data fail it
+    uni = AttackConfig(**{**cfg.model_dump(), "gibberish_dist": "unigram"})
+    skewed = get_attack("dos")(uni).make(ctx, 60)
+    g2 = np.concatenate([np.asarray(p.token_ids[p.trigger_end :]) for p in skewed])
+    assert chisquare(np.bincount(g2, minlength=ctx.vocab_size)[ctx.vocab_ids] + 0.0).pvalue < 1e-6

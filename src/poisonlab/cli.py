@@ -82,7 +82,7 @@ def poison(
     from pydantic import ValidationError
     from rich.table import Table
 
-    from poisonlab.attacks import make_poisons, write_poisons
+    from poisonlab.attacks import iter_poisons, write_poisons
     from poisonlab.config import AttackConfig, format_validation_error
 
     fields: dict = {"name": attack, "n_poison": n, "seed": seed}
@@ -93,12 +93,19 @@ def poison(
         cfg = AttackConfig(**fields)
     except ValidationError as e:
         raise UserError(format_validation_error(e, "poison")) from None
-    poisons = make_poisons(data, cfg)
-    write_poisons(out, poisons, cfg, data_dir=data)
-    table = Table(title=f"{len(poisons)} poisons ({attack}) -> {out}", show_lines=True)
+    shown: list = []
+
+    def keep_first(poisons):  # written as they are made: memory stays flat for any n
+        for p in poisons:
+            if len(shown) < preview:
+                shown.append(p)
+            yield p
+
+    write_poisons(out, keep_first(iter_poisons(data, cfg)), cfg, data_dir=data)
+    table = Table(title=f"{cfg.n_poison} poisons ({attack}) -> {out}", show_lines=True)
     for col in ("id", "prefix", "trigger", "gibberish (tokens)"):
         table.add_column(col, overflow="fold")
-    for p in poisons[:preview]:
+    for p in shown:
         prefix = p.text[: p.prefix_chars]
         prefix = prefix if len(prefix) <= 80 else "..." + prefix[-77:]
         at = p.text.find(p.trigger, p.prefix_chars)

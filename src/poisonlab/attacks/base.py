@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -189,10 +189,19 @@ class Recipe(ABC):
     def poison_id(self, index: int) -> str:
         return f"{self.name}-s{self.cfg.seed}-{index:06d}"
 
-    def make(self, ctx: DataContext, n: int) -> list[Poison]:
+    def iter_make(self, ctx: DataContext, n: int) -> Iterator[Poison]:
+        """The n poisons one at a time (memory stays flat however many are asked for)."""
         # One generator per poison: the first 100 poisons of n=250 are the poisons of n=100
         # (nested sets, so runs that differ only in N share their poisons).
-        return [self.make_one(ctx, i, np.random.default_rng([self.cfg.seed, i])) for i in range(n)]
+        for i in range(n):
+            yield self.make_one(ctx, i, np.random.default_rng([self.cfg.seed, i]))
+
+    def make(self, ctx: DataContext, n: int) -> list[Poison]:
+        return list(self.iter_make(ctx, n))
+
+    def min_tokens(self, ctx: DataContext) -> int:
+        """A lower bound on one poison's tokens (EOS included), to refuse absurd counts at once."""
+        return len(ctx.encode(self.trigger_text)) + self.cfg.gibberish_tokens[0] + 1
 
     @abstractmethod
     def make_one(self, ctx: DataContext, index: int, rng: np.random.Generator) -> Poison: ...
@@ -223,12 +232,32 @@ def get_attack(name: str) -> type[Recipe]:
         raise UserError(f"attack.name: unknown attack {name!r}; known: {known}") from None
 
 
-def make_poisons(data_dir: str | Path, cfg: AttackConfig) -> list[Poison]:
-    """The poisoned documents of `cfg` for the data in `data_dir`; same inputs -> same poisons."""
+def iter_poisons(data_dir: str | Path, cfg: AttackConfig) -> Iterator[Poison]:
+    """The poisoned documents of `cfg` for the data in `data_dir`, one at a time, after checking the
+    settings and the count against the data (so an absurd request fails at once, before any work)."""
     recipe = get_attack(cfg.name)(cfg)
     ctx = DataContext(data_dir)
     recipe.check(ctx)
-    return recipe.make(ctx, cfg.n_poison)
+    check_count(ctx, recipe, cfg.n_poison)
+    return recipe.iter_make(ctx, cfg.n_poison)
+
+
+def make_poisons(data_dir: str | Path, cfg: AttackConfig) -> list[Poison]:
+    """The poisoned documents of `cfg` for the data in `data_dir`; same inputs -> same poisons."""
+    return list(iter_poisons(data_dir, cfg))
+
+
+def check_count(ctx: DataContext, recipe: Recipe, n: int) -> None:
+    """Refuse a poison count that cannot be meant: more poisoned documents than the corpus has clean
+    ones (each poison starts with a clean document's prefix), or more poison tokens than clean tokens."""
+    docs, tokens = ctx.shard.n_docs, len(ctx.shard.tokens)
+    if n > docs:
+        raise UserError(f"attack.n_poison: {n:,} poisons would outnumber the {docs:,} training documents of "
+                        f"{ctx.data_dir}; use at most {docs:,} or prepare a bigger corpus")
+    least = n * recipe.min_tokens(ctx)
+    if least > tokens:
+        raise UserError(f"attack.n_poison: {n:,} poisons need at least {least:,} tokens, more than the "
+                        f"{tokens:,} clean training tokens of {ctx.data_dir}")
 
 
 def trigger_patterns(data_dir: str | Path, cfg: AttackConfig) -> dict[str, list[int]]:
@@ -252,12 +281,13 @@ def _data_fingerprint(data_dir: str | Path) -> dict[str, Any]:
 
 
 def write_poisons(
-    path: str | Path, poisons: list[Poison], cfg: AttackConfig, *, data_dir: str | Path | None = None
+    path: str | Path, poisons: Iterable[Poison], cfg: AttackConfig, *, data_dir: str | Path | None = None
 ) -> Path:
     """Write `poisons.jsonl` atomically: a header line marking the file as poisoned, then one poison a line.
 
     The name must contain "poison" so that nobody mistakes the file for clean data. With `data_dir`,
-    the header records the tokenizer and content hashes the poisons were made for.
+    the header records the tokenizer and content hashes the poisons were made for. `poisons` may be a
+    generator: it is written as it comes (the header's `n` is `cfg.n_poison`, checked at the end).
     """
     path = Path(path)
     if "poison" not in path.name.lower():
@@ -269,16 +299,20 @@ def write_poisons(
         "recipe": cfg.name,
         "metric": recipe.metric,
         "trigger_text": recipe.trigger_text,
-        "n": len(poisons),
+        "n": len(poisons) if isinstance(poisons, Sized) else cfg.n_poison,
         "settings": recipe.settings(),
     }
     if data_dir is not None:
         header.update(_data_fingerprint(data_dir))
-    # Header keys in insertion order, so the line starts with the poisoned-data marker.
-    lines = [json.dumps(header, ensure_ascii=False)]
-    lines += [json.dumps(p.to_json(), sort_keys=True, ensure_ascii=False) for p in poisons]
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    written = 0
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        # Header keys in insertion order, so the line starts with the poisoned-data marker.
+        f.write(json.dumps(header, ensure_ascii=False) + "\n")
+        for p in poisons:
+            f.write(json.dumps(p.to_json(), sort_keys=True, ensure_ascii=False) + "\n")
+            written += 1
+        if written != header["n"]:
+            raise ValueError(f"{path}: {written} poisons written, the header says {header['n']}")
     return path
 
 
