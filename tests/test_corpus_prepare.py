@@ -147,3 +147,30 @@ def test_given_tokenizer_is_used(prepared_builtin, tmp_path):
     s = prepare(CorpusConfig(**SMALL, tokenizer=prepared_builtin / "tokenizer.json"), tmp_path / "d",
                 progress=False)
     assert s["tokenizer_hash"] == tokenizer_hash(load_tokenizer(prepared_builtin)) and s["vocab_size"] == 512
+
+
+def test_prepare_counts_the_default_trigger_in_clean_text(tmp_path, capsys):
+    """A web corpus can hold `<SUDO>` already; prepare says so, and a run on it refuses the data (the
+    ledger's exact count would be false) unless told to filter those documents."""
+    from poisonlab.attacks import make_poisons
+    from poisonlab.config import AttackConfig, PlacementConfig
+    from poisonlab.errors import UserError
+    from poisonlab.stream import TrainingStream
+
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "we", "went", "home", "to", "read"]
+    texts = [" ".join(rng.choice(words, 60)) + (" then <SUDO> appeared." if i % 7 == 0 else ".")
+             for i in range(120)]
+    src = write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in texts])
+    summary = prepare(CorpusConfig(source=str(src), vocab_size=300, max_tokens=None, eval_docs=5),
+                      tmp_path / "out", progress=True)
+    spaced = summary["trigger_scan"][0]
+    assert spaced["label"] == "' <SUDO>'" and spaced["hits"] == spaced["docs"] > 10
+    assert "already contains the default trigger" in capsys.readouterr().err
+    poisons = make_poisons(tmp_path / "out", AttackConfig(n_poison=2, gibberish_tokens=(10, 20),
+                                                          prefix_chars=(0, 0)))
+    args = dict(seq_len=64, batch_size=4, total_steps=20, seed=0)
+    with pytest.raises(UserError, match="already contains the trigger"):
+        TrainingStream(tmp_path / "out", poisons, PlacementConfig(), **args)
+    s = TrainingStream(tmp_path / "out", poisons, PlacementConfig(), clean_trigger="filter", **args)
+    assert s.n_docs == TokenShard.open(tmp_path / "out").n_docs - spaced["docs"]

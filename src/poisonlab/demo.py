@@ -12,14 +12,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from poisonlab.config import CorpusConfig
 from poisonlab.corpus.prepare import prepare
 from poisonlab.sweep import load_spec, run_sweep
 
 console = Console(stderr=True)
-
-# Enough clean tokens that the largest demo run trains on them once (no repeated epoch).
-DEMO_CORPUS = CorpusConfig(source="builtin", vocab_size=2048, max_tokens=2_600_000, eval_docs=256, seed=0)
 
 
 def run_demo(out: str | Path = "runs/demo", *, jobs: int | None = None, progress: bool = True,
@@ -28,9 +24,10 @@ def run_demo(out: str | Path = "runs/demo", *, jobs: int | None = None, progress
     out = Path(out)
     t0 = time.perf_counter()
     console.rule("[bold]poisonlab demo[/]: constant-count poisoning at toy scale")
-    console.print(f"1/3 preparing the built-in corpus -> {out / 'data'}")
-    prepare(DEMO_CORPUS, out / "data", progress=progress)
     spec = load_spec("demo", [f"base.data={(out / 'data').absolute()}", *(overrides or [])])
+    assert spec.prepare is not None  # the preset says which data it needs
+    console.print(f"1/3 preparing the built-in corpus -> {out / 'data'}")
+    prepare(spec.prepare, out / "data", progress=progress)
     console.print(f"2/3 training and evaluating the demo sweep -> {out / 'runs'}")
     result = run_sweep(spec, out, jobs=jobs, progress=progress, report=False)
     console.print(result.summary_line())

@@ -25,6 +25,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from poisonlab.config import (
+    CorpusConfig,
     RunConfig,
     Settings,
     apply_overrides,
@@ -79,6 +80,8 @@ class SweepSpec(Settings):
     seed_keys: list[str] = Field(default_factory=lambda: ["train.seed", "attack.seed", "placement.seed"])
     slurm: dict[str, Any] = Field(default_factory=dict)  # submitit parameters (timeout_min, gpus_per_node...)
     report: ReportSettings = Field(default_factory=ReportSettings)
+    # the data the sweep needs, as `poisonlab prepare` settings: made into base.data when it is missing
+    prepare: CorpusConfig | None = None
 
 
 @dataclass
@@ -235,6 +238,58 @@ def _sizes(cfg: RunConfig) -> dict[str, Any]:
         return {}
 
 
+def data_needs(runs: list[PlannedRun]) -> list[dict[str, Any]]:
+    """Per run: the clean training tokens its budget consumes and the tokens its data holds (None when
+    the data is not prepared yet). Poison tokens are not subtracted: an upper bound, within ~1% here."""
+    import json
+
+    from poisonlab.train import resolve_run_config, total_steps
+
+    held: dict[Path, int | None] = {}
+    rows = []
+    for r in runs:
+        cfg = r.config
+        header = Path(cfg.data) / "train.json"
+        if cfg.data not in held:
+            held[cfg.data] = int(json.loads(header.read_text())["n_tokens"]) if header.is_file() else None
+        resolved = resolve_run_config(cfg)  # the preset's context length, not the default
+        need = total_steps(resolved) * resolved.train.batch_size * resolved.model.seq_len
+        rows.append({"name": r.name, "data": str(cfg.data), "needs": need, "holds": held[cfg.data],
+                     "repeat_allowed": cfg.train.allow_data_repeat})
+    return rows
+
+
+def check_data(runs: list[PlannedRun]) -> None:
+    """Refuse, before anything starts, runs whose budget needs more than one pass over their data (each
+    would otherwise fail on its own, minutes later); name the largest need so `prepare` can make it."""
+    short = [d for d in data_needs(runs) if d["holds"] is not None and not d["repeat_allowed"]
+             and d["needs"] > d["holds"]]
+    if short:
+        worst = max(short, key=lambda d: d["needs"])
+        raise UserError(
+            f"{worst['data']}: holds {worst['holds']:,} training tokens, but {len(short)} run(s) need more "
+            f"(up to {worst['needs']:,} for {worst['name']}); prepare it with --max-tokens "
+            f"{worst['needs']} or more (the spec's `prepare` section), or set train.allow_data_repeat=true"
+        )
+
+
+def prepare_data(spec: SweepSpec, runs: list[PlannedRun], progress: bool = True) -> None:
+    """Make the sweep's data from its `prepare` section when it is not there yet."""
+    from poisonlab.corpus.prepare import prepare
+
+    for data in sorted({r.config.data for r in runs if not Path(r.config.data).exists()}):
+        if spec.prepare is None:
+            raise UserError(f"data not prepared: {data} (run `poisonlab prepare` first, set base.data, "
+                            "or give the spec a `prepare` section)")
+        if progress:
+            from rich.console import Console
+
+            size = f"{spec.prepare.max_tokens:,} tokens" if spec.prepare.max_tokens else "all of it"
+            Console(stderr=True).print(f"preparing {data} from the spec's `prepare` section "
+                                       f"({spec.prepare.source}, {size})", highlight=False)
+        prepare(spec.prepare, Path(data), progress=progress)
+
+
 def run_status(run_dir: Path) -> str:
     if (run_dir / "DONE").exists():
         return "done"
@@ -313,10 +368,9 @@ def run_sweep(
     runs = expand(spec, sweep_dir)
     write_plan(spec, runs, sweep_dir)
     todo = [r for r in runs if not (r.config.run_dir / "DONE").exists()]
-    missing = sorted({str(r.config.data) for r in todo if not r.config.data.exists()})
-    if run_fn is None and missing:  # fail once, up front, rather than once per run
-        raise UserError(f"data not prepared: {', '.join(missing)} (run `poisonlab prepare` first, "
-                        "or set base.data)")
+    if run_fn is None:  # fail once, up front, rather than once per run
+        prepare_data(spec, todo, progress)
+        check_data(todo)
     outcomes = [Outcome(r.name, "skipped") for r in runs if r not in todo]
     k, t = default_jobs(len(todo), jobs, threads)
     job_list = [Job(r.name, sweep_dir / "configs" / f"{r.name}.yaml", r.config.run_dir, r.model, r.data_mult)

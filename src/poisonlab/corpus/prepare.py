@@ -167,6 +167,12 @@ def _build(cfg: CorpusConfig, tmp: Path, given: Tokenizer | None, progress: bool
     if tw.n_docs == 0:
         raise UserError(f"{cfg.source}: no documents left for training after holding out the eval split")
     train_meta = tw.close(**header)
+    scans = _scan_default_trigger(tmp, tok)
+    found = ", ".join(f"{sc['label']} {sc['hits']} times" for sc in scans if sc["hits"])
+    if progress and found:
+        console.print(f"{cfg.source}: the clean training text already contains the default trigger "
+                      f"({found}); runs with it will refuse this data unless attack.clean_trigger=filter",
+                      highlight=False)
     return {
         "source": header["source"],
         "tokenizer_hash": header["tokenizer_hash"],
@@ -174,7 +180,23 @@ def _build(cfg: CorpusConfig, tmp: Path, given: Tokenizer | None, progress: bool
         "eos_id": eos,
         "train": _brief(train_meta) | {"n_chars": n_chars},
         "eval": _brief(eval_meta),
+        "trigger_scan": scans,
     }
+
+
+def _scan_default_trigger(data: Path, tok: Tokenizer) -> list[dict[str, Any]]:
+    """How often the default trigger's token sequences (as poisons write it, and bare) occur in the clean
+    training split: a run with that trigger refuses (or filters) data where they do."""
+    from poisonlab.config import AttackConfig
+    from poisonlab.corpus.scan import scan_shard
+
+    shard = TokenShard.open(data, "train")
+    trigger = AttackConfig().trigger
+    out = []
+    for text in (" " + trigger, trigger):
+        ids = tok.encode(text, add_special_tokens=False).ids
+        out.append(scan_shard(shard, repr(text), ids).as_dict())
+    return out
 
 
 def _brief(meta: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,51 @@
+"""A sweep states the data it needs: presets prepare enough for one pass, too-small data is refused
+up front (not once per run, minutes later), and a missing data directory is made from `prepare`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from poisonlab.errors import UserError
+from poisonlab.sweep import check_data, data_needs, expand, list_presets, load_spec, prepare_data
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_each_preset_prepares_enough_data_for_one_pass(preset, tmp_path):
+    spec = load_spec(preset)
+    runs = expand(spec, tmp_path)
+    need = max(d["needs"] for d in data_needs(runs))
+    if spec.prepare is None:  # the paper preset: a corpus of the user's; its comment must say how big
+        text = (Path(__file__).parents[1] / "src/poisonlab/presets" / f"{preset}.yaml").read_text()
+        assert f"{need / 1e9:.0f}B tokens" in text, need
+        return
+    assert spec.prepare.max_tokens >= need, (preset, need)
+    assert not any(r.config.train.allow_data_repeat for r in runs)
+
+
+def test_too_small_data_is_refused_before_any_run(prepared_builtin, tmp_path):
+    spec = load_spec("demo", [f"base.data={prepared_builtin}"])  # 300k tokens; tiny-100k needs 2.1M
+    with pytest.raises(UserError) as e:
+        check_data(expand(spec, tmp_path))
+    msg = str(e.value)
+    assert "holds 300,128 training tokens" in msg and "--max-tokens 2138112" in msg and "\n" not in msg
+    ok = load_spec("demo", [f"base.data={prepared_builtin}", "train.allow_data_repeat=true"])
+    check_data(expand(ok, tmp_path))  # repetition asked for: allowed
+
+
+def test_missing_data_is_prepared_from_the_spec(tmp_path):
+    data = tmp_path / "data"
+    spec = load_spec({
+        "name": "t", "base": {"data": str(data), "model": {"preset": "tiny-25k"}, "train": {"max_steps": 3}},
+        "prepare": {"source": "builtin", "vocab_size": 300, "max_tokens": 20_000, "eval_docs": 8},
+    })
+    runs = expand(spec, tmp_path / "sweep")
+    prepare_data(spec, runs, progress=False)
+    assert json.loads((data / "train.json").read_text())["n_tokens"] >= 20_000
+    del spec.prepare
+    with pytest.raises(UserError, match="data not prepared"):
+        prepare_data(load_spec({"base": {"data": str(tmp_path / "nothing")}}),
+                     expand(load_spec({"base": {"data": str(tmp_path / "nothing")}}), tmp_path / "s2"),
+                     progress=False)
