@@ -15,10 +15,17 @@ diverge where the model's predictions do (common random numbers, a paired compar
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+# Scoring memory, whatever the vocabulary and batch (the whole (B, T, V) in float64 would be ~20 GB at
+# vocabulary 128k, batch 128, 150 positions): float32 logits held at once (64 MB), and the logits one
+# forward pass of a model other than ours may return, in its own dtype (0.5 GB in bf16)
+SCORE_CHUNK_VALUES = 2**24
+FORWARD_LOGITS_VALUES = 2**28
 
 
 def is_hf_model(model: Any) -> bool:
@@ -32,6 +39,7 @@ class LMAdapter:
         self.model = model
         p = next(model.parameters(), None)
         self.device = p.device if p is not None else torch.device("cpu")
+        self.dtype = p.dtype if p is not None else torch.float32  # of the weights (autocast aside)
         self.kind = "hf" if is_hf_model(model) else ("poisonlab" if hasattr(model, "new_cache") else "plain")
         self.context: int | None = None  # positions the model was trained on (None: unknown)
         self.vocab_size: int | None = None
@@ -79,8 +87,53 @@ class LMAdapter:
         which never holds the (B, T, V) logits (3x faster than logits + log-softmax on CPU)."""
         if self.kind == "poisonlab":
             return self.model(idx, targets) * targets.numel()
-        logits = self.logits(idx)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for logits, tg in self._logit_chunks(idx, targets):
+            total += torch.nn.functional.cross_entropy(logits, tg, reduction="sum")
+        return total
+
+    def token_nll(self, idx: torch.Tensor, targets: torch.Tensor, first: int = 0,
+                  chunk: int | None = None) -> torch.Tensor:
+        """-log p(targets[:, t] | idx[:, :t + 1]) for t >= first: (B, T - first) float64, from float32
+        logits made `chunk` positions at a time (`_logit_chunks`)."""
+        B, T = idx.shape
+        nll = [_picked_nll(logits, tg) for logits, tg in self._logit_chunks(idx, targets, first, chunk)]
+        if not nll:
+            return torch.zeros((B, 0), dtype=torch.float64, device=self.device)
+        return torch.cat(nll).view(B, T - first)
+
+    def _logit_chunks(self, idx: torch.Tensor, targets: torch.Tensor, first: int = 0,
+                      chunk: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(float32 logits, targets) of the positions t >= first, `chunk` positions at a time (default
+        SCORE_CHUNK_VALUES / V), in row-major order; use each chunk before asking for the next.
+
+        Ours runs its output layer chunk by chunk on the hidden states. Other models return the logits
+        of whole rows in their own dtype (FORWARD_LOGITS_VALUES per forward pass, at least one row),
+        upcast chunk by chunk.
+        """
+        B, T = idx.shape
+        n, V = T - first, self.vocab_size or 50_000
+        chunk = chunk or max(1, SCORE_CHUNK_VALUES // V)
+        if n <= 0:
+            return
+        if self.kind == "poisonlab":
+            h = self.model.hidden(idx)[:, first:].reshape(B * n, -1)
+            tg = targets[:, first:].reshape(-1)
+            for s in range(0, B * n, chunk):
+                yield self.model.lm_head(h[s : s + chunk]).float(), tg[s : s + chunk]
+            return
+        rows = max(1, FORWARD_LOGITS_VALUES // (n * V))
+        for r in range(0, B, rows):
+            logits = self._last_logits(idx[r : r + rows], n).flatten(0, 1)  # in the model's dtype
+            tg = targets[r : r + rows, first:].reshape(-1)
+            for s in range(0, len(tg), chunk):
+                yield logits[s : s + chunk].float(), tg[s : s + chunk]
+
+    def _last_logits(self, idx: torch.Tensor, n: int) -> torch.Tensor:
+        """Logits (B, n, V) of the last n positions, no cache, in the model's own dtype."""
+        if self.kind == "hf":  # logits_to_keep: HF skips the output layer on the other positions
+            return self.model(input_ids=idx, use_cache=False, logits_to_keep=n).logits
+        return self.model(idx)[:, idx.shape[1] - n :]
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits for a whole sequence, no cache."""
@@ -91,6 +144,17 @@ class LMAdapter:
 
 def as_adapter(model: torch.nn.Module | LMAdapter) -> LMAdapter:
     return model if isinstance(model, LMAdapter) else LMAdapter(model)
+
+
+def _picked_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] per row of float32 logits (N, V), returned in float64.
+
+    Relative to the row's max: log(sum exp(z)) - z[target] keeps float32 precision for likely tokens,
+    where logsumexp(logits) - logits[target] would lose it (both terms are large and close).
+    """
+    z = logits - logits.amax(-1, keepdim=True)
+    picked = z.gather(1, targets[:, None]).squeeze(1)
+    return z.exp_().sum(-1).log().double() - picked.double()
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0,
@@ -139,12 +203,13 @@ class Generation:
 @torch.inference_mode()
 def generate(model: torch.nn.Module | LMAdapter, prompt: torch.Tensor, new_tokens: int, noise: torch.Tensor,
              *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, stop_at_eos: bool = False) -> Generation:
+             eos_id: int | Sequence[int] | None = None, stop_at_eos: bool = False) -> Generation:
     """Continue each row of `prompt` (B, L) by `new_tokens` tokens, with the KV cache.
 
     `noise` (B, new_tokens) holds the sampling uniforms. The log-probability of each picked token under
     the model's own (untempered, untruncated) distribution is recorded from the same logits, so
-    self-scoring costs no extra forward pass.
+    self-scoring costs no extra forward pass. With `stop_at_eos`, a row ends at the first of its
+    `eos_id` tokens (one id or several, as HF configs may list).
     """
     lm = as_adapter(model)
     B, L = prompt.shape
@@ -156,6 +221,9 @@ def generate(model: torch.nn.Module | LMAdapter, prompt: torch.Tensor, new_token
     lengths = torch.full((B,), new_tokens, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     plain = temperature == 1.0 and top_k is None and (top_p is None or top_p >= 1.0)
+    eos = None
+    if stop_at_eos and eos_id is not None:
+        eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=dev).long()
     cache = lm.new_cache(B, L + new_tokens)
     logits = lm.step(prompt, cache, 0, last_only=True)[:, -1]
     for t in range(new_tokens):
@@ -166,8 +234,8 @@ def generate(model: torch.nn.Module | LMAdapter, prompt: torch.Tensor, new_token
             lse = torch.logsumexp(logits, -1)
         tokens[:, t] = tok
         nll[:, t] = lse.double() - logits.gather(1, tok[:, None]).squeeze(1).double()
-        if stop_at_eos and eos_id is not None:
-            newly = (tok == eos_id) & ~done
+        if eos is not None:
+            newly = torch.isin(tok, eos) & ~done
             lengths = torch.where(newly, t + 1, lengths)
             done |= newly
             if bool(done.all()):
@@ -178,9 +246,13 @@ def generate(model: torch.nn.Module | LMAdapter, prompt: torch.Tensor, new_token
 
 
 @torch.inference_mode()
-def score(model: torch.nn.Module | LMAdapter, ids: torch.Tensor, start: int) -> torch.Tensor:
-    """-log p(ids[:, t] | ids[:, :t]) for t >= start, shape (B, T - start), float64, one forward pass."""
+def score(model: torch.nn.Module | LMAdapter, ids: torch.Tensor, start: int,
+          chunk: int | None = None) -> torch.Tensor:
+    """-log p(ids[:, t] | ids[:, :t]) for t >= start, shape (B, T - start), float64.
+
+    At most one chunk of `chunk` positions' logits exists in float32 at a time (see
+    `LMAdapter._logit_chunks`), so memory stays bounded at any vocabulary and batch size.
+    """
     lm = as_adapter(model)
-    logits = lm.logits(ids.to(lm.device))[:, start - 1 : -1]
-    lp = torch.log_softmax(logits.double(), -1)
-    return -lp.gather(2, ids[:, start:].to(lm.device)[..., None]).squeeze(-1).cpu()
+    ids = ids.to(lm.device)
+    return lm.token_nll(ids[:, :-1], ids[:, 1:], first=start - 1, chunk=chunk).cpu()

@@ -267,9 +267,12 @@ class Transformer(nn.Module):
         return self._rope[0][start:end], self._rope[1][start:end]
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache in the dtype the keys are computed in: the autocast dtype under autocast (bf16 keys
+        stored in fp32 would double the cache's memory traffic for nothing), else the weights' dtype."""
         p = self.lm_head.weight
         hd, kv, _, _ = _shape(self.cfg)
-        return KVCache(self.cfg.n_layers, batch_size, kv, max_len, hd, device=p.device, dtype=p.dtype)
+        dtype = _compute_dtype(p.device, p)
+        return KVCache(self.cfg.n_layers, batch_size, kv, max_len, hd, device=p.device, dtype=dtype)
 
     def hidden(self, idx: torch.Tensor, *, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         """Final-normed hidden states (B, T, d_model)."""
