@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from poisonlab.config import ModelConfig
 from poisonlab.model import (
@@ -50,11 +52,43 @@ def test_explicit_fields_override_preset():
     assert (cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.d_ff, cfg.n_kv_heads) == (64, 3, 500, 192, 4)
 
 
-def test_flops_per_token_formula():
-    cfg = resolve_model_config(small_cfg())
-    _, nonemb = count_params(cfg)
-    d, L, V, T = 32, 2, 97, 16
-    assert flops_per_token(cfg) == 6 * (nonemb - (2 * L + 1) * d + d * V) + 12 * L * T * d
+def _count_training_flops(cfg: ModelConfig, batch: int) -> FlopCounterMode:
+    """torch's FlopCounterMode over one forward + backward of the real model on full-context rows
+    (T = seq_len, the context flops_per_token assumes).
+
+    FlopCounterMode counts matmul-like ops only (mm, addmm, bmm, SDPA kernels); elementwise work (norms,
+    rotary, SwiGLU's product, softmax, AdamW) and the embedding lookup are invisible to it, as they are to
+    flops_per_token. Two of its gaps are closed here:
+    - it has no formula for the in-place `addmm_` that accumulates the output layer's weight gradient
+      in our fused loss, so one is given (the same as addmm's);
+    - on CPU, SDPA runs `_scaled_dot_product_flash_attention_for_cpu`, which it does not count at all,
+      and its flash-backward formula counts the recomputation of the scores (5 matmuls instead of 4).
+      The math backend runs attention as plain bmm's of the full T x T scores, the causal mask applied
+      afterwards: forward 2 matmuls, backward 4, i.e. the "12 L T d, not causally halved" convention.
+    """
+    def addmm_(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len))
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_})
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(x, x).backward()
+    return counter
+
+
+@pytest.mark.parametrize("kw", [{}, dict(n_kv_heads=2), dict(tie_embeddings=False),
+                                dict(d_ff=80, n_layers=3)])
+def test_flops_per_token_matches_flop_counter(kw):
+    cfg = resolve_model_config(small_cfg(**kw))
+    batch = 3
+    tokens = batch * cfg.seq_len
+    counter = _count_training_flops(cfg, batch)
+    assert counter.get_total_flops() == flops_per_token(cfg) * tokens
+    # attention alone (the math backend's bmm's) is 12 L T d per token: full, not causally halved
+    bmm = counter.get_flop_counts()["Global"][torch.ops.aten.bmm]
+    assert bmm == 12 * cfg.n_layers * cfg.seq_len * cfg.d_model * tokens
 
 
 def test_forward_shapes_and_loss():
