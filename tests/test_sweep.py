@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -203,3 +206,56 @@ def test_missing_data_is_one_error_up_front(tmp_path: Path) -> None:
     spec = load_spec({"base": {"data": str(tmp_path / "nowhere")}, "grid": {"n_poison": [1, 2]}})
     with pytest.raises(UserError, match="data not prepared"):
         run_sweep(spec, tmp_path / "sw", executor="inline", progress=False, report=False)
+
+
+# --- runs trained by another process (runlock) -----------------------------------------------------
+
+HOLDER = textwrap.dedent('''
+    import sys
+    from poisonlab import runlock
+    with runlock.hold(sys.argv[1]):
+        print("held", flush=True)
+        sys.stdin.read()
+''')
+
+
+@pytest.mark.parametrize("executor", ["inline", "local"])
+def test_busy_run_is_reported_as_busy_and_left_alone(tmp_path: Path, executor: str) -> None:
+    """A second sweep over a run that another live process trains: `busy` with who holds it, no FAILED
+    written over the live run, its files untouched; the next sweep after the holder is gone runs it."""
+    spec = load_spec({"grid": {"model": ["tiny-25k"], "n_poison": [0, 50]}})
+    live = tmp_path / "runs" / "tiny-25k_n050_x1.0_s0"
+    live.mkdir(parents=True)
+    (live / "log.jsonl").write_text('{"step": 10}\n')
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(live)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    fn = fake_run if executor == "inline" else "test_sweep_helpers:fake_run"
+    kw = dict(executor=executor, jobs=1, threads=1, run_fn=fn, progress=False, report=False, poll_s=0.05)
+    try:
+        res = run_sweep(spec, tmp_path, **kw)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (res.count("done"), res.count("busy"), res.count("failed")) == (1, 1, 0)
+    busy = next(o for o in res.outcomes if o.status == "busy")
+    assert busy.name == live.name and f"held by pid {holder.pid}" in busy.error
+    assert "1 busy" in res.summary_line()
+    assert sorted(p.name for p in live.iterdir()) == [".lock", "log.jsonl"]
+    assert (live / "log.jsonl").read_text() == '{"step": 10}\n'
+    again = run_sweep(spec, tmp_path, **kw)  # the holder is dead: its lock went with it
+    assert (again.count("done"), again.count("skipped")) == (1, 1)
+
+
+def test_run_taken_between_the_look_and_the_start_is_busy(tmp_path: Path) -> None:
+    from poisonlab import runlock
+
+    def taken(cfg: RunConfig) -> Path:
+        # the first hold stands for another process that took the lock just now; the second is what
+        # train() then meets: RunBusy
+        with runlock.hold(cfg.run_dir), runlock.hold(cfg.run_dir):
+            raise AssertionError("not reached")
+
+    spec = load_spec({"grid": {"model": ["tiny-25k"], "n_poison": [1]}})
+    res = run_sweep(spec, tmp_path, executor="inline", run_fn=taken, progress=False, report=False)
+    assert res.count("busy") == 1 and not list((tmp_path / "runs").glob("*/FAILED"))

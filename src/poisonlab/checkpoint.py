@@ -11,14 +11,13 @@ The data position is the step itself: the training stream is a pure function of 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from poisonlab.fsutil import atomic_path
+from poisonlab.fsutil import atomic_path, recover_all, remove_tree
 
 CKPT_DIR = "checkpoints"
 
@@ -28,10 +27,14 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary leftovers of a killed write start with '.')."""
+    """Complete checkpoints, oldest first (temporary leftovers of a killed write start with '.').
+
+    A write or deletion cut short by a crash is finished first (fsutil.recover), so every listed
+    checkpoint is whole."""
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return []
+    recover_all(root)
     return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / "state.json").is_file())
 
 
@@ -80,7 +83,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)  # renamed away first: never listed half deleted
     return final
 
 

@@ -7,7 +7,9 @@
 
 Every executor calls `run_one(config_path)`, which skips a finished run (DONE), lets the run function
 resume an interrupted one, and records a failure in `FAILED` (message, traceback, log tail) instead of
-raising, so one broken run never stops the others.
+raising, so one broken run never stops the others. A run that another live process trains (its
+`runs/<name>/.lock` is held: a second sweep, a requeued Slurm job) is reported as `busy`, with who
+holds it, and its files are left alone.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from poisonlab import runlock
 from poisonlab.config import RunConfig, load_run_config
 from poisonlab.fsutil import write_text
 
 RunFn = Callable[[RunConfig], Any]
-Status = Literal["done", "skipped", "failed"]
+Status = Literal["done", "skipped", "failed", "busy"]
+BUSY_EXIT = 75  # exit status of `run-one` for a busy run (EX_TEMPFAIL: try again later)
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 LOG_TAIL_LINES = 40
@@ -130,13 +134,19 @@ def failure_message(run_dir: Path) -> str | None:
         return None
 
 
+def busy_message(run_dir: Path) -> str:
+    return f"busy: held by {runlock.describe(runlock.read_holder(run_dir))}"
+
+
 def run_one(config_path: str | Path, *, threads: int | None = None, fn: RunFn | str | None = None) -> Status:
-    """Run one config unless it is finished; never raises for a failing run (it writes FAILED)."""
+    """Run one config unless it is finished or busy; never raises for a failing run (it writes FAILED)."""
     set_thread_env(threads)
     cfg = load_run_config(config_path)
     run_dir = cfg.run_dir
     if (run_dir / "DONE").exists():
         return "skipped"
+    if runlock.busy(run_dir) is not None:  # trained by another live process: touch nothing of it
+        return "busy"
     with contextlib.suppress(FileNotFoundError):
         (run_dir / "FAILED").unlink()  # a retry starts clean
     if threads and cfg.train.threads is None:
@@ -145,6 +155,8 @@ def run_one(config_path: str | Path, *, threads: int | None = None, fn: RunFn | 
         resolve_run_fn(fn)(cfg)
         if not (run_dir / "DONE").exists():
             raise RuntimeError(f"the run function returned but {run_dir / 'DONE'} was not written")
+    except runlock.RunBusy:  # another process took the lock after our look
+        return "busy"
     except Exception as e:
         record_failure(run_dir, f"{type(e).__name__}: {e}", traceback.format_exc())
         return "failed"
@@ -173,8 +185,7 @@ class InlineExecutor:
             on_start(job)
             t0 = time.monotonic()
             status = run_one(job.config_path, fn=self.fn)
-            err = failure_message(job.run_dir) if status == "failed" else None
-            on_finish(Outcome(job.name, status, time.monotonic() - t0, err))
+            on_finish(Outcome(job.name, status, time.monotonic() - t0, _error(status, job.run_dir)))
 
 
 class LocalExecutor:
@@ -239,6 +250,8 @@ class LocalExecutor:
     def _outcome(job: Job, rc: int, log: Path, seconds: float) -> Outcome:
         if rc == 0:
             return Outcome(job.name, "done", seconds)
+        if rc == BUSY_EXIT:  # not a failure, and the other process's run is not ours to mark FAILED
+            return Outcome(job.name, "busy", seconds, busy_message(job.run_dir))
         if not (job.run_dir / "FAILED").exists():  # killed, or crashed before it could say why
             why = f"exit code {rc}" + (f" (signal {-rc})" if rc < 0 else "")
             record_failure(job.run_dir, f"child process ended with {why}", logs=(log,))
@@ -246,6 +259,13 @@ class LocalExecutor:
             with open(job.run_dir / "FAILED", "a", encoding="utf-8") as f:
                 f.write(f"--- last lines of {log} ---\n{tail(log)}\n")
         return Outcome(job.name, "failed", seconds, failure_message(job.run_dir))
+
+
+def _error(status: Status, run_dir: Path) -> str | None:
+    """The one line an outcome shows: FAILED's first line, or who holds a busy run."""
+    if status == "failed":
+        return failure_message(run_dir)
+    return busy_message(run_dir) if status == "busy" else None
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -310,7 +330,7 @@ class SubmititExecutor:
                 del waiting[name]
                 try:
                     status = h.result()
-                    err = failure_message(job.run_dir) if status == "failed" else None
+                    err = _error(status, job.run_dir)
                 except Exception as e:  # the job itself died (node failure, timeout, OOM kill)
                     last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
                     msg = f"submitit job {h.job_id} failed: {last}"

@@ -9,10 +9,12 @@
     samples.jsonl      generations kept by the evaluator, one JSON object per line
     log.jsonl          train loss, lr, tokens/s, MFU and poisons seen every `log_every` steps
     DONE               written last; a run with DONE is skipped when started again
+    .lock              held (flock) by the process training the run; names it (see runlock.py)
 
 Resume: the stream is a pure function of the step, so a checkpoint (weights, optimizer, RNG, step)
 is the whole state. Rows of metrics/samples/log beyond the checkpoint's step are dropped on resume,
-so a run killed at any moment ends exactly like an uninterrupted one (bitwise on CPU).
+so a run killed at any moment ends exactly like an uninterrupted one (bitwise on CPU). Nothing is
+written before the config, data, poisons and evaluator have been checked.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -32,11 +34,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from poisonlab import distributed
-from poisonlab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from poisonlab import distributed, runlock
+from poisonlab.checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
 from poisonlab.config import RunConfig, TrainConfig, dump_yaml
 from poisonlab.errors import UserError
-from poisonlab.fsutil import atomic_path, write_text
+from poisonlab.fsutil import atomic_path, recover, recover_all, remove_staging, remove_tree, write_text
+from poisonlab.hardware import compute_dtype, describe_machine, estimate_mfu, peak_flops, use_bf16
 from poisonlab.model import Transformer, count_params, flops_per_token, resolve_model_config
 
 
@@ -49,7 +52,8 @@ class Stream(Protocol):
 
 
 class Evaluator(Protocol):
-    def run(self, model: torch.nn.Module, *, step: int) -> tuple[dict, list[dict]]: ...
+    def run(self, model: torch.nn.Module, *, step: int,
+            autocast_dtype: torch.dtype | None = None) -> tuple[dict, list[dict]]: ...
 
 
 class SyntheticStream:
@@ -97,56 +101,6 @@ def lr_at(step: int, t: TrainConfig, n_steps: int) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def detect_peak_flops(device: torch.device, threads: int | None = None) -> float | None:
-    """Peak FLOP/s of one device: a table for GPUs (bf16 dense), cores x GHz x FLOP/cycle for CPUs.
-
-    CPU FLOP/cycle: 64 fp32 with AVX-512 (two 16-lane FMA units), 32 with AVX2+FMA, else 8.
-    Override with train.peak_flops when this guess is wrong (turbo clocks, shared cores).
-    """
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12),
-                          ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12)):
-            if key in name:
-                return peak
-        return None
-    threads = threads or torch.get_num_threads()
-    ghz, flags = 2.0, ""
-    with contextlib.suppress(OSError):
-        info = Path("/proc/cpuinfo").read_text()
-        for line in info.splitlines():
-            if line.startswith("cpu MHz") and ghz == 2.0:
-                ghz = float(line.split(":")[1]) / 1000
-            elif line.startswith("flags") and not flags:
-                flags = line
-    per_cycle = 64 if " avx512f" in flags else 32 if " fma" in flags else 8
-    return threads * ghz * 1e9 * per_cycle
-
-
-def cpu_has_amx() -> bool:
-    with contextlib.suppress(OSError):
-        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
-    return False
-
-
-# bf16 autocast on CPU pays only with AMX (without it, bf16 matmul measured ~100x slower than fp32
-# here) and from width 128 up (+14% at 128, +9% at 256, +60% at 512 in CALIBRATION.md); see docs/training.md
-CPU_BF16_MIN_WIDTH = 128
-
-
-def use_bf16(dtype: str, device: torch.device, d_model: int) -> bool:
-    if dtype != "auto":
-        return dtype == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_amx() and d_model >= CPU_BF16_MIN_WIDTH
-
-
-def estimate_mfu(flops_per_tok: int, tokens_per_s: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved training FLOP/s over the hardware peak."""
-    return flops_per_tok * tokens_per_s / peak if peak else None
-
-
 # --- evaluation and checkpoint schedule -------------------------------------------------------------
 
 
@@ -170,8 +124,25 @@ def eval_steps(cfg: RunConfig, n_steps: int, stream: Stream) -> list[int]:
 
 # --- the run directory -------------------------------------------------------------------------------
 
-RUN_COLUMNS = ["run_id", "model", "params_total", "params_nonemb", "attack", "n_poison", "data_mult", "seed",
-               "step", "tokens_seen", "progress", "poisons_seen"]
+def run_columns(cfg: RunConfig, params_total: int, params_nonemb: int,
+                data_epochs: int | None) -> dict:
+    """The run's settings in every metrics row, so a row stands alone: the contract's columns plus
+    every setting a sweep may vary apart from the seeds (which a summary averages over, and says so)."""
+    t = cfg.train
+    return dict(
+        run_id=cfg.name, model=_model_name(cfg), params_total=params_total, params_nonemb=params_nonemb,
+        attack=cfg.attack.name, n_poison=cfg.attack.n_poison, data_mult=t.data_mult, seed=t.seed,
+        trigger=cfg.eval.trigger or cfg.attack.trigger, lookalike=cfg.eval.lookalike,
+        schedule=cfg.placement.schedule, attack_seed=cfg.attack.seed, placement_seed=cfg.placement.seed,
+        tokens_per_param=t.tokens_per_param, budget_params=t.budget_params, max_steps=t.max_steps,
+        data_epochs=data_epochs,
+    )
+
+
+def _warn(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]WARNING[/] {text}", highlight=False)
 
 
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
@@ -261,7 +232,13 @@ def _check_config(run_dir: Path, cfg: RunConfig) -> None:
 
 def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = None,
           stream: Stream | None = None, progress: bool = True) -> Path:
-    """Train one run; return its directory. A finished run (DONE) is returned untouched."""
+    """Train one run; return its directory. A finished run (DONE) is returned untouched.
+
+    Order: check everything (config, data, poisons, stream, evaluator, budget), so that a run that
+    cannot start leaves nothing behind; then take the run directory's lock (runlock: one trainer per
+    run, RunBusy if another process has it) and hold it until the run ends.
+    """
+    recover(cfg.data)  # a data directory whose replacement was cut short by a crash (fsutil)
     cfg = resolve_run_config(cfg)
     run_dir = Path(cfg.run_dir)
     if resume:
@@ -273,28 +250,78 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
         torch.set_num_threads(t.threads)
     dist = distributed.init_distributed()
     try:
-        _train(cfg, run_dir, dist, resume=resume, evaluator=evaluator, stream=stream, progress=progress)
+        stream, evaluator = _inputs(cfg, dist.world, stream, evaluator)  # nothing is written before this
+        with _run_lock(run_dir, dist):
+            if _open_run_dir(cfg, run_dir, dist, resume=resume):
+                _train(cfg, run_dir, dist, resume=resume, evaluator=evaluator, stream=stream,
+                       progress=progress)
     finally:
         distributed.close_distributed(dist)
     return run_dir
 
 
-def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: bool,
-           evaluator: Evaluator | None, stream: Stream | None, progress: bool) -> None:
-    t, mcfg = cfg.train, cfg.model
-    if t.batch_size % (dist.world * t.grad_accum):
+def _inputs(cfg: RunConfig, world: int, stream: Stream | None,
+            evaluator: Evaluator | None) -> tuple[Stream, Evaluator | None]:
+    """The stream and the evaluator (the defaults unless given). Building them checks the data, the
+    poisons, the budget and the evaluation settings: a UserError here comes before any file is written."""
+    t = cfg.train
+    if t.batch_size % (world * t.grad_accum):
         raise UserError(f"train.batch_size {t.batch_size} must divide by processes x grad_accum "
-                        f"({dist.world} x {t.grad_accum})")
-    n_steps = total_steps(cfg)
+                        f"({world} x {t.grad_accum})")
+    build_evaluator = evaluator is None and (cfg.eval.n_evals > 0 or cfg.eval.every_steps)
+    poisons: list = []
+    if (stream is None or build_evaluator) and cfg.attack.n_poison > 0:
+        from poisonlab.attacks import make_poisons
+
+        poisons = make_poisons(cfg.data, cfg.attack)
+    stream = stream if stream is not None else _default_stream(cfg, total_steps(cfg), poisons)
+    if build_evaluator:
+        evaluator = _default_evaluator(cfg, poisons)
+    return stream, evaluator
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, dist: distributed.Dist) -> Iterator[None]:
+    """Rank 0 holds the run's lock for the block; every rank learns whether it got it, so that under
+    torchrun all ranks stop together when the run is busy (none is left waiting at a barrier)."""
+    with contextlib.ExitStack() as stack:
+        busy: runlock.RunBusy | None = None
+        if dist.main:
+            try:
+                stack.enter_context(runlock.hold(run_dir))
+            except runlock.RunBusy as e:
+                busy = e
+        if dist.mean(torch.tensor(float(busy is not None), device=dist.device)).item() > 0:
+            raise busy or runlock.RunBusy(run_dir, runlock.read_holder(run_dir))
+        yield
+
+
+def _open_run_dir(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: bool) -> bool:
+    """Under the lock: False if the run was finished meanwhile; else clear it (no resume), finish or
+    remove what killed writes left, and write config.yaml."""
+    if resume:  # again: another process may have finished it (or started it differently) meanwhile
+        _check_config(run_dir, cfg)
+        if (run_dir / "DONE").is_file():
+            return False
+    dist.barrier()  # every rank has looked before rank 0 changes anything
     if dist.main:
-        if not resume and run_dir.exists():
-            for name in ("checkpoints", "metrics.parquet", "samples.jsonl", "log.jsonl", "ledger.parquet",
-                         "config.yaml", "DONE"):
+        if not resume:  # DONE first: a reset cut short must not pass as a finished run
+            for name in ("DONE", CKPT_DIR, "metrics.parquet", "samples.jsonl", "log.jsonl", "ledger.parquet",
+                         "config.yaml"):
                 p = run_dir / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
+                remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        recover_all(run_dir)
+        recover_all(run_dir / CKPT_DIR)
+        remove_staging(run_dir / CKPT_DIR)  # half-written checkpoints of a killed run; we hold the lock
         write_text(run_dir / "config.yaml", dump_yaml(cfg))
     dist.barrier()
+    return True
+
+
+def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: bool,
+           evaluator: Evaluator | None, stream: Stream, progress: bool) -> None:
+    t, mcfg = cfg.train, cfg.model
+    n_steps = total_steps(cfg)
 
     # same seed on every rank: identical initial weights, as DDP requires
     torch.manual_seed(t.seed)
@@ -305,15 +332,6 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=t.lr, betas=t.betas, fused=dist.device.type == "cuda")
 
-    build_evaluator = evaluator is None and (cfg.eval.n_evals > 0 or cfg.eval.every_steps)
-    poisons: list = []
-    if (stream is None or build_evaluator) and cfg.attack.n_poison > 0:
-        from poisonlab.attacks import make_poisons
-
-        poisons = make_poisons(cfg.data, cfg.attack)
-    stream = stream if stream is not None else _default_stream(cfg, n_steps, poisons)
-    if build_evaluator:
-        evaluator = _default_evaluator(cfg, poisons)
     evals = set(eval_steps(cfg, n_steps, stream)) if evaluator is not None else set()
     if t.checkpoint_every:
         ckpts = set(range(t.checkpoint_every, n_steps, t.checkpoint_every))
@@ -344,20 +362,31 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
     total, nonemb = count_params(mcfg)
     fpt = flops_per_token(mcfg)
-    peak = (t.peak_flops or detect_peak_flops(dist.device)) or 0.0
+    # MFU's peak: the GPU datasheet for this dtype, a GEMM measured here on CPU, or train.peak_flops
+    peak_info = peak_flops(dist.device, compute_dtype(dist.device, bf16), width=mcfg.d_model,
+                           given=t.peak_flops)
+    if dist.main:
+        write_text(run_dir / "hardware.json",
+                   json.dumps(peak_info.record() | {"world": dist.world, **describe_machine()}) + "\n")
+    peak = peak_info.flops or 0.0
     peak *= dist.world
     tokens_per_step = t.batch_size * mcfg.seq_len
-    run_cols = dict(run_id=cfg.name, model=_model_name(cfg), params_total=total, params_nonemb=nonemb,
-                    attack=cfg.attack.name, n_poison=cfg.attack.n_poison, data_mult=t.data_mult, seed=t.seed)
+    run_cols = run_columns(cfg, total, nonemb, getattr(stream, "epochs_needed", None))
+    if dist.main and (run_cols["data_epochs"] or 1) > 1:
+        _warn(f"{cfg.name}: trains on {run_cols['data_epochs']} passes over the clean data of {cfg.data} "
+              "(train.allow_data_repeat): repeated data is a different experiment from the study's")
 
     def evaluate(step: int) -> None:
         if dist.main:
             model.eval()
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                metrics, samples = evaluator.run(model, step=step)
+                metrics, samples = evaluator.run(model, step=step,
+                                                 autocast_dtype=torch.bfloat16 if bf16 else None)
             model.train()
             cols = dict(run_cols, step=step, tokens_seen=step * tokens_per_step, progress=step / n_steps,
                         poisons_seen=stream.poisons_seen(step))
+            if hasattr(stream, "poisons_seen_effective"):
+                cols["poisons_seen_effective"] = stream.poisons_seen_effective(step)
             rows.append({**cols, **metrics})
             with atomic_path(metrics_path) as tmp:
                 pq.write_table(pa.Table.from_pylist(rows), tmp)

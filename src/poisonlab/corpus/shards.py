@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from poisonlab.errors import UserError
+from poisonlab.fsutil import recover
 
 FORMAT = "poisonlab-shard-v1"
 
@@ -107,6 +108,7 @@ class TokenShard:
     @classmethod
     def open(cls, directory: str | Path, split: str = "train") -> TokenShard:
         d = Path(directory)
+        recover(d)  # a replacement of the directory cut short by a crash (fsutil)
         head_path = d / f"{split}.json"
         if not head_path.is_file():
             raise UserError(f"{d}: no {split}.json; is this a directory written by `poisonlab prepare`?")

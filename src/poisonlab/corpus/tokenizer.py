@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from poisonlab.errors import UserError
+from poisonlab.fsutil import recover
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
 EOS_TOKEN = EOS_CANDIDATES[0]
@@ -65,6 +66,7 @@ def load_tokenizer_file(path: str | Path) -> Tokenizer:
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     """The tokenizer of a directory written by `poisonlab prepare`."""
+    recover(data_dir)  # a replacement of the directory cut short by a crash (fsutil)
     return load_tokenizer_file(Path(data_dir) / TOKENIZER_FILE)
 
 
