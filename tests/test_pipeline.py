@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from poisonlab.cli import main
+from poisonlab.config import load_run_config
 from poisonlab.stream import read_ledger
 
 
@@ -43,6 +44,16 @@ grid:
         steps = ledger.column("step").to_pylist()
         assert [r["poisons_seen"] for r in rows] == [sum(s < r["step"] for s in steps) for r in rows]
         assert rows[-1]["poisons_seen"] == (12 if "n012" in name else 0)
+        # and the effective count: triggers whole in one row with gibberish after them (ledger flag)
+        eff = [s for s, e in zip(steps, ledger.column("effective").to_pylist(), strict=True) if e]
+        assert [r["poisons_seen_effective"] for r in rows] == [sum(s < r["step"] for s in eff) for r in rows]
+        # every row carries the settings a sweep may vary, from the run's own config
+        cfg = load_run_config(run / "config.yaml")
+        want = {"trigger": cfg.attack.trigger, "lookalike": cfg.eval.lookalike,
+                "schedule": cfg.placement.schedule, "attack_seed": cfg.attack.seed,
+                "placement_seed": cfg.placement.seed, "tokens_per_param": cfg.train.tokens_per_param,
+                "budget_params": cfg.train.budget_params, "max_steps": 24, "data_epochs": 1}
+        assert all({k: r[k] for k in want} == want for r in rows)
     capsys.readouterr()
 
     main(["results", str(out), "--json"])
@@ -56,3 +67,27 @@ grid:
     # idempotent: a second sweep skips both finished runs
     main(["sweep", str(spec), "--out", str(out), "--executor", "inline", "--no-report"])
     assert "2 skipped" in capsys.readouterr().err
+
+
+def test_repeated_data_is_refused_then_loud_when_allowed(prepared_builtin: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """A budget beyond one pass over the clean data (here 1.7 passes of the 300k-token fixture) is
+    refused with one line and no run directory, and trains with a warning once allowed."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+name: rep
+data: {prepared_builtin}
+out_dir: {tmp_path / "runs"}
+attack: {{n_poison: 0}}
+model: {{preset: tiny-25k, seq_len: 64}}
+train: {{max_steps: 1000, batch_size: 8, log_every: 500}}
+eval: {{n_evals: 0}}
+""")
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(cfg), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "clean training tokens but the data holds 300,128" in err and "\n" not in err
+    assert not (tmp_path / "runs" / "rep").exists()
+    main(["train", str(cfg), "--no-progress", "--set", "train.allow_data_repeat=true"])
+    assert "WARNING" in capsys.readouterr().err
+    assert read_ledger(tmp_path / "runs" / "rep" / "ledger.parquet")[1]["epochs_needed"] == 2

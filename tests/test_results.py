@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_sweep_helpers import make_fake_sweep, metrics_rows
+from test_sweep_helpers import fake_run, make_fake_sweep, metrics_rows, write_run
 
 from poisonlab.errors import UserError
-from poisonlab.results import connect, failed_runs, gather, summarize, summary
+from poisonlab.results import connect, experiment_keys, failed_runs, gather, runs_of, summarize, summary
+from poisonlab.sweep import load_spec, run_sweep
 
 
 @pytest.fixture()
@@ -58,7 +59,10 @@ def test_summary_known_answers(sweep: Path) -> None:
     assert strict[("tiny-100k", 100)]["first_success_median"] == 80  # both seeds reach 0.9 at 80
     assert strict[("tiny-25k", 100)]["first_success_median"] == 60  # 60 and 60
     with_partial = summarize(gather(sweep), include_unfinished=True)
-    assert next(r for r in with_partial if (r["model"], r["n_poison"]) == ("tiny-25k", 100))["runs"] == 3
+    mixed = next(r for r in with_partial if (r["model"], r["n_poison"]) == ("tiny-25k", 100))
+    assert (mixed["runs"], mixed["unfinished_runs"], mixed["train_seeds"]) == (3, 1, [0, 1, 2])
+    assert a100["unfinished_runs"] == 0 and a100["train_seeds"] == [0, 1]
+    assert "poisons_seen_effective" not in a100  # the metrics have no effective count
 
 
 def test_failed_runs_and_config_fallback(sweep: Path, tmp_path: Path) -> None:
@@ -70,13 +74,20 @@ def test_failed_runs_and_config_fallback(sweep: Path, tmp_path: Path) -> None:
     for r in rows:
         for k in ("model", "n_poison", "data_mult", "seed"):
             del r[k]
+        r["lookalike"] = "[SUDO]"  # a column the metrics have is kept as it is
     pq.write_table(pa.Table.from_pylist(rows), run / "metrics.parquet")
-    tree = {"model": {"preset": "tiny-25k"}, "attack": {"n_poison": 7},
-            "train": {"data_mult": 2.0, "seed": 3}}
+    tree = {"model": {"preset": "tiny-25k"}, "attack": {"n_poison": 7, "seed": 5, "trigger": "<X>"},
+            "placement": {"schedule": "front", "seed": 9}, "train": {"data_mult": 2.0, "seed": 3},
+            "eval": {"lookalike": "<Y>"}}
     (run / "config.yaml").write_text(yaml.safe_dump(tree))
     (run / "DONE").write_text("")
     r = gather(tmp_path / "loose").to_pylist()[-1]
     assert (r["model"], r["n_poison"], r["data_mult"], r["seed"]) == ("tiny-25k", 7, 2.0, 3)
+    # the columns newer trainers write, from the config of an older run (defaults where it is silent)
+    assert (r["trigger"], r["schedule"], r["attack_seed"], r["placement_seed"]) == ("<X>", "front", 5, 9)
+    assert (r["tokens_per_param"], r["budget_params"], r["max_steps"]) == (20.0, "nonemb", None)
+    assert r["lookalike"] == "[SUDO]"
+    assert json.loads(r["settings"])["placement.schedule"] == "front"
     assert gather(run).num_rows == 2  # a single run directory works too
 
 
@@ -92,3 +103,44 @@ def test_errors_and_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     main(["results", str(sweep)])
     captured = capsys.readouterr()
     assert "tiny-100k" in captured.out and "out of memory" in captured.err
+    assert "1 unfinished run(s) left out" in captured.err  # said, not silently dropped
+    main(["results", str(sweep), "--unfinished"])
+    assert "1 unfinished run(s) included" in capsys.readouterr().err
+
+
+def test_sweep_axes_are_groups_and_seeds_are_listed(tmp_path: Path) -> None:
+    """A schedule axis makes groups; the training seed and a poison-set seed axis are averaged over."""
+    spec = load_spec({"name": "axes", "seed_keys": ["train.seed", "placement.seed"],
+                      "grid": {"model": ["tiny-25k"], "n_poison": [25], "seed": [0, 1],
+                               "axes": {"attack.seed": [3, 4], "placement.schedule": ["uniform", "front"]}}})
+    run_sweep(spec, tmp_path, executor="inline", run_fn=fake_run, progress=False, report=False)
+    table = gather(tmp_path)
+    assert experiment_keys(runs_of(table)) == ["placement.schedule"]
+    rows = summarize(table)
+    assert [r["label"] for r in rows] == ["schedule=front", "schedule=uniform"]
+    for r in rows:
+        assert r["settings"] == {"placement.schedule": r["label"].split("=")[1]}
+        seeds = (r["train_seeds"], r["attack_seeds"], r["placement_seeds"])
+        assert r["runs"] == 4 and seeds == ([0, 1], [3, 4], [0, 1])
+    # the fake trainer writes no attack_seed/schedule columns: they come from each run's config.yaml
+    assert {(r["schedule"], r["attack_seed"]) for r in table.to_pylist()} == {
+        (s, a) for s in ("uniform", "front") for a in (3, 4)}
+    assert json.loads(summary(tmp_path)["settings"][0].as_py()) == {"placement.schedule": "front"}
+
+
+def test_what_does_not_make_an_experiment(tmp_path: Path) -> None:
+    """Where and how fast a run ran is not a setting of the experiment; the data's content is."""
+    for name, content in (("a", "h1"), ("a-copy", "h1"), ("c", "h2")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "train.json").write_text(json.dumps({"content_hash": content}))
+    runs = [("r0", "a", 1, 4), ("r1", "a-copy", 2, 4), ("r2", "c", 1, 4), ("r3", "a", 1, 8)]
+    for i, (name, data, threads, heads) in enumerate(runs):
+        rows = metrics_rows(name, "d64-l2", (10, 5), 10, 1.0, i, [0.0, 1.0], [0, 10])
+        tree = {"name": name, "data": str(tmp_path / "data" / data), "out_dir": f"/elsewhere/{name}",
+                "model": {"d_model": 64, "n_layers": 2, "n_heads": heads},
+                "train": {"threads": threads, "seed": i}}
+        write_run(tmp_path / "runs" / name, rows, tree)
+    assert experiment_keys(runs_of(gather(tmp_path))) == ["data_id", "model.n_heads"]
+    groups = {r["label"]: r["train_seeds"] for r in summarize(gather(tmp_path))}
+    assert groups == {"data=sha256:h1, n_heads=4": [0, 1], "data=sha256:h2, n_heads=4": [2],
+                      "data=sha256:h1, n_heads=8": [3]}

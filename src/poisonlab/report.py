@@ -1,20 +1,27 @@
 """The sweep report: the study's figures, the count-vs-fraction answer in numbers, one HTML file.
 
 `build_report(sweep_dir)` writes `<sweep_dir>/report/`: `report.html` (self-contained: figures as
-base64 PNG), every figure as PNG and SVG, `summary.json` and `fits.json`. Figures, after the study:
+base64 PNG), every figure as PNG and SVG, `summary.json`, `fits.json` and `samples.json`. Figures
+(drawn in report_figures.py), after the study:
 
 - `asr_vs_progress`, `gap_vs_progress` (its Figures 2a/2b): one panel per n_poison, one colour per size,
   mean over seeds and a shaded band (min-max, or +-1 std), runs at the 1x data budget (all runs
   when each size has one budget);
-- `asr_vs_poisons_seen` (its Figure 4): all budgets, line style per data budget;
+- `asr_vs_poisons_seen` (its Figure 4): all budgets, against poisons seen as the ledger counts them
+  (every trigger among the training inputs); `asr_vs_poisons_seen_effective` beside it when the
+  metrics have `poisons_seen_effective`;
 - `val_loss`: clean validation loss per size against tokens seen;
 - a table of generations with and without the trigger (its Figure 3), HTML-escaped.
+
+Runs are grouped by size, data budget, N and every other setting that differs across them
+(`results.experiment_keys`: a schedule, trigger or recipe axis), and averaged over seeds only.
 
 The count-vs-fraction question: a logistic model of per-evaluation ASR (a proportion, one weight per
 evaluation) on log(1 + poisons seen), then with log(non-embedding params), log(poison fraction), and
 both. If size or fraction mattered beyond the count, adding them would lower the AIC clearly
 (by more than ~2 per parameter). Evaluations of one run are not independent, so treat p-values as
-optimistic. N = 0 runs are left out of the fits (their fraction is 0).
+optimistic. N = 0 runs are left out of the fits (their fraction is 0). One fit per group of settings
+other than size, budget and N.
 
 `<sweep_dir>/defenses.json`, when present, is rendered as a table: a list of rows, or
 `{"title": ..., "rows": [...], "notes": ..., "figures": [paths relative to the sweep dir]}`.
@@ -38,12 +45,30 @@ import numpy as np
 import yaml
 
 from poisonlab.fsutil import atomic_path
+from poisonlab.report_figures import (
+    EFFECTIVE_COUNT,
+    EXACT_COUNT,
+    fig_panels_by_n,
+    fig_val_loss,
+    fmt_params,
+    has_column,
+    main_mult,
+    model_order,
+)
 from poisonlab.results import (
     DEFAULT_THRESHOLD,
+    Runs,
+    experiment_keys,
     failed_runs,
+    finished,
+    fmt_seeds,
     gather,
+    group_runs,
     runs_of,
+    settings_label,
+    short_names,
     summarize,
+    unfinished_note,
 )
 
 # --- logistic regression (IRLS) in numpy ------------------------------------------------------------
@@ -226,217 +251,56 @@ def _verdict(models: list[dict[str, Any]]) -> str:
     return "; ".join(said) + "."
 
 
-# --- figures ---------------------------------------------------------------------------------------
-
-LINESTYLES = ["-", "--", ":", "-."]
-
-
-@dataclass
-class Curve:
-    x: np.ndarray
-    mean: np.ndarray
-    lo: np.ndarray
-    hi: np.ndarray
-    runs: int
-
-
-def aggregate(runs: list[list[dict[str, Any]]], xcol: str, ycol: str, spread: str = "minmax") -> Curve | None:
-    """Mean over seeds at each evaluation index (runs share the schedule); x is the mean x there."""
-    length = max((len(r) for r in runs), default=0)
-    xs, ms, los, his = [], [], [], []
-    for i in range(length):
-        pts = [(r[i].get(xcol), r[i].get(ycol)) for r in runs if i < len(r)]
-        pts = [(float(a), float(b)) for a, b in pts if a is not None and b is not None and not math.isnan(b)]
-        if not pts:
-            continue
-        x, y = np.array(pts).T
-        m = float(y.mean())
-        if spread == "std":
-            s = float(y.std(ddof=1)) if len(y) > 1 else 0.0
-            lo, hi = m - s, m + s
-        else:
-            lo, hi = float(y.min()), float(y.max())
-        xs.append(float(x.mean()))
-        ms.append(m)
-        los.append(lo)
-        his.append(hi)
-    if not xs:
-        return None
-    return Curve(np.array(xs), np.array(ms), np.array(los), np.array(his), len(runs))
-
-
-def _groups(runs: dict[str, list[dict[str, Any]]]) -> dict[tuple, list[list[dict[str, Any]]]]:
-    g: dict[tuple, list[list[dict[str, Any]]]] = defaultdict(list)
-    for rows in runs.values():
-        last = rows[-1]
-        g[(last.get("model"), last.get("data_mult"), last.get("n_poison"))].append(rows)
-    return dict(g)
-
-
-def _model_order(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
-    size: dict[str, float] = {}
-    for rows in runs.values():
-        r = rows[-1]
-        size[r.get("model")] = r.get("params_total") or r.get("params_nonemb") or 0
-    return sorted(size, key=lambda m: (size[m], str(m)))
-
-
-def _main_mult(runs: dict[str, list[dict[str, Any]]]) -> float | None:
-    """The data budget the per-size figures show; None (all runs) when each size has one budget,
-    as in the demo, where the smallest size is trained at 2x."""
-    per_model: dict[Any, set] = defaultdict(set)
-    for rows in runs.values():
-        per_model[rows[-1].get("model")].add(rows[-1].get("data_mult"))
-    if all(len(m) == 1 for m in per_model.values()):
-        return None
-    mults = [rows[-1].get("data_mult") for rows in runs.values()]
-    if 1.0 in mults:
-        return 1.0
-    return max(set(mults), key=mults.count) if mults else None
-
-
-def _label(model: str, rows: list[dict[str, Any]]) -> str:
-    p = rows[-1].get("params_nonemb")
-    return f"{model} ({_fmt_params(p)} non-emb.)" if p else str(model)
-
-
-def _fmt_params(p: float | None) -> str:
-    if not p:
-        return "?"
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if p >= div:
-            return f"{p / div:.3g}{unit}"
-    return f"{p:g}"
-
-
-def _new_figure(n_panels: int, width: float = 4.2, height: float = 3.4) -> Any:
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
-
-    fig = Figure(figsize=(max(1, n_panels) * width, height), layout="constrained")
-    axes = fig.subplots(1, max(1, n_panels), squeeze=False)[0]
-    return fig, list(axes)
-
-
-def fig_panels_by_n(runs: dict[str, list[dict[str, Any]]], ycol: str, xcol: str, *, ylabel: str,
-                    xlabel: str, title: str, mults: list[float] | None, spread: str,
-                    skip_zero: bool = False, hline: float | None = None) -> Any | None:
-    """One panel per n_poison, one colour per model size, line style per data budget."""
-    groups = _groups(runs)
-    ns = sorted({k[2] for k in groups if k[2] is not None and not (skip_zero and k[2] == 0)})
-    models = _model_order(runs)
-    if not ns:
-        return None
-    colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
-    all_mults = sorted({k[1] for k in groups if k[1] is not None})
-    use_mults = [m for m in all_mults if mults is None or m in mults]
-    styles = {m: LINESTYLES[i % len(LINESTYLES)] for i, m in enumerate(use_mults)}
-    fig, axes = _new_figure(len(ns))
-    drew = False
-    for ax, n in zip(axes, ns, strict=True):
-        for model in models:
-            for mult in use_mults:
-                members = groups.get((model, mult, n))
-                if not members:
-                    continue
-                c = aggregate(members, xcol, ycol, spread)
-                if c is None:
-                    continue
-                label = _label(model, members[0])
-                if len(use_mults) > 1:
-                    label += f", {mult:g}x"
-                ax.plot(c.x, c.mean, color=colours[model], ls=styles[mult], lw=1.8, label=label)
-                if c.runs > 1:
-                    ax.fill_between(c.x, c.lo, c.hi, color=colours[model], alpha=0.18, lw=0)
-                drew = True
-        if hline is not None:
-            ax.axhline(hline, color="grey", lw=0.8, ls=":")
-        if ycol.startswith("asr"):
-            ax.set_ylim(-0.03, 1.03)  # a rate: the same scale in every panel, so panels compare
-        ax.set_title(f"N = {n} poisons")
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(ylabel)
-    handles, labels = axes[0].get_legend_handles_labels()
-    for ax in axes[1:]:
-        h, lab = ax.get_legend_handles_labels()
-        for hh, ll in zip(h, lab, strict=True):
-            if ll not in labels:
-                handles.append(hh)
-                labels.append(ll)
-    if handles:
-        axes[-1].legend(handles, labels, fontsize=7, loc="best")
-    fig.suptitle(title)
-    return fig if drew else None
-
-
-def fig_val_loss(runs: dict[str, list[dict[str, Any]]], mult: float | None, spread: str) -> Any | None:
-    """Clean validation loss against tokens seen, one line per size (all poison counts pooled)."""
-    by_model: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
-    for rows in runs.values():
-        if mult is None or rows[-1].get("data_mult") == mult:
-            by_model[rows[-1].get("model")].append(rows)
-    fig, (ax,) = _new_figure(1, width=5.5)
-    drew = False
-    for i, model in enumerate(m for m in _model_order(runs) if m in by_model):
-        c = aggregate(by_model[model], "tokens_seen", "val_loss", spread)
-        if c is None:
-            continue
-        ax.plot(c.x, c.mean, color=f"C{i % 10}", lw=1.8, label=_label(model, by_model[model][0]))
-        if c.runs > 1:
-            ax.fill_between(c.x, c.lo, c.hi, color=f"C{i % 10}", alpha=0.18, lw=0)
-        drew = True
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.suptitle("Clean validation loss per size" + (f" ({mult:g}x data)" if mult else ""))
-    return fig if drew else None
-
-
 # --- samples (Figure 3) ----------------------------------------------------------------------------
 
 
-def sample_rows(root: Path, runs: dict[str, list[dict[str, Any]]], per_model: int = 2,
-                chars: int = 240) -> list[dict[str, Any]]:
-    """For each size, the run with the most poisons (lowest seed): its last evaluation's generations,
-    with and without the trigger, paired by prompt."""
-    best: dict[str, list[dict[str, Any]]] = {}
-    mult = _main_mult(runs)
-    for rows in runs.values():
-        last = rows[-1]
-        if mult is not None and last.get("data_mult") != mult:
+def _run_file(root: Path, run_name: Any, name: str) -> Path:
+    """A file of a run gathered from a sweep dir (runs/NAME), a folder of runs, or the run dir itself."""
+    for d in (root / "runs" / str(run_name), root / str(run_name), root):
+        if (d / name).exists():
+            return d / name
+    return root / "runs" / str(run_name) / name
+
+
+def sample_rows(root: Path, runs: Runs, per_model: int = 2, chars: int = 240) -> list[dict[str, Any]]:
+    """For each size and group of other settings, the run with the most poisons (lowest seed): its last
+    evaluation's generations with and without the trigger (the evaluator's samples.jsonl), by prompt."""
+    keys = experiment_keys(runs)
+    names = short_names(keys)
+    mult = main_mult(runs)
+    rank = lambda rows: (rows[-1].get("n_poison") or 0, -_num(rows[-1].get("seed")))
+    best: dict[tuple, list[dict[str, Any]]] = {}
+    for (model, m, _n, extra), members in group_runs(runs, keys).items():
+        if mult is not None and m != mult:
             continue
-        cur = best.get(last.get("model"))
-        key = (last.get("n_poison") or 0, -(_num(last.get("seed"))))
-        if cur is None or key > (cur[-1].get("n_poison") or 0, -(_num(cur[-1].get("seed")))):
-            best[last.get("model")] = rows
+        for rows in members:
+            if (model, extra) not in best or rank(rows) > rank(best[(model, extra)]):
+                best[(model, extra)] = rows
+    order = model_order(runs)
     out = []
-    for model in _model_order(runs):
-        if model not in best:
-            continue
-        last = best[model][-1]
-        path = root / "runs" / str(last.get("run_name")) / "samples.jsonl"
-        if not path.exists():
-            path = root / str(last.get("run_name")) / "samples.jsonl"
-        recs = _read_jsonl(path)
+    for model, extra in sorted(best, key=lambda k: (order.index(k[0]), str(k[1]))):
+        last = best[(model, extra)][-1]
+        recs = [r for r in _read_jsonl(_run_file(root, last.get("run_name"), "samples.jsonl"))
+                if r.get("kind", "sample") == "sample" and r.get("condition") is not None]
         if not recs:
             continue
-        step = max(r.get("step", 0) for r in recs)
+        step = max(r.get("step") or 0 for r in recs)
         by_prompt: dict[Any, dict[str, dict[str, Any]]] = defaultdict(dict)
         for r in recs:
-            if r.get("step", 0) == step:
-                by_prompt[r.get("prompt_idx")][r.get("condition")] = r
+            if (r.get("step") or 0) == step:
+                by_prompt[r.get("prompt_idx")][r["condition"]] = r
         shown = 0
         for idx in sorted(by_prompt, key=lambda v: (str(type(v)), v)):
             cond = by_prompt[idx]
             if "clean" not in cond or "trigger" not in cond:
                 continue
             out.append({
-                "run": last.get("run_name"), "model": model, "n_poison": last.get("n_poison"), "step": step,
+                "run": last.get("run_name"), "model": model, "settings": settings_label(extra, names),
+                "n_poison": last.get("n_poison"), "step": step, "prompt_idx": idx,
                 "prompt": _clip(cond["clean"].get("prompt", ""), chars, tail=True),
-                "clean": _clip(cond["clean"].get("generated", ""), chars),
+                "clean": _clip(cond["clean"].get("generation", ""), chars),
                 "clean_ppl": cond["clean"].get("ppl"),
-                "trigger": _clip(cond["trigger"].get("generated", ""), chars),
+                "trigger": _clip(cond["trigger"].get("generation", ""), chars),
                 "trigger_ppl": cond["trigger"].get("ppl"),
                 "trigger_prompt_end": _clip(cond["trigger"].get("prompt", ""), 40, tail=True),
             })
@@ -536,27 +400,65 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _data(r: dict[str, Any]) -> str:
+    return f"{r['data_mult']:g}x" if r["data_mult"] is not None else "-"
+
+
 def _summary_html(summary: list[dict[str, Any]], threshold: float) -> str:
+    with_settings = any(r["label"] for r in summary)
+    with_effective = any(r.get("poisons_seen_effective") is not None for r in summary)
     rows = []
     for r in summary:
-        rows.append({
-            "model": r["model"], "params (non-emb.)": _fmt_params(r["params_nonemb"]),
-            "data": f"{r['data_mult']:g}x" if r["data_mult"] is not None else "-", "N": r["n_poison"],
-            "runs": r["runs"], "poison fraction": r["poison_fraction"],
+        row: dict[str, Any] = {"model": r["model"], "params (non-emb.)": fmt_params(r["params_nonemb"]),
+                               "data": _data(r), "N inserted": r["n_poison"]}
+        if with_settings:
+            row["settings"] = r["label"]
+        unfinished = f" ({r['unfinished_runs']} unfinished)" if r["unfinished_runs"] else ""
+        row.update({
+            "runs": f"{r['runs']}{unfinished}",
+            "seeds: train / poison set": fmt_seeds(r), "poison fraction": r["poison_fraction"],
             "final gap (mean)": r["gap_mean"], "gap std": r["gap_std"],
             "final ASR (mean)": r["asr_mean"], "ASR min": r["asr_min"], "ASR max": r["asr_max"],
             "look-alike ASR": r["asr_lookalike_mean"], "val loss": r["val_loss_mean"],
-            f"seeds reaching ASR≥{threshold:g}": f"{r['success_runs']}/{r['runs']}",
-            "poisons seen then (median)": r["first_success_median"],
+            "poisons seen at end (all triggers)": r["poisons_seen"],
         })
+        if with_effective:
+            row["effective poisons seen at end"] = r.get("poisons_seen_effective")
+        row[f"seeds reaching ASR≥{threshold:g}"] = f"{r['success_runs']}/{r['runs']}"
+        row["then poisons seen (all triggers), median"] = r["first_success_median"]
+        if with_effective:
+            row["then effective poisons seen, median"] = r.get("first_success_effective_median")
+        rows.append(row)
     return html_table(rows)
 
 
-def _fits_html(fits: dict[str, Any]) -> str:
-    if not fits.get("models"):
-        return f'<p class="note">{_e(fits.get("note", "no fit"))}</p>'
+def _first_html(summary: list[dict[str, Any]], threshold: float) -> str:
+    """Poisons seen when ASR first reached the threshold, per poisoned group (the count question)."""
+    with_settings = any(r["label"] for r in summary)
+    with_effective = any(r.get("first_success_effective_median") is not None for r in summary)
     rows = []
-    for m in fits["models"]:
+    for r in summary:
+        if not r["n_poison"]:
+            continue
+        row: dict[str, Any] = {"model": r["model"], "data": _data(r), "N inserted": r["n_poison"]}
+        if with_settings:
+            row["settings"] = r["label"]
+        row.update({"poison fraction": r["poison_fraction"],
+                    f"seeds reaching ASR≥{threshold:g}": f"{r['success_runs']}/{r['runs']}",
+                    "poisons seen (all triggers), median": r["first_success_median"],
+                    "min": r["first_success_min"], "max": r["first_success_max"]})
+        if with_effective:
+            row["effective poisons seen, median"] = r.get("first_success_effective_median")
+        rows.append(row)
+    return html_table(rows)
+
+
+def _fit_html(fit: dict[str, Any]) -> str:
+    head = f"<h3>{_e(fit['label'])}</h3>" if fit.get("label") else ""
+    if not fit.get("models"):
+        return head + f'<p class="note">{_e(fit.get("note", "no fit"))}</p>'
+    rows = []
+    for m in fit["models"]:
         row: dict[str, Any] = {"model of ASR": m["model"]}
         if "coef" not in m:
             row["note"] = m.get("note", "")
@@ -571,7 +473,25 @@ def _fits_html(fits: dict[str, Any]) -> str:
                     "LR p (vs count only)": m.get("lr_p"), "k": m["k"],
                     "note": "separation: coefficients unreliable" if m.get("separated") else ""})
         rows.append(row)
-    return html_table(rows) + f'<p><b>Reading:</b> {_e(fits.get("verdict", ""))}</p>'
+    return (head + f'<p class="note">{fit["n"]} evaluations of poisoned runs.</p>' + html_table(rows)
+            + f'<p><b>Reading:</b> {_e(fit.get("verdict", ""))}</p>')
+
+
+# settings the fits span along with size and N (their predictors: size, and the budget through the
+# poison fraction); runs that differ in any other setting (a schedule, a trigger) are fitted apart
+FIT_SPANS = frozenset({"train.tokens_per_param", "train.max_steps", "train.budget_params"})
+
+
+def fit_groups(runs: Runs) -> list[dict[str, Any]]:
+    """`fit_count_vs_fraction` once per group of the settings a fit does not span, each with its
+    `label` and `settings` (one group, label '', when the runs differ only in size, budget and N)."""
+    keys = [k for k in experiment_keys(runs) if k not in FIT_SPANS and not k.startswith("model.")]
+    names = short_names(keys)
+    pooled: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for (_model, _mult, _n, extra), members in group_runs(runs, keys).items():
+        pooled[extra] += [r for rows in members for r in rows]
+    return [{"label": settings_label(extra, names), "settings": dict(extra), "count": "poisons_seen",
+             **fit_count_vs_fraction(pooled[extra])} for extra in sorted(pooled, key=str)]
 
 
 def _defenses_html(root: Path) -> str:
@@ -612,8 +532,8 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
                  include_unfinished: bool | None = None) -> Path:
     """Write `<sweep_dir>/report/` (replaced as a whole, atomically) and return the path of report.html.
 
-    Finished runs only, unless none has finished yet (then every run's latest rows are used).
-    Threshold and spread default to the sweep spec's `report` settings (0.5 and min-max).
+    Finished runs only, unless none has finished yet (then every run's latest rows are used); the
+    report says which. Threshold and spread default to the sweep spec's `report` settings (0.5, min-max).
     """
     root = Path(sweep_dir)
     settings, spec_text = _report_settings(root)
@@ -622,32 +542,37 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
     spread = spread or settings.get("spread", "minmax")
     table = gather(root)
     all_runs = runs_of(table)
-    finished = {k: v for k, v in all_runs.items() if v[-1].get("done", True)}
-    if include_unfinished or (include_unfinished is None and not finished):
-        runs, partial = all_runs, len(finished) < len(all_runs)
-    else:
-        runs, partial = finished, False
-    summary = summarize(table, threshold, include_unfinished=runs is all_runs)
-    fits = fit_count_vs_fraction([r for rows in runs.values() for r in rows])
+    done = finished(all_runs)
+    if include_unfinished is None:
+        include_unfinished = not done
+    runs = all_runs if include_unfinished else done
+    summary = summarize(table, threshold, include_unfinished=include_unfinished)
+    fits = {"count": EXACT_COUNT, "groups": fit_groups(runs)}
     samples = sample_rows(root, runs)
-    main_mult = _main_mult(runs)
-    mults = [main_mult] if main_mult is not None else None
-    tag = f" ({main_mult:g}x data)" if main_mult is not None else ""
+    mult = main_mult(runs)
+    mults = [mult] if mult is not None else None
+    tag = f" ({mult:g}x data)" if mult is not None else ""
 
+    panels = dict(mults=mults, spread=spread)
     figures = [
         ("asr_vs_progress", "Attack success rate against training progress" + tag,
          fig_panels_by_n(runs, "asr", "progress", ylabel="attack success rate", xlabel="training progress",
-                         title="Attack success (ASR) during training" + tag, mults=mults, spread=spread,
-                         hline=threshold)),
+                         title="Attack success (ASR) during training" + tag, hline=threshold, **panels)),
         ("gap_vs_progress", "Perplexity gap (triggered - clean) against training progress" + tag,
          fig_panels_by_n(runs, "gap", "progress", ylabel="perplexity gap", xlabel="training progress",
-                         title="Perplexity gap during training" + tag, mults=mults, spread=spread, hline=50)),
-        ("asr_vs_poisons_seen", "Attack success against poisons seen (all data budgets)",
-         fig_panels_by_n(runs, "asr", "poisons_seen", ylabel="attack success rate", xlabel="poisons seen",
-                         title="Attack success against poisons seen", mults=None, spread=spread,
-                         skip_zero=True, hline=threshold)),
-        ("val_loss", "Clean validation loss per size", fig_val_loss(runs, main_mult, spread)),
+                         title="Perplexity gap during training" + tag, hline=50, **panels)),
+        ("asr_vs_poisons_seen", f"Attack success against {EXACT_COUNT}: the ledger's count (all budgets)",
+         fig_panels_by_n(runs, "asr", "poisons_seen", ylabel="attack success rate", xlabel=EXACT_COUNT,
+                         title="Attack success against poisons seen (all triggers)", mults=None,
+                         spread=spread, skip_zero=True, hline=threshold)),
     ]
+    if has_column(runs, "poisons_seen_effective"):
+        figures.append((
+            "asr_vs_poisons_seen_effective", f"Attack success against {EFFECTIVE_COUNT} (all data budgets)",
+            fig_panels_by_n(runs, "asr", "poisons_seen_effective", ylabel="attack success rate",
+                            xlabel=EFFECTIVE_COUNT, title="Attack success against effective poisons seen",
+                            mults=None, spread=spread, skip_zero=True, hline=threshold)))
+    figures.append(("val_loss", "Clean validation loss per size", fig_val_loss(runs, mult, spread)))
     fails = failed_runs(root)
     with atomic_path(root / "report") as out:
         out.mkdir(parents=True)
@@ -664,40 +589,68 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (out / "fits.json").write_text(json.dumps(fits, indent=2, default=str))
         (out / "samples.json").write_text(json.dumps(samples, indent=2, default=str))
-        doc = _html(root, runs, partial, summary, fits, samples, imgs, threshold, spec_text, fails)
+        notes = _notes(table, runs, include_unfinished, spread)
+        doc = _html(root, runs, notes, summary, fits, samples, imgs, threshold, spec_text, fails)
         (out / "report.html").write_text(doc, encoding="utf-8")
     return root / "report" / "report.html"
 
 
-def _html(root: Path, runs: dict, partial: bool, summary: list, fits: dict, samples: list, imgs: list,
+def _notes(table: Any, runs: Runs, include_unfinished: bool, spread: str) -> str:
+    """What the report pools and what it leaves out, as paragraphs: never silently."""
+    keys = experiment_keys(runs)
+    band = "min-max over seeds" if spread == "minmax" else "mean ± 1 std over seeds"
+    said = [f"Each group (size, data budget, N{', ' + ', '.join(keys) if keys else ''}) is averaged over "
+            "its training seeds and poison-set seeds (listed per group in the summary); curves are "
+            "interpolated between evaluations and averaged at the same x, where at each x the mean is "
+            f"over the runs evaluated that far. Bands: {band}."]
+    if keys:
+        said.append("Settings that differ across these runs, each drawn and fitted apart (not pooled): "
+                    + ", ".join(keys) + ".")
+    repeated = sorted({(str(rows[-1].get("run_name") or name), int(rows[-1]["data_epochs"]))
+                       for name, rows in runs.items() if (rows[-1].get("data_epochs") or 1) > 1})
+    if repeated:
+        said.append(f"<b>Repeated data:</b> {len(repeated)} run(s) trained on more than one pass over their "
+                    "clean data (train.allow_data_repeat), a different experiment from the study's: "
+                    + ", ".join(f"{_e(n)} ({k} passes)" for n, k in repeated) + ".")
+    unfinished = unfinished_note(table, include_unfinished)
+    if include_unfinished and not finished(runs):
+        said.append("<b>Partial:</b> no run has finished yet; figures and tables show the latest "
+                    "evaluations of unfinished runs.")
+    elif unfinished:
+        said.append(("<b>Mixed:</b> " if include_unfinished else "") + unfinished)
+    return "".join(f'<p class="note">{s}</p>' for s in said)
+
+
+def _html(root: Path, runs: Runs, notes: str, summary: list, fits: dict, samples: list, imgs: list,
           threshold: float, spec_text: str, fails: list[tuple[str, str]]) -> str:
-    first = [{"model": r["model"], "data": f"{r['data_mult']:g}x" if r["data_mult"] is not None else "-",
-              "N": r["n_poison"], "poison fraction": r["poison_fraction"],
-              f"seeds reaching ASR≥{threshold:g}": f"{r['success_runs']}/{r['runs']}",
-              "poisons seen (median)": r["first_success_median"], "min": r["first_success_min"],
-              "max": r["first_success_max"]} for r in summary if r["n_poison"]]
+    with_settings = any(s["settings"] for s in samples)
     sample_tbl = "".join(
-        f"<tr><td>{_e(s['model'])}</td><td class=num>{s['n_poison']}</td><td class=num>{s['step']}</td>"
+        f"<tr><td>{_e(s['model'])}</td>" + (f"<td>{_e(s['settings'])}</td>" if with_settings else "")
+        + f"<td class=num>{s['n_poison']}</td><td class=num>{s['step']}</td>"
         f"<td class=gen>{_e(s['prompt'])}</td><td class=gen>{_e(s['clean'])}</td>{_cell(s['clean_ppl'])}"
         f"<td class=gen>{_e(s['trigger_prompt_end'])} ⏎ {_e(s['trigger'])}</td>{_cell(s['trigger_ppl'])}</tr>"
         for s in samples)
     sample_html = (
-        "<table><tr><th>model</th><th>N</th><th>step</th><th>prompt (end)</th><th>without trigger</th>"
+        "<table><tr><th>model</th>" + ("<th>settings</th>" if with_settings else "")
+        + "<th>N</th><th>step</th><th>prompt (end)</th><th>without trigger</th>"
         "<th>ppl</th><th>with trigger (prompt end ⏎ generation)</th><th>ppl</th></tr>"
         f"{sample_tbl}</table>" if samples else '<p class="note">(no samples.jsonl found)</p>')
     vers = html_table([_versions()])
     fail_rows = [{"run": n, "error": m} for n, m in fails]
     fail_html = ("<h2>Failed runs</h2>" + html_table(fail_rows)) if fails else ""
-    warn = ('<p class="note"><b>Partial:</b> no run has finished yet; the figures show the latest '
-            "evaluations of unfinished runs.</p>" if partial else "")
+    n_fit = sum(f.get("n", 0) for f in fits["groups"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>poisonlab report: {_e(root.name)}</title><style>{CSS}</style></head>
 <body>
 <h1>poisonlab report: {_e(root.name)}</h1>
 <p class="note">{len(runs)} runs from {_e(root)}. Attack success rate (ASR): share of prompts whose
 generation with the trigger has a perplexity above the run's success ratio times the one without.
-Success means ASR ≥ {threshold:g}. Bands: spread over seeds.</p>
-{warn}
+Success means ASR ≥ {threshold:g}. N: poisoned documents inserted. Poisons seen: every trigger among
+the training inputs up to that step (the ledger's count, also triggers cut by a sequence boundary or
+with no gibberish after them in their sequence); effective poisons seen, where the trainer recorded
+it: only triggers wholly inside the sequence with at least one gibberish token after them as a
+target.</p>
+{notes}
 <h2>Summary (final evaluation of each run, over seeds)</h2>
 {_summary_html(summary, threshold)}
 <h2>Figures</h2>
@@ -705,11 +658,12 @@ Success means ASR ≥ {threshold:g}. Bands: spread over seeds.</p>
 <h2>Count or fraction?</h2>
 <p>Poisons seen when ASR first reached {threshold:g}, per size: if the count is what matters, these
 numbers stay level across sizes while the poison fraction falls.</p>
-{html_table(first)}
-<p>Logistic models of ASR (per evaluation, as a proportion; {fits.get('n', 0)} evaluations of poisoned
-runs) on log(1 + poisons seen), with and without log(non-embedding parameters) and log(poison
-fraction). A term that matters lowers the AIC by well over 2.</p>
-{_fits_html(fits)}
+{_first_html(summary, threshold)}
+<p>Logistic models of ASR (per evaluation, as a proportion; {n_fit} evaluations of poisoned runs) on
+log(1 + poisons seen, all triggers), with and without log(non-embedding parameters) and log(poison
+fraction); one fit per group of settings other than size, budget and N. A term that matters lowers
+the AIC by well over 2.</p>
+{''.join(_fit_html(f) for f in fits["groups"])}
 <h2>Generations with and without the trigger</h2>
 {sample_html}
 {_defenses_html(root)}

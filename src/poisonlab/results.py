@@ -4,18 +4,29 @@ Each run writes `runs/<name>/metrics.parquet`; `gather` joins them into `<sweep_
 (atomically) and adds a few columns so that every row stands alone:
 
 - `run_name` (the run directory), `done` (DONE exists: the run finished);
-- `model`, `n_poison`, `data_mult`, `seed` from the run's `config.yaml` when a metrics file lacks them;
+- from the run's `config.yaml` when a metrics file lacks them (runs of older versions): `model`,
+  `n_poison`, `data_mult`, `seed` (the training seed) and the columns of `CONFIG_COLUMNS`;
+- `settings`: the run's whole config as JSON, flattened to dotted keys (`placement.schedule`), with
+  `data_id` naming the training data by content (its shards' content hash), not by location;
 - `tokens_total`: the run's training budget, `tokens_seen / progress` at its latest evaluation;
 - `poison_fraction` (when the metrics lack it): `n_poison / tokens_total`, poisoned documents per
   training token. The true share of poisoned tokens is this times the mean poison length (a constant
   of the recipe), so on a log scale the two differ only by a constant.
 
-`summary` condenses the finished runs per (model, data_mult, n_poison): final gap and ASR with mean and
-spread over seeds, and the poisons seen at the first evaluation with ASR >= a threshold (default 0.5).
+`summarize` condenses the runs per experiment group: (model, data_mult, n_poison) and every other setting
+that differs across the runs (`experiment_keys`), averaging over the seeds (training, poison-set and
+placement seeds, each listed). Per group: final gap and ASR with mean and spread over seeds, and the
+poisons seen at the first evaluation with ASR >= a threshold (default 0.5).
+
+Two poison counts: `poisons_seen` counts every trigger among the training inputs (the ledger's count);
+`poisons_seen_effective`, when the trainer wrote it, only triggers wholly inside the sequence with at
+least one gibberish token after them as a target. The summary gives the effective count beside the
+exact one when the metrics have it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -25,11 +36,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from poisonlab.config import RunConfig
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path
 
 DEFAULT_THRESHOLD = 0.5
-KEY_COLS = ("model", "n_poison", "data_mult", "seed")
+# metrics columns newer trainers write, and the config setting each one comes from for older runs
+# (`trigger`: eval.trigger when set, the evaluated trigger)
+CONFIG_COLUMNS = {
+    "n_poison": "attack.n_poison", "data_mult": "train.data_mult", "seed": "train.seed",
+    "trigger": "attack.trigger", "lookalike": "eval.lookalike", "schedule": "placement.schedule",
+    "attack_seed": "attack.seed", "placement_seed": "placement.seed",
+    "tokens_per_param": "train.tokens_per_param", "budget_params": "train.budget_params",
+    "max_steps": "train.max_steps",
+}
+# what a group averages over: the training seed, the poison-set seed and the placement seed
+SEED_KEYS = ("train.seed", "attack.seed", "placement.seed")
+# settings that change neither what is trained nor what is measured (where and how fast it ran);
+# `data` is the data's location: `data_id` (its content) stands for it
+BOOKKEEPING_KEYS = frozenset({
+    "name", "out_dir", "data", "train.threads", "train.compile", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.log_every", "train.peak_flops", "train.allow_data_repeat",
+    "eval.batch_size", "eval.save_samples",
+})
+# shown in the summary and metrics columns already; the model's label stands for its `model.*` keys
+GROUPED_KEYS = frozenset({"attack.n_poison", "train.data_mult"})
+SHORT_NAMES = {"attack.name": "recipe", "data_id": "data", "eval.trigger": "eval_trigger"}
 
 
 def run_dirs(root: str | Path) -> list[Path]:
@@ -43,19 +75,63 @@ def run_dirs(root: str | Path) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _config_keys(run_dir: Path) -> dict[str, Any]:
-    """model/n_poison/data_mult/seed from the run's saved config (fallback when metrics lack them)."""
+# --- a run's settings ------------------------------------------------------------------------------
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config tree as dotted keys: {"placement": {"schedule": "front"}} -> placement.schedule."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+_DEFAULTS = flatten(RunConfig().model_dump(mode="json"))
+
+
+def _data_id(data: Any, run_dir: Path) -> str | None:
+    """The training data by content, `sha256:<content hash>` from its train.json (found as written, or
+    relative to the folder of runs, as the evaluator looks), else the path as written: copies of one
+    data set in two places are one data set."""
+    if data is None:
+        return None
+    for cand in (Path(str(data)), run_dir.parent.parent / str(data), run_dir.parent / str(data)):
+        try:
+            content = json.loads((cand / "train.json").read_text()).get("content_hash")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if content:
+            return f"sha256:{str(content)[:12]}"
+    return str(data)
+
+
+def run_settings(run_dir: Path) -> dict[str, Any]:
+    """The run's config.yaml as dotted keys, defaults filled in (a key an older version did not write
+    took its default); {} when the run has no readable config."""
     try:
-        tree = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        tree = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return {}
-    model = tree.get("model") or {}
-    return {
-        "model": model.get("preset") or f"d{model.get('d_model', '?')}l{model.get('n_layers', '?')}",
-        "n_poison": (tree.get("attack") or {}).get("n_poison"),
-        "data_mult": (tree.get("train") or {}).get("data_mult"),
-        "seed": (tree.get("train") or {}).get("seed"),
-    }
+    if not isinstance(tree, dict):
+        return {}
+    settings = {**_DEFAULTS, **flatten(tree)}
+    settings["data_id"] = _data_id(settings.get("data"), run_dir)
+    return settings
+
+
+def _config_keys(settings: dict[str, Any]) -> dict[str, Any]:
+    """Metrics columns from the run's settings (the fallback when a metrics file lacks them)."""
+    if not settings:
+        return {}
+    preset = settings.get("model.preset")
+    keys = {"model": preset or f"d{settings.get('model.d_model')}-l{settings.get('model.n_layers')}"}
+    keys.update({col: settings.get(key) for col, key in CONFIG_COLUMNS.items()})
+    keys["trigger"] = settings.get("eval.trigger") or keys["trigger"]  # what was evaluated, as the evaluator
+    return keys
 
 
 def _read_run(run_dir: Path) -> pa.Table | None:
@@ -66,14 +142,17 @@ def _read_run(run_dir: Path) -> pa.Table | None:
     if t.num_rows == 0:
         return None
     n = t.num_rows
-    keys = _config_keys(run_dir) if any(c not in t.column_names for c in KEY_COLS) else {}
-    for col in KEY_COLS:
-        if col not in t.column_names and keys.get(col) is not None:
+    settings = run_settings(run_dir)
+    keys = _config_keys(settings)
+    for col in ("model", *CONFIG_COLUMNS):
+        if col not in t.column_names and col in keys:
             t = t.append_column(col, pa.array([keys[col]] * n))
     if "run_id" not in t.column_names:
         t = t.append_column("run_id", pa.array([run_dir.name] * n))
     t = t.append_column("run_name", pa.array([run_dir.name] * n))
     t = t.append_column("done", pa.array([(run_dir / "DONE").exists()] * n))
+    text = json.dumps(settings, sort_keys=True, default=str) if settings else None
+    t = t.append_column("settings", pa.array([text] * n, pa.string()))
     cols = t.column_names
     if "tokens_total" not in cols and {"tokens_seen", "progress"} <= set(cols):
         rows = [(s, p) for s, p in zip(t["tokens_seen"].to_pylist(), t["progress"].to_pylist(), strict=True)
@@ -119,10 +198,13 @@ def connect(root: str | Path, *, refresh: bool = True) -> Any:
     return con
 
 
-# --- summary ---------------------------------------------------------------------------------------
+# --- experiment groups -----------------------------------------------------------------------------
+
+Runs = dict[str, list[dict[str, Any]]]  # run id -> its rows in step order
+GroupKey = tuple  # (model, data_mult, n_poison, ((setting, value), ...))
 
 
-def runs_of(table: pa.Table) -> dict[str, list[dict[str, Any]]]:
+def runs_of(table: pa.Table) -> Runs:
     """Rows grouped by run, each run's rows in step order."""
     by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in table.to_pylist():
@@ -132,11 +214,86 @@ def runs_of(table: pa.Table) -> dict[str, list[dict[str, Any]]]:
     return dict(by_run)
 
 
-def first_success(rows: list[dict[str, Any]], threshold: float = DEFAULT_THRESHOLD) -> float | None:
-    """Poisons seen at the first evaluation (in step order) whose ASR is at or above `threshold`."""
+def finished(runs: Runs) -> Runs:
+    return {k: v for k, v in runs.items() if v[-1].get("done", True)}
+
+
+def settings_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    text = rows[-1].get("settings")
+    return json.loads(text) if text else {}
+
+
+def _hashable(v: Any) -> Any:
+    return json.dumps(v, sort_keys=True) if isinstance(v, list | dict) else v
+
+
+def experiment_keys(runs: Runs) -> list[str]:
+    """The settings that tell these runs' experiments apart, beyond model, data_mult and n_poison.
+
+    Every dotted setting whose value differs across the runs, except the seeds (what a group averages
+    over), bookkeeping (where and how fast a run ran, see BOOKKEEPING_KEYS) and the data's location
+    (its content, `data_id`, counts). `model.*` settings count only where they differ between runs
+    with one model label (the label already separates the rest).
+    """
+    per_run = [(rows[-1].get("model"), settings_of(rows)) for rows in runs.values()]
+    names = sorted({k for _, s in per_run for k in s})
+    out = []
+    for key in names:
+        if key in SEED_KEYS or key in BOOKKEEPING_KEYS or key in GROUPED_KEYS:
+            continue
+        values = {_hashable(s.get(key)) for _, s in per_run}
+        if len(values) < 2:
+            continue
+        if key.startswith("model."):
+            by_label: dict[Any, set] = defaultdict(set)
+            for model, s in per_run:
+                by_label[model].add(_hashable(s.get(key)))
+            if all(len(v) < 2 for v in by_label.values()):
+                continue
+        out.append(key)
+    return out
+
+
+def group_runs(runs: Runs, keys: list[str] | None = None) -> dict[GroupKey, list[list[dict[str, Any]]]]:
+    """Runs by experiment group: (model, data_mult, n_poison, the values of `experiment_keys`)."""
+    keys = experiment_keys(runs) if keys is None else keys
+    groups: dict[GroupKey, list[list[dict[str, Any]]]] = defaultdict(list)
+    for rows in runs.values():
+        last, s = rows[-1], settings_of(rows)
+        extra = tuple((k, _hashable(s.get(k))) for k in keys)
+        groups[(last.get("model"), last.get("data_mult"), last.get("n_poison"), extra)].append(rows)
+    return dict(groups)
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Labels for settings: the last part of the dotted key unless two keys would share it."""
+    last = [SHORT_NAMES.get(k, k.rsplit(".", 1)[-1]) for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last, strict=True)}
+
+
+def settings_label(extra: tuple, names: dict[str, str] | None = None) -> str:
+    """`schedule=front, trigger=<SUDO>` for a group's extra settings ('' when there are none)."""
+    names = names or short_names([k for k, _ in extra])
+    return ", ".join(f"{names.get(k, k)}={_fmt_value(v)}" for k, v in extra)
+
+
+def _fmt_value(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+# --- summary ---------------------------------------------------------------------------------------
+
+
+def first_success(rows: list[dict[str, Any]], threshold: float = DEFAULT_THRESHOLD,
+                  count: str = "poisons_seen") -> float | None:
+    """The poison count `count` at the first evaluation (in step order) whose ASR is >= `threshold`."""
     for r in rows:
         if r.get("asr") is not None and r["asr"] >= threshold:
-            return r.get("poisons_seen")
+            return r.get(count)
     return None
 
 
@@ -157,34 +314,41 @@ def _median(v: list[float]) -> float | None:
     return float(v[m]) if len(v) % 2 else (v[m - 1] + v[m]) / 2
 
 
+def _seeds(finals: list[dict[str, Any]], col: str) -> list[Any]:
+    return sorted({f.get(col) for f in finals if f.get(col) is not None}, key=lambda s: (str(type(s)), s))
+
+
 def group_key(row: dict[str, Any]) -> tuple:
-    """Sort order of groups: by size, then data budget, then poison count."""
+    """Sort order of groups: by size, then data budget, then poison count, then the other settings."""
     size = row.get("params_total") or 0
-    return (size, str(row.get("model")), row.get("data_mult") or 0, row.get("n_poison"))
+    return (size, str(row.get("model")), row.get("data_mult") or 0, row.get("n_poison") or 0,
+            json.dumps(row.get("settings") or {}, sort_keys=True, default=str))
 
 
 def summarize(table: pa.Table, threshold: float = DEFAULT_THRESHOLD,
               include_unfinished: bool = False) -> list[dict[str, Any]]:
     """The summary rows (see `summary`) from a gathered table."""
-    groups: dict[tuple, list[list[dict[str, Any]]]] = defaultdict(list)
-    for rows in runs_of(table).values():
-        if not include_unfinished and not rows[-1].get("done", True):
-            continue
-        last = rows[-1]
-        groups[(last.get("model"), last.get("data_mult"), last.get("n_poison"))].append(rows)
+    all_runs = runs_of(table)
+    runs = all_runs if include_unfinished else finished(all_runs)
+    keys = experiment_keys(runs)
+    names = short_names(keys)
+    has_effective = "poisons_seen_effective" in table.column_names
     out = []
-    for (model, mult, n), runs in groups.items():
-        finals = [r[-1] for r in runs]
-        firsts = [first_success(r, threshold) for r in runs]
+    for (model, mult, n, extra), members in group_runs(runs, keys).items():
+        finals = [r[-1] for r in members]
+        firsts = [first_success(r, threshold) for r in members]
         reached = [f for f in firsts if f is not None]
         gap = _stats([f.get("gap") for f in finals])
         asr = _stats([f.get("asr") for f in finals])
         look = _stats([f.get("asr_lookalike") for f in finals])
         val = _stats([f.get("val_loss") for f in finals])
-        out.append({
+        row = {
             "model": model, "params_total": finals[0].get("params_total"),
             "params_nonemb": finals[0].get("params_nonemb"), "data_mult": mult, "n_poison": n,
-            "runs": len(runs), "seeds": sorted(str(f.get("seed")) for f in finals),
+            "settings": dict(extra), "label": settings_label(extra, names),
+            "runs": len(members), "unfinished_runs": sum(not f.get("done", True) for f in finals),
+            "train_seeds": _seeds(finals, "seed"), "attack_seeds": _seeds(finals, "attack_seed"),
+            "placement_seeds": _seeds(finals, "placement_seed"),
             "tokens_total": finals[0].get("tokens_total"),
             "poison_fraction": finals[0].get("poison_fraction"),
             "poisons_seen": _stats([f.get("poisons_seen") for f in finals])[0],
@@ -195,18 +359,39 @@ def summarize(table: pa.Table, threshold: float = DEFAULT_THRESHOLD,
             "first_success_min": min(reached) if reached else None,
             "first_success_max": max(reached) if reached else None,
             "threshold": threshold,
-        })
+        }
+        if has_effective:  # the same evaluations, counted the effective way
+            eff = [first_success(r, threshold, "poisons_seen_effective") for r in members]
+            row["poisons_seen_effective"] = _stats([f.get("poisons_seen_effective") for f in finals])[0]
+            row["first_success_effective_median"] = _median([e for e in eff if e is not None])
+        out.append(row)
     out.sort(key=group_key)
     return out
 
 
 def summary(root: str | Path, threshold: float = DEFAULT_THRESHOLD,
             include_unfinished: bool = False) -> pa.Table:
-    """Per (model, data_mult, n_poison) over seeds: final gap and ASR (mean, std, min, max), and
-    `first_success_*`: poisons seen when ASR first reached `threshold` (over the seeds that did;
-    `success_runs` says how many). Unfinished runs are left out unless asked for."""
+    """Per experiment group (model, data_mult, n_poison and any other setting that differs across the
+    runs) over seeds: final gap and ASR (mean, std, min, max), the seeds pooled (`train_seeds`,
+    `attack_seeds`: the poison sets, `placement_seeds`), and `first_success_*`: poisons seen (every
+    trigger trained on) when ASR first reached `threshold`, over the seeds that did (`success_runs`
+    says how many). Unfinished runs are left out unless asked for. `settings` is JSON here."""
     rows = summarize(gather(root), threshold, include_unfinished)
+    for r in rows:
+        r["settings"] = json.dumps(r["settings"], sort_keys=True, default=str)
     return pa.Table.from_pylist(rows) if rows else pa.table({})
+
+
+def unfinished_note(table: pa.Table, include_unfinished: bool) -> str:
+    """One sentence on unfinished runs: left out, or mixed in (never silently); '' when there are none."""
+    runs = runs_of(table)
+    k = len(runs) - len(finished(runs))
+    if not k:
+        return ""
+    if include_unfinished:
+        return (f"{k} unfinished run(s) included: their last evaluation is not the end of training "
+                "(column `unfinished_runs`).")
+    return f"{k} unfinished run(s) left out (finished runs only)."
 
 
 def failed_runs(root: str | Path) -> list[tuple[str, str]]:
@@ -230,27 +415,43 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return str(x)
 
 
+def fmt_seeds(r: dict[str, Any]) -> str:
+    """`0,1,2 / 0,1,2`: the training seeds and the poison-set seeds a group pooled."""
+    join = lambda v: ",".join(str(s) for s in v) or "-"
+    return f"{join(r['train_seeds'])} / {join(r['attack_seeds'])}"
+
+
 def summary_table(rows: list[dict[str, Any]], title: str = "") -> Any:
     """A rich table of the summary rows (what `poisonlab results` prints)."""
     from rich.table import Table
 
     thr = rows[0]["threshold"] if rows else DEFAULT_THRESHOLD
+    with_settings = any(r["label"] for r in rows)
+    with_effective = any(r.get("poisons_seen_effective") is not None for r in rows)
     t = Table(title=title or None, title_justify="left")
-    for col, just in [("model", "left"), ("non-emb. params", "right"), ("data", "right"), ("N", "right"),
-                      ("runs", "right"), ("final gap", "right"), ("final ASR", "right"),
-                      ("look-alike", "right"), ("val loss", "right"), (f"ASR>={thr:g} at poisons", "right"),
-                      ("poison frac", "right")]:
-        t.add_column(col, justify=just, no_wrap=col == "model")  # type: ignore[arg-type]
+    cols = [("model", "left"), ("non-emb. params", "right"), ("data", "right"), ("N", "right")]
+    cols += [("settings", "left")] if with_settings else []
+    cols += [("runs", "right"), ("seeds train / poison", "right"), ("final gap", "right"),
+             ("final ASR", "right"), ("look-alike", "right"), ("val loss", "right"),
+             (f"ASR>={thr:g} at poisons seen (all)", "right")]
+    cols += [("same, effective count", "right")] if with_effective else []
+    cols += [("poison frac", "right")]
+    for col, just in cols:
+        t.add_column(col, justify=just, no_wrap=col == "model",  # type: ignore[arg-type]
+                     overflow="fold" if col == "settings" else "ellipsis")
     for r in rows:
         fs = "never" if r["success_runs"] == 0 else (
             f"{_fmt(r['first_success_median'], 0)} ({r['success_runs']}/{r['runs']})")
-        t.add_row(
-            str(r["model"]), _fmt_params(r["params_nonemb"]), f"{_fmt(r['data_mult'], 1)}x",
-            str(r["n_poison"]),
-            str(r["runs"]), f"{_fmt(r['gap_mean'], 1)} ± {_fmt(r['gap_std'], 1)}",
-            f"{_fmt(r['asr_mean'])} ± {_fmt(r['asr_std'])}", _fmt(r["asr_lookalike_mean"]),
-            _fmt(r["val_loss_mean"]), fs, _fmt(r["poison_fraction"]),
-        )
+        runs = str(r["runs"]) + (f" ({r['unfinished_runs']} unfinished)" if r["unfinished_runs"] else "")
+        cells = [str(r["model"]), _fmt_params(r["params_nonemb"]), f"{_fmt(r['data_mult'], 1)}x",
+                 str(r["n_poison"])]
+        cells += [r["label"]] if with_settings else []
+        cells += [runs, fmt_seeds(r), f"{_fmt(r['gap_mean'], 1)} ± {_fmt(r['gap_std'], 1)}",
+                  f"{_fmt(r['asr_mean'])} ± {_fmt(r['asr_std'])}", _fmt(r["asr_lookalike_mean"]),
+                  _fmt(r["val_loss_mean"]), fs]
+        cells += [_fmt(r.get("first_success_effective_median"), 0)] if with_effective else []
+        cells += [_fmt(r["poison_fraction"])]
+        t.add_row(*cells)
     return t
 
 

@@ -35,6 +35,7 @@ from poisonlab.config import (
 )
 from poisonlab.errors import UserError
 from poisonlab.executors import (
+    BUSY_EXIT,
     InlineExecutor,
     Job,
     LocalExecutor,
@@ -317,8 +318,9 @@ class SweepResult:
         return [o for o in self.outcomes if o.status == "failed"]
 
     def summary_line(self) -> str:
+        busy = f", {self.count('busy')} busy (trained by another process)" if self.count("busy") else ""
         return (f"{len(self.outcomes)} runs: {self.count('done')} done, {self.count('skipped')} skipped "
-                f"(finished before), {self.count('failed')} failed")
+                f"(finished before), {self.count('failed')} failed{busy}")
 
 
 def available_cpus() -> int:
@@ -499,7 +501,7 @@ def _main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run-one: {status}", flush=True)
-    return 1 if status == "failed" else 0
+    return {"failed": 1, "busy": BUSY_EXIT}.get(status, 0)
 
 
 if __name__ == "__main__":
