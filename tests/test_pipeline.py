@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_poison_data import build_tiny_data
 
 from poisonlab.cli import main
 from poisonlab.config import load_run_config
@@ -69,24 +70,27 @@ grid:
     assert "2 skipped" in capsys.readouterr().err
 
 
-def test_repeated_data_is_refused_then_loud_when_allowed(prepared_builtin: Path, tmp_path: Path,
+def test_repeated_data_is_refused_then_loud_when_allowed(tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
-    """A budget beyond one pass over the clean data (here 1.7 passes of the 300k-token fixture) is
-    refused with one line and no run directory, and trains with a warning once allowed."""
+    """A budget beyond one pass over the clean data (here 1.1 passes of a 94k-token corpus) is refused
+    with one line and no run directory, and trains with a warning once allowed."""
+    data = build_tiny_data(tmp_path / "data")
+    holds = json.loads((data / "train.json").read_text())["n_tokens"]
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"""
 name: rep
-data: {prepared_builtin}
+data: {data}
 out_dir: {tmp_path / "runs"}
 attack: {{n_poison: 0}}
 model: {{preset: tiny-25k, seq_len: 64}}
-train: {{max_steps: 1000, batch_size: 8, log_every: 500}}
+train: {{max_steps: {holds // 512 + 10}, batch_size: 8, log_every: 100}}
 eval: {{n_evals: 0}}
 """)
     with pytest.raises(SystemExit) as e:
         main(["train", str(cfg), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "clean training tokens but the data holds 300,128" in err and "\n" not in err
+    assert e.value.code == 2 and "\n" not in err
+    assert f"clean training tokens but the data holds {holds:,}" in err
     assert not (tmp_path / "runs" / "rep").exists()
     main(["train", str(cfg), "--no-progress", "--set", "train.allow_data_repeat=true"])
     assert "WARNING" in capsys.readouterr().err
