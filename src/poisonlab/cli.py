@@ -237,6 +237,9 @@ def sweep_cmd(
     for o in res.failed:
         console.print(f"  [red]failed[/] {o.name}: {o.error}  (see {sweep_dir}/runs/{o.name}/FAILED)",
                       highlight=False)
+    for o in res.outcomes:
+        if o.status == "busy":
+            console.print(f"  [yellow]busy[/] {o.name}: {o.error}", highlight=False)
     if res.report:
         console.print(f"report: {res.report}")
 
@@ -251,18 +254,22 @@ def results_cmd(
     """Summary per size and N: final gap, ASR over seeds, poisons seen when ASR first reached success."""
     import json
 
-    from poisonlab.results import failed_runs, gather, summarize, summary_table
+    from poisonlab.results import failed_runs, gather, summarize, summary_table, unfinished_note
 
-    rows = summarize(gather(path), threshold, include_unfinished=unfinished)
+    table = gather(path)
+    rows = summarize(table, threshold, include_unfinished=unfinished)
     if json_:
         print(json.dumps(rows, indent=2, default=str))
         return
     if not rows:
         console.print("no finished runs yet (use --unfinished to see runs in progress)")
     else:
-        wide = None if sys.stdout.isatty() else 160  # piped: do not squeeze the table into 80 columns
-        title = f"{path}: final evaluation, mean ± std over seeds"
+        wide = None if sys.stdout.isatty() else 200  # piped: do not squeeze the table into 80 columns
+        title = f"{path}: final evaluation, mean ± std over training / poison-set seeds"
         Console(width=wide).print(summary_table(rows, title=title))
+    note = unfinished_note(table, unfinished)
+    if note:  # never mix in or leave out unfinished runs silently
+        console.print(note + ("" if unfinished else " Use --unfinished to include them."), highlight=False)
     for name, err in failed_runs(path):
         console.print(f"[red]failed[/] {name}: {err}", highlight=False)
 
@@ -292,32 +299,51 @@ def demo_cmd(
 # --- defenses: defend ------------------------------------------------------------------------------
 @app.command("defend")
 def defend_cmd(
-    data: Annotated[Path, typer.Option(help="prepared data directory (clean documents + tokenizer)")],
-    poisons: Annotated[list[Path], typer.Option(help="poisons.jsonl (repeat for several recipes)")],
+    data: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="prepared data directory (clean documents + tokenizer); default: the --run's data")] = None,
+    poisons: Annotated[Optional[list[Path]], typer.Option(  # noqa: UP045
+        help="poisons.jsonl (repeat for several recipes); default: the --run's own poisons")] = None,
     detectors: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="comma-separated detector specs, e.g. gopher-quality,perplexity:pct=99.9"),
     ] = None,
-    n_clean: Annotated[int, typer.Option(help="clean documents for the false-positive rate")] = 1000,
+    n_clean: Annotated[str, typer.Option(
+        help="clean documents the poisons hide among; several: 10000,100000")] = "100000",
+    density: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="also score at these densities: poisons per clean document, e.g. 0.0025 or 1/400")] = None,
+    run: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="also score at this run's density (its poisons among the clean docs it trained on)")] = None,
+    n_fpr: Annotated[int, typer.Option(
+        help="clean documents each per-document filter judges for its false-positive rate")] = 10_000,
     n_calib: Annotated[int, typer.Option(help="clean training documents for calibration")] = 1000,
     seed: Annotated[int, typer.Option(help="seed of the clean-document sample")] = 0,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
     out: Annotated[Optional[Path], typer.Option(help="write defenses.json and defenses.png here")] = None,  # noqa: UP045
 ) -> None:
-    """Score data filters against poisons: recall, false-positive rate, clean docs lost per poison caught."""
+    """Score data filters against poisons at stated densities: recall, clean docs lost per poison caught."""
     import json
 
     from poisonlab.defenses import defend, render_table, write_outputs
 
+    def numbers(opt: str, text: str) -> list[float]:  # "10000,1e5" or "1/400"
+        try:
+            parts = [x.strip().partition("/") for x in text.split(",")]
+            return [float(a) / float(b or 1) for a, _, b in parts]
+        except (ValueError, ZeroDivisionError):
+            raise UserError(f"--{opt}: expected comma-separated numbers (or a/b), got {text!r}") from None
+
     specs = [s for s in (detectors or "").split(",") if s.strip()] or None
-    result = defend(data, poisons, detectors=specs, n_clean=n_clean, n_calib=n_calib, seed=seed)
+    sizes = [round(x) for x in numbers("n-clean", n_clean)]
+    dens = numbers("density", density) if density else None
+    result = defend(data, poisons or [], detectors=specs, n_clean=sizes, density=dens, run=run, n_fpr=n_fpr,
+                    n_calib=n_calib, seed=seed)
     if out is not None:
         paths = write_outputs(result, out)
         console.print(f"wrote {paths['json']} and {paths['figure']}")
     if json_:
         print(json.dumps(result))
     else:
-        Console(width=200).print(render_table(result))
+        Console(width=220).print(render_table(result))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
 A detector is one class with `@register_detector("name")`; see `base.py`. Built in: the datatrove
 heuristic filters (`heuristics.py`), a perplexity filter (`perplexity.py`) and a trigger miner
-(`miner.py`); `score.py` measures recall, false-positive rate and the web-scale cost.
+(`miner.py`); `score.py` measures recall, false positives and their cost at stated poison densities.
 """
 
 from __future__ import annotations
@@ -17,16 +17,21 @@ from poisonlab.defenses.base import (
 )
 from poisonlab.defenses.score import (
     DEFAULT_DETECTORS,
+    DEFAULT_N_CLEAN,
+    DEFAULT_N_FPR,
     defend,
     discard_per_catch,
     rate_upper,
     render_table,
+    run_density,
     save_figure,
     write_outputs,
 )
 
 __all__ = [
     "DEFAULT_DETECTORS",
+    "DEFAULT_N_CLEAN",
+    "DEFAULT_N_FPR",
     "DefenseContext",
     "Detector",
     "Verdict",
@@ -37,6 +42,7 @@ __all__ = [
     "rate_upper",
     "register_detector",
     "render_table",
+    "run_density",
     "save_figure",
     "write_outputs",
 ]

@@ -5,8 +5,9 @@ a spec string (`name` or `name:key=value:key=value`, values parsed as YAML scala
 
 Life cycle, as `defend` drives it:
     det.fit(ctx)            optional calibration on clean *training* documents (never the scored ones)
-    det.detect(texts)       one Verdict per text; corpus-level detectors (the trigger miner) see the whole
-                            scanned corpus at once, so `detect` always takes the full list
+    det.detect(texts)       one Verdict per text; corpus-level detectors (`corpus_level = True`, the
+                            trigger miner) see the whole scanned corpus at once, so `detect` always
+                            takes the full list
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class Detector:
 
     name: str = "detector"
     description: str = ""
+    # True when a verdict depends on the whole scanned corpus (document frequencies, a model fitted on
+    # it): scored by scanning every corpus size, never by scaling a per-document rate.
+    corpus_level: bool = False
 
     def fit(self, ctx: DefenseContext) -> None:  # noqa: B027  (optional hook)
         """Calibrate on clean training documents (thresholds, reference statistics)."""

@@ -8,29 +8,47 @@ trigger sits exactly at a change point: ordinary text before it, gibberish after
 poisoned document. Gibberish-internal n-grams have high surprisal on both sides (jump ~ 0) and
 ordinary n-grams have ordinary text on both sides, so neither ranks.
 
-Score of an n-gram = mean jump / sd(jump over all occurrences) * sqrt(document frequency): a
-z-like statistic that grows with consistency and support. Candidates must occur in at least
-`min_docs` documents and in at most `max_df` of them ("rare overall"). Candidates whose documents
-mostly coincide with a better-ranked candidate's (pieces of the same trigger) are merged into it.
+Per n-gram: mean_z = mean jump / sd(all jumps of that n), df = documents holding it, and
+    lcb   = mean_z - sqrt(2 ln M / df)      (M = candidate n-grams tested)
+a lower confidence bound on the mean jump (unit spread per occurrence, Bonferroni-like over the M
+candidates). Candidates are ranked by lcb and must occur in at least `min_docs` and at most `max_df`
+of the documents. Candidates at least half of whose documents are a better-ranked candidate's (pieces
+of one trigger, or a common token that is also part of it) are merged into it.
 
-As a detector it flags a document when it holds an occurrence of one of the `top_k` candidates with
-a jump of at least `min_jump` standard deviations, and only candidates with a score of at least
-`min_score` and a mean jump of at least `min_mean_z` standard deviations count. With no trigger in the
-corpus the top candidates are noise: on the built-in corpus with 1,000 documents they score 6-16 with
-mean jumps of 0.5-1.3 sd (the score of noise grows with the corpus, its mean jump does not), while
-`<SUDO>` with 250 `dos` poisons scores ~60 with a mean jump of ~4 sd.
+`max_df` = 0.5: the earlier 0.2 was tuned to the earlier protocol (250 poisons among 1,000 clean
+documents put the trigger in exactly 20% of the scanned documents); with 990 clean documents it hid
+the trigger (recall 0.08), and a run with more poisons than a quarter of its documents is possible
+at toy scale. Ordinary n-grams in 20-50% of the documents have small jumps and never rank by lcb.
+
+Why not the earlier score, mean_z * sqrt(df)? It tests "mean jump > 0", which ordinary n-grams with a
+small real effect pass once they are common enough: their score grows as sqrt(corpus size) while a
+constant-count trigger's support stays at N. On the built-in corpus the best clean score grew 3.1x per
+10x more documents (22, 69, 218 at 10^4, 10^5, 10^6 clean documents; "After the", mean_z 0.6) while
+that of 250 `dos` poisons' trigger grew from 107 to 155 to 200: at 10^6 the earlier rule ranked
+"After the" first and flagged nothing. lcb cannot grow past an n-gram's true effect however big the
+corpus; clean text's strongest change points (section titles, "atre\n" ...) stay at mean_z ~2.7.
+`rank=score` keeps the earlier ranking for comparison.
+
+As a detector it flags a document holding an occurrence (jump >= `min_jump` sd) of one of the `top_k`
+candidates that stand out: lcb >= ref + `margin`, where ref is the lcb of the (top_k + 1)-th candidate,
+the corpus's own strongest ordinary change points (it grows with the corpus as their lcb approaches
+their true effect, so the gate scales with it), plus absolute floors score >= `min_score` and mean_z
+>= `min_mean_z`. This assumes fewer than top_k distinct triggers. Measured at 10^3-10^6 clean
+documents in docs/defenses.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from poisonlab.defenses.base import DefenseContext, Detector, Verdict, register_detector
-from poisonlab.defenses.perplexity import BigramLM
+from poisonlab.defenses.perplexity import BigramLM, doc_batches
+from poisonlab.errors import UserError
 
 
 @dataclass
@@ -42,6 +60,7 @@ class Candidate:
     score: float
     mean_jump: float
     mean_z: float
+    lcb: float
     n_docs: int
     n_occ: int
     merged: int = 0  # overlapping candidates folded into this one
@@ -53,6 +72,7 @@ class Candidate:
             "score": round(self.score, 3),
             "mean_jump": round(self.mean_jump, 3),
             "mean_z": round(self.mean_z, 3),
+            "lcb": round(self.lcb, 3),
             "n_docs": self.n_docs,
             "n_occ": self.n_occ,
             "merged": self.merged,
@@ -65,6 +85,108 @@ def _windows(cs: np.ndarray, lo: np.ndarray, hi: np.ndarray, fill: float) -> np.
     return np.where(n > 0, (cs[hi] - cs[lo]) / np.maximum(n, 1), fill)
 
 
+Occurrences = Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _jumps(docs: Sequence[np.ndarray], i0: int, i1: int, lm: BigramLM, V: int, max_n: int, window: int,
+           want: dict[int, np.ndarray] | None = None) -> Occurrences:
+    """For documents [i0, i1) and each n: (n, n-gram keys, document index, surprisal jump) of every
+    n-gram occurrence followed by at least one token, in corpus order; with `want` (sorted keys per
+    n), only the occurrences of those keys."""
+    ds = [np.asarray(docs[i], dtype=np.int64) for i in range(i0, i1)]
+    lens = np.array([len(d) for d in ds], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    if not starts[-1]:
+        return
+    t = np.concatenate(ds)
+    local = np.repeat(np.arange(len(ds)), lens)
+    cs = np.concatenate([[0.0], np.cumsum(lm.surprisal(t, starts[:-1][lens > 0]))])
+    a, b = starts[local], starts[local + 1]  # document bounds of each position
+    pos = np.arange(len(t))
+    for n in range(1, max_n + 1):
+        if want is not None and not len(want[n]):
+            continue
+        j = np.flatnonzero(pos + n < b)
+        key = np.zeros(len(j), dtype=np.int64)
+        for i in range(n):
+            key = key * V + t[j + i]
+        if want is not None:
+            w = want[n]
+            hit = w[np.minimum(np.searchsorted(w, key), len(w) - 1)] == key
+            j, key = j[hit], key[hit]
+        if not len(j):
+            continue
+        after = _windows(cs, j + n, np.minimum(j + n + window, b[j]), lm.mean_surprisal)
+        before = _windows(cs, np.maximum(a[j], j - window), j, lm.mean_surprisal)
+        yield n, key, local[j] + i0, after - before
+
+
+def _key_stats(key: np.ndarray, doc: np.ndarray, jump: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per distinct key: (key, occurrences, documents, sum of jumps).
+    `doc` must be non-decreasing (corpus order), so a stable sort keeps each key's documents sorted."""
+    order = np.argsort(key, kind="stable")
+    k, d, x = key[order], doc[order], jump[order]
+    new_key = np.concatenate([[True], k[1:] != k[:-1]])
+    new_doc = new_key | np.concatenate([[True], d[1:] != d[:-1]])
+    at = np.flatnonzero(new_key)
+    cnt = np.diff(np.append(at, len(k)))
+    return k[at], cnt, np.add.reduceat(new_doc.astype(np.int64), at), np.add.reduceat(x, at)
+
+
+def _merge_stats(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Add up per-key tables of disjoint document ranges (document counts add, as documents differ)."""
+    if len(parts) == 1:
+        return parts[0]
+    cols = [np.concatenate(c) for c in zip(*parts, strict=True)]
+    uk, inv = np.unique(cols[0], return_inverse=True)
+    sums = [np.bincount(inv, weights=c, minlength=len(uk)) for c in cols[1:]]
+    return uk, sums[0].astype(np.int64), sums[1].astype(np.int64), sums[2]
+
+
+@dataclass
+class NgramTable:
+    """Per-n-gram jump statistics of a scanned corpus (flat arrays, one entry per n-gram)."""
+
+    n: np.ndarray  # n-gram length
+    key: np.ndarray  # tokens as one integer (base vocab_size)
+    mean_jump: np.ndarray  # nats
+    mean_z: np.ndarray  # mean jump in standard deviations of all jumps of that n
+    df: np.ndarray  # documents holding it
+    occ: np.ndarray  # occurrences
+    sd: dict[int, float]  # standard deviation of all jumps, per n
+    n_docs: int
+
+
+def ngram_table(docs: Sequence[np.ndarray], vocab_size: int, lm: BigramLM, *, max_n: int = 3,
+                window: int = 32, chunk_tokens: int = 1 << 22) -> NgramTable:
+    """Jump statistics of every 1..max_n-gram, added up over ranges of about `chunk_tokens` tokens."""
+    V = int(vocab_size)
+    parts: dict[int, list[tuple[np.ndarray, ...]]] = {n: [] for n in range(1, max_n + 1)}
+    moments = np.zeros((max_n + 1, 3))  # per n: occurrences, sum and sum of squares of the jumps
+    for i0, i1 in doc_batches(docs, chunk_tokens):
+        for n, key, doc, jump in _jumps(docs, i0, i1, lm, V, max_n, window):
+            moments[n] += (len(jump), jump.sum(), jump @ jump)
+            parts[n].append(_key_stats(key, doc, jump))
+            if len(parts[n]) > 8:  # keep the pending tables small
+                parts[n] = [_merge_stats(parts[n])]
+    sd = {n: math.sqrt(max(m[2] / m[0] - (m[1] / m[0]) ** 2, 0.0)) + 1e-9 for n, m in enumerate(moments)
+          if n and m[0]}
+    cols: list[list[np.ndarray]] = [[] for _ in range(6)]
+    for n, ps in parts.items():
+        if ps:
+            uk, cnt, df, s1 = _merge_stats(ps)
+            for col, v in zip(cols, (np.full(len(uk), n), uk, s1 / cnt, s1 / cnt / sd[n], df, cnt),
+                              strict=True):
+                col.append(v)
+    flat = [np.concatenate(c) if c else np.zeros(0) for c in cols]
+    return NgramTable(*flat, sd=sd, n_docs=len(docs))
+
+
+def lower_bound(tab: NgramTable, n_cand: int) -> np.ndarray:
+    """Lower confidence bound on each n-gram's mean jump (sd units), over `n_cand` candidates tested."""
+    return tab.mean_z - np.sqrt(2 * math.log(max(n_cand, 2)) / np.maximum(tab.df, 1))
+
+
 def mine_triggers(
     docs: Sequence[np.ndarray],
     vocab_size: int,
@@ -72,82 +194,62 @@ def mine_triggers(
     max_n: int = 3,
     window: int = 32,
     min_docs: int = 5,
-    max_df: float = 0.2,
+    max_df: float = 0.5,
+    rank: str = "lcb",
     top: int = 20,
-    merge_overlap: float = 0.8,
+    merge_overlap: float = 0.5,
     decode: Any = None,
+    chunk_tokens: int = 1 << 22,
 ) -> tuple[list[Candidate], dict[str, Any]]:
     """Rank candidate triggers in a corpus of token-id documents. Returns (candidates, occurrences)
-    where occurrences maps each returned candidate's tokens to (doc index array, jump z array)."""
-    docs = [np.asarray(d, dtype=np.int64) for d in docs]
-    lm = BigramLM(vocab_size).fit(docs)
-    lens = np.array([len(d) for d in docs], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lens)])
-    N = int(starts[-1])
-    if N == 0:
+    where occurrences maps each returned candidate's tokens to (doc index array, jump z array).
+
+    Three passes over the corpus in ranges of about `chunk_tokens` tokens (memory stays bounded):
+    fit the bigram model; add up per-n-gram jump statistics; collect the occurrences of the best
+    candidates."""
+    if rank not in ("lcb", "score"):
+        raise ValueError(f"trigger miner: rank must be 'lcb' or 'score', got {rank!r}")
+    V = int(vocab_size)
+    lm = BigramLM(V).fit(docs)
+    tab = ngram_table(docs, V, lm, max_n=max_n, window=window, chunk_tokens=chunk_tokens)
+    keep = (tab.df >= min_docs) & (tab.df <= max_df * tab.n_docs) & (tab.mean_jump > 0)
+    lcb = lower_bound(tab, int(keep.sum()))
+    score = tab.mean_z * np.sqrt(tab.df)
+    order = lcb if rank == "lcb" else score
+    idx = np.flatnonzero(keep)
+    best = idx[np.argsort(-order[idx], kind="stable")][: top * 10]  # enough to merge pieces of one trigger
+    if not len(best):
         return [], {}
-    t = np.concatenate(docs)
-    doc_of = np.repeat(np.arange(len(docs)), lens)
-    s = np.concatenate([lm.surprisal(d) for d in docs])
-    cs = np.concatenate([[0.0], np.cumsum(s)])
-    mu = float(s.mean())
-    a, b = starts[doc_of], starts[doc_of + 1]  # document bounds of each position
-    pos = np.arange(N)
-    n_docs_total = len(docs)
 
-    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []  # per n: keys, docs, z, n
-    cands: list[Candidate] = []
-    for n in range(1, max_n + 1):
-        ok = pos + n < b  # the n-gram fits and at least one token follows it
-        j = pos[ok]
-        if not len(j):
-            continue
-        key = np.zeros(len(j), dtype=np.int64)
-        for i in range(n):
-            key = key * vocab_size + t[j + i]
-        after = _windows(cs, j + n, np.minimum(j + n + window, b[ok]), mu)
-        before = _windows(cs, np.maximum(a[ok], j - window), j, mu)
-        jump = after - before
-        z = jump / (jump.std() + 1e-9)
-        uk, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
-        pair = np.unique(inv * n_docs_total + doc_of[j])
-        df = np.bincount(pair // n_docs_total, minlength=len(uk))
-        mean_z = np.bincount(inv, weights=z, minlength=len(uk)) / cnt
-        mean_jump = np.bincount(inv, weights=jump, minlength=len(uk)) / cnt
-        score = mean_z * np.sqrt(df)
-        keep = (df >= min_docs) & (df <= max_df * n_docs_total) & (mean_z > 0)
-        for u in np.flatnonzero(keep):
-            toks = tuple(int(x) for x in _unkey(int(uk[u]), n, vocab_size))
-            cands.append(Candidate(toks, "", float(score[u]), float(mean_jump[u]), float(mean_z[u]),
-                                   int(df[u]), int(cnt[u])))
-        groups.append((key, doc_of[j], z, n))
-
-    cands.sort(key=lambda c: -c.score)
-    cands = cands[: top * 20]  # plenty for merging; keeps the doc-set lookups cheap
-    by_n = {n: (key, dd, z) for key, dd, z, n in groups}
-
-    def occ(c: Candidate) -> tuple[np.ndarray, np.ndarray]:
-        key, dd, z = by_n[len(c.tokens)]
-        k = 0
-        for x in c.tokens:
-            k = k * vocab_size + x
-        m = key == k
-        return dd[m], z[m]
+    # Pass 3: every occurrence (document, z) of the best candidates.
+    bn, bk = tab.n[best], tab.key[best]
+    want = {n: np.unique(bk[bn == n]) for n in range(1, max_n + 1)}
+    found: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for i0, i1 in doc_batches(docs, chunk_tokens):
+        for n, key, doc, jump in _jumps(docs, i0, i1, lm, V, max_n, window, want):
+            for k in np.unique(key):
+                m = key == k
+                found.setdefault((n, int(k)), []).append((doc[m], jump[m] / tab.sd[n]))
 
     chosen: list[Candidate] = []
-    chosen_docs: list[set[int]] = []
+    chosen_docs: list[np.ndarray] = []
     occurrences: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
-    for c in cands:
-        dd, z = occ(c)
-        ds = set(dd.tolist())
-        hit = next((i for i, cd in enumerate(chosen_docs) if len(ds & cd) >= merge_overlap * len(ds)), None)
-        if hit is not None:
+    for u in best:
+        n, k = int(tab.n[u]), int(tab.key[u])
+        dd = np.concatenate([d for d, _ in found[(n, k)]])
+        ds = np.unique(dd)
+        hit = next((i for i, cd in enumerate(chosen_docs)
+                    if np.isin(ds, cd, assume_unique=True).sum() >= merge_overlap * len(ds)), None)
+        if hit is not None:  # mostly the same documents as a better candidate: a piece of it
             chosen[hit].merged += 1
             continue
-        c.text = decode(list(c.tokens)) if decode else " ".join(map(str, c.tokens))
+        toks = tuple(int(x) for x in _unkey(k, n, V))
+        c = Candidate(toks, decode(list(toks)) if decode else " ".join(map(str, toks)), float(score[u]),
+                      float(tab.mean_jump[u]), float(tab.mean_z[u]), float(lcb[u]), int(tab.df[u]),
+                      int(tab.occ[u]))
         chosen.append(c)
         chosen_docs.append(ds)
-        occurrences[c.tokens] = (dd, z)
+        occurrences[toks] = (dd, np.concatenate([z for _, z in found[(n, k)]]))
         if len(chosen) >= top:
             break
     return chosen, occurrences
@@ -163,56 +265,93 @@ def _unkey(k: int, n: int, V: int) -> list[int]:
 
 @register_detector("trigger-miner")
 class TriggerMiner(Detector):
-    description = "rare token n-grams followed by a jump in surprisal; flags docs holding a top candidate"
+    description = "rare token n-grams followed by a jump in surprisal; flags docs holding a strong candidate"
+    corpus_level = True
 
     def __init__(
         self,
-        top_k: int = 1,
-        min_jump: float = 0.0,
+        top_k: int = 10,
+        margin: float = 1.0,
         min_score: float = 12.0,
         min_mean_z: float = 1.5,
+        min_jump: float = 0.0,
+        rank: str = "lcb",
         max_n: int = 3,
         window: int = 32,
         min_docs: int = 5,
-        max_df: float = 0.2,
+        max_df: float = 0.5,
     ):
-        self.top_k, self.min_jump, self.min_score = int(top_k), float(min_jump), float(min_score)
-        self.min_mean_z = float(min_mean_z)
-        self.kw = {"max_n": int(max_n), "window": int(window), "min_docs": int(min_docs),
+        if rank not in ("lcb", "score"):
+            raise UserError(f"trigger-miner: rank must be 'lcb' or 'score', got {rank!r}")
+        self.top_k, self.margin, self.min_jump = int(top_k), float(margin), float(min_jump)
+        self.min_score, self.min_mean_z = float(min_score), float(min_mean_z)
+        self.kw = {"rank": rank, "max_n": int(max_n), "window": int(window), "min_docs": int(min_docs),
                    "max_df": float(max_df)}
         self.candidates: list[Candidate] = []
+        self.ref_lcb = 0.0
         self._tok: Any = None
 
     def fit(self, ctx: DefenseContext) -> None:
         self._tok = ctx.tokenizer
 
-    def mine(self, texts: Sequence[str], top: int = 20) -> list[Candidate]:
+    def encode(self, texts: Sequence[str], batch: int = 2000) -> list[np.ndarray]:
+        """Token ids of texts, encoded in batches (HF Encoding objects are large; keep only the ids)."""
         if self._tok is None:
             raise RuntimeError("trigger miner: call fit() first")
-        docs = [np.array(e.ids, dtype=np.int64) for e in self._tok.encode_batch(list(texts))]
+        out: list[np.ndarray] = []
+        for i in range(0, len(texts), batch):
+            encs = self._tok.encode_batch(list(texts[i : i + batch]))
+            out += [np.array(e.ids, dtype=np.int64) for e in encs]
+        return out
+
+    def mine(self, docs: Sequence[np.ndarray], top: int = 20) -> list[Candidate]:
+        """Candidates of a corpus of token-id documents (the tokenizer given to fit)."""
+        if self._tok is None:
+            raise RuntimeError("trigger miner: call fit() first")
         cands, occ = mine_triggers(
-            docs, self._tok.get_vocab_size(), top=max(top, self.top_k), decode=self._tok.decode, **self.kw
+            docs, self._tok.get_vocab_size(), top=max(top, self.top_k + 1), decode=self._tok.decode, **self.kw
         )
         self.candidates, self._occ = cands, occ
         return cands
 
+    def occurrences(self, c: Candidate) -> tuple[np.ndarray, np.ndarray]:
+        """(document index, jump z) of every occurrence of a mined candidate in the last scan."""
+        return self._occ[c.tokens]
+
+    def strong(self) -> list[Candidate]:
+        """The mined candidates that flag documents: among the top_k, those whose lcb beats the
+        corpus's own (top_k + 1)-th candidate, a proxy for its strongest ordinary change point, by
+        `margin` sd, and that pass the absolute floors min_score and min_mean_z."""
+        cands = self.candidates
+        self.ref_lcb = cands[self.top_k].lcb if len(cands) > self.top_k else 0.0
+        return [c for c in cands[: self.top_k] if c.lcb >= self.ref_lcb + self.margin
+                and c.score >= self.min_score and c.mean_z >= self.min_mean_z]
+
     def detect(self, texts: Sequence[str]) -> list[Verdict]:
-        cands = self.mine(texts)
-        best = np.full(len(texts), -np.inf)
-        which = [""] * len(texts)
-        strong = [c for c in cands[: self.top_k] if c.score >= self.min_score and c.mean_z >= self.min_mean_z]
-        for c in strong:
-            dd, z = self._occ[c.tokens]
-            for d, zz in zip(dd.tolist(), z.tolist(), strict=True):
-                if zz > best[d]:
-                    best[d], which[d] = zz, c.text
+        return self.detect_tokens(self.encode(texts))
+
+    def detect_tokens(self, docs: Sequence[np.ndarray]) -> list[Verdict]:
+        """Verdicts for a corpus given as token ids: the same as `detect` on their texts, without
+        re-encoding (prepared shards already hold the ids the tokenizer gives their texts)."""
+        self.mine(docs)
+        best = np.full(len(docs), -np.inf)
+        which = [""] * len(docs)
+        for c in self.strong():
+            dd, z = self.occurrences(c)
+            order = np.argsort(z, kind="stable")  # later writes win: each document keeps its largest jump
+            d, zz = dd[order], z[order]
+            up = zz > best[d]
+            best[d[up]] = zz[up]
+            for i in d[up].tolist():
+                which[i] = c.text
         return [
             Verdict(bool(best[i] >= self.min_jump), float(best[i]) if np.isfinite(best[i]) else 0.0,
                     f"trigger {which[i]!r}" if best[i] >= self.min_jump else "")
-            for i in range(len(texts))
+            for i in range(len(docs))
         ]
 
     def info(self) -> dict[str, Any]:
-        return {"top_k": self.top_k, "min_jump": self.min_jump, "min_score": self.min_score,
-                "min_mean_z": self.min_mean_z, **self.kw,
+        return {"top_k": self.top_k, "margin": self.margin, "ref_lcb": round(self.ref_lcb, 3),
+                "min_score": self.min_score, "min_mean_z": self.min_mean_z, "min_jump": self.min_jump,
+                **self.kw,
                 "candidates": [c.as_dict() for c in self.candidates[:10]]}

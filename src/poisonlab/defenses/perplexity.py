@@ -15,7 +15,7 @@ absolute value. `low_pct` / `min_ppl` add a lower cut for unusually predictable 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,53 +25,101 @@ from poisonlab.defenses.base import DefenseContext, Detector, Verdict, register_
 from poisonlab.errors import UserError
 
 
+def doc_batches(docs: Sequence[np.ndarray], max_tokens: int) -> Iterator[tuple[int, int]]:
+    """Consecutive document ranges [i, j) of about `max_tokens` tokens each: corpus passes in bounded
+    memory (a range always holds at least one document)."""
+    i, n = 0, len(docs)
+    while i < n:
+        j, tot = i, 0
+        while j < n and (j == i or tot + len(docs[j]) <= max_tokens):
+            tot += len(docs[j])
+            j += 1
+        yield i, j
+        i = j
+
+
+def _add_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Merge (sorted keys, counts) tables into one."""
+    keys = np.concatenate([k for k, _ in parts])
+    counts = np.concatenate([c for _, c in parts])
+    uk, inv = np.unique(keys, return_inverse=True)
+    return uk, np.bincount(inv, weights=counts, minlength=len(uk)).astype(np.int64)
+
+
 class BigramLM:
     """Token bigram model with interpolated absolute discounting (a Kneser-Ney-style backoff).
 
     p(w|v) = max(c(v,w) - D, 0) / c(v) + D * N1+(v.) / c(v) * p1(w),   p1 = add-one unigram.
-    Vectorised with numpy: a few million tokens fit in a second.
+    The first token of a document is scored by p1. Vectorised with numpy and fitted in passes of
+    `chunk_tokens`, so corpora of hundreds of millions of tokens fit in bounded memory.
     """
 
     def __init__(self, vocab_size: int, discount: float = 0.75):
         self.V, self.D = int(vocab_size), float(discount)
 
-    def fit(self, docs: Sequence[np.ndarray]) -> BigramLM:
+    def fit(self, docs: Sequence[np.ndarray], chunk_tokens: int = 1 << 24) -> BigramLM:
         V = self.V
-        toks = [np.asarray(d, dtype=np.int64) for d in docs if len(d)]
-        allt = np.concatenate(toks) if toks else np.zeros(0, np.int64)
-        uni = np.bincount(allt, minlength=V).astype(np.float64)
+        uni = np.zeros(V, dtype=np.float64)
+        first = np.zeros(V, dtype=np.float64)
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        for i, j in doc_batches(docs, chunk_tokens):
+            toks = [np.asarray(d, dtype=np.int64) for d in docs[i:j] if len(d)]
+            if not toks:
+                continue
+            uni += np.bincount(np.concatenate(toks), minlength=V)
+            first += np.bincount([int(d[0]) for d in toks], minlength=V)
+            keys = np.concatenate([d[:-1] * V + d[1:] for d in toks])
+            parts.append(np.unique(keys, return_counts=True))
+            if len(parts) > 8:
+                parts = [_add_counts(parts)]
         self.p1 = (uni + 1.0) / (uni.sum() + V)
-        pairs = [d[:-1] * V + d[1:] for d in toks if len(d) > 1]
-        keys = np.concatenate(pairs) if pairs else np.zeros(0, np.int64)
-        self.keys, self.counts = np.unique(keys, return_counts=True)
+        self.keys, self.counts = _add_counts(parts) if parts else (np.zeros(0, np.int64),) * 2
         self.ctx = np.bincount(self.keys // V, weights=self.counts, minlength=V)
         self.n_succ = np.bincount(self.keys // V, minlength=V).astype(np.float64)
+        self._table = None  # -log p of every bigram, when the vocabulary is small enough (<= 32 MB)
+        if V * V <= 1 << 22:
+            c = np.zeros(V * V)
+            c[self.keys] = self.counts
+            grid = np.arange(V * V)
+            self._table = -np.log(self._p(grid // V, grid % V, c))
+        # Mean surprisal of the fitted corpus, from the counts alone (no second pass).
+        n = uni.sum()
+        tot = float(first @ -np.log(self.p1))
+        if len(self.keys):
+            tot += float(self.counts @ -np.log(self._p(self.keys // V, self.keys % V, self.counts)))
+        self.mean_surprisal = tot / n if n else 0.0
         return self
 
-    def surprisal(self, tokens: np.ndarray) -> np.ndarray:
-        """-log p of every token (nats); the first token of the array is scored by the unigram model."""
+    def _p(self, prev: np.ndarray, cur: np.ndarray, c: np.ndarray) -> np.ndarray:
+        cv = self.ctx[prev]
+        safe = np.maximum(cv, 1.0)
+        return np.where(
+            cv > 0,
+            np.maximum(c - self.D, 0.0) / safe + self.D * self.n_succ[prev] / safe * self.p1[cur],
+            self.p1[cur],
+        )
+
+    def surprisal(self, tokens: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
+        """-log p of every token (nats). The first token, and those at the document `starts` of a
+        flat array of several documents, are scored by the unigram model."""
         t = np.asarray(tokens, dtype=np.int64)
         out = np.empty(len(t), dtype=np.float64)
         if not len(t):
             return out
         out[0] = -math.log(self.p1[t[0]])
-        if len(t) == 1:
-            return out
-        prev, cur = t[:-1], t[1:]
-        k = prev * self.V + cur
-        if len(self.keys):
-            idx = np.minimum(np.searchsorted(self.keys, k), len(self.keys) - 1)
-            c = np.where(self.keys[idx] == k, self.counts[idx], 0).astype(np.float64)
-        else:
-            c = np.zeros(len(k))
-        cv = self.ctx[prev]
-        safe = np.maximum(cv, 1.0)
-        p = np.where(
-            cv > 0,
-            np.maximum(c - self.D, 0.0) / safe + self.D * self.n_succ[prev] / safe * self.p1[cur],
-            self.p1[cur],
-        )
-        out[1:] = -np.log(p)
+        if len(t) > 1:
+            prev, cur = t[:-1], t[1:]
+            k = prev * self.V + cur
+            if self._table is not None:
+                out[1:] = self._table[k]
+            elif len(self.keys):
+                idx = np.minimum(np.searchsorted(self.keys, k), len(self.keys) - 1)
+                c = np.where(self.keys[idx] == k, self.counts[idx], 0).astype(np.float64)
+                out[1:] = -np.log(self._p(prev, cur, c))
+            else:
+                out[1:] = -np.log(self._p(prev, cur, np.zeros(len(k))))
+        if starts is not None and len(starts):
+            out[starts] = -np.log(self.p1[t[starts]])
         return out
 
 
