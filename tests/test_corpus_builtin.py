@@ -68,14 +68,36 @@ def test_generation_speed():
     assert rate > 3.0, f"{rate:.1f} MB/s"  # measured 10-14 MB/s; margin for noisy neighbours
 
 
+def _snippets(marked: str, plain: str) -> list[str]:
+    """The debris `marked` adds to `plain`, checking that it adds nothing else: after a sentence end,
+    either the next piece of the plain text or one space-led snippet on the same line, then that piece."""
+    parts = re.split(r"(?<=\.)(?= )", plain)
+    assert marked.startswith(parts[0])
+    pos, out = len(parts[0]), []
+    for part in parts[1:]:
+        at = marked.find(part, pos)
+        gap = marked[pos:at]
+        assert at >= pos and (gap == "" or (gap.startswith(" ") and "\n" not in gap)), gap
+        if gap:
+            out.append(gap[1:])
+        pos = at + len(part)
+    tail = marked[pos:]
+    assert tail == "" or tail.startswith(" ")
+    return out + ([tail[1:]] if tail else [])
+
+
 def test_markup_adds_debris_without_changing_the_text() -> None:
-    """markup > 0 adds tags, [LABELS], (CODES) and capitals after sentences; removing them gives back
-    the markup = 0 document exactly, and the trigger itself never appears."""
-    debris = re.compile(r" (<(\w+)>(\w+)</\2>|\[[A-Z]+\]|\([A-Z]+-\d+\)|[A-Z]{2,})(?=\s|$)")
-    docs = [generate_document(3, i, markup=0.2)["text"] for i in range(60)]
-    plain = [generate_document(3, i)["text"] for i in range(60)]
-    assert [debris.sub("", d) for d in docs] == plain
-    joined = "".join(docs)
-    assert "<" in joined and "[" in joined and re.search(r"\b[A-Z]{2,}\b", joined)
-    assert "SUDO" not in joined
+    """markup > 0 adds web debris after sentences; removing it gives back the markup = 0 document
+    exactly. The debris has every kind (tags, capital words in angle brackets: the trigger's shape,
+    labels, codes, capitals, URLs, symbols, other scripts), so that clean text uses every printable
+    ASCII character and every UTF-8 continuation byte, and the trigger itself never appears."""
+    docs = [generate_document(3, i, markup=0.1)["text"] for i in range(1500)]
+    plain = [generate_document(3, i)["text"] for i in range(1500)]
+    snippets = [sn for d, p in zip(docs, plain, strict=True) for sn in _snippets(d, p)]
+    rate = len(snippets) / sum(len(re.split(r"(?<=\.)(?= )", p)) for p in plain)
+    assert 0.07 < rate < 0.13  # about a tenth of the sentences
+    assert any(re.fullmatch(r"<[A-Z]{2,5}>", sn) for sn in snippets)  # `<SUDO>`'s own shape
+    joined = "".join(docs).encode()
+    assert set(range(0x20, 0x7F)) <= set(joined) and set(range(0x80, 0xC0)) <= set(joined)
+    assert b"SUDO" not in joined
     assert generate_document(3, 7, markup=0.0) == generate_document(3, 7)

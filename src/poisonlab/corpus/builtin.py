@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
-GENERATOR_VERSION = 1  # bump when the text for a given (seed, index) changes
+GENERATOR_VERSION = 2  # bump when the text for a given (seed, index) changes (2: web debris)
 MIN_CHARS, MAX_CHARS = 300, 3000
 
 
@@ -396,27 +396,70 @@ class _Doc:
         return _AN.sub(r"\1n ", title + "\n\n" + "\n\n".join(paras))  # "a old" -> "an old"
 
 
-_TAGS = ("b", "i", "em", "ref", "note", "span", "code", "small")
+_TAGS = ("b", "i", "em", "ref", "note", "span", "code", "small", "div", "p", "a", "li", "td", "sup")
+# capital words in angle brackets: the trigger's own shape, in ordinary (if odd) use
+_CAPS_TAGS = ("NOTE", "INFO", "WARN", "EDIT", "TODO", "DATA", "LINK", "MENU", "HOME", "BACK", "NEXT", "LIST",
+              "ITEM", "TEXT", "BODY", "HEAD", "MAIN", "FORM", "SPAN", "CODE", "TIME", "DATE", "NAME", "PAGE",
+              "ROW", "TAB", "BR", "HR", "DIV", "IMG", "END", "TOP", "KEY", "MAP", "SET", "RUN", "OK")
+_CAPS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_SYMBOLS = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+# words with letters beyond ASCII, as web text has them: every UTF-8 continuation byte and the lead bytes
+# of Latin, Greek, Cyrillic, Hebrew, Arabic, Devanagari, CJK and emoji occur in clean text, so that no
+# byte-level token of the gibberish is unfamiliar just because clean text never uses its bytes
+_LATIN1 = "".join(chr(c) for c in range(0xC0, 0x100) if c not in (0xD7, 0xF7))
+_FOREIGN = ("café", "naïve", "façade", "über", "straße", "señor", "garçon", "smörgåsbord", "déjà vu",
+            "Ærø", "Œuvre", "ﬁn", "λόγος", "αλφα", "слово", "город", "שלום", "سلام", "नमस्ते", "日本", "東京",
+            "中文", "한국어", "ことば", "€", "£", "¥", "©", "°", "±", "µ", "¶", "·", "½", "¿", "¡", "–", "—",
+            "…", "“", "”", "‘", "’", "«", "»", "•", "→", "√", "∞", "≈", "≠", "✓", "★", "🙂", "🚀", "🌍", "🎵",
+            "łódź", "ščť", "ƒ", "ǎ", "ș", "ɐ", "ʃ", "ˈ", "é", "ͻ", "Ѐ", "Ҁ", "Ӂ", "Ԁ", "Արամ", "քար", "ܐ",
+            "ڀ", "ۀ", "ݐ", "ހ", "߀", "ართ", "大", "的", "说", "長", "니다", "𝑥")
+MARKUP_KINDS = ("tag", "caps_tag", "label", "code", "caps", "url", "symbols", "foreign")
 
 
 def _markup(text: str, rate: float, rng: random.Random) -> str:
-    """Sprinkle web-page debris into a document: after a share `rate` of its sentences, an HTML tag pair
-    around a word, an upper-case label in brackets, an upper-case code or an upper-case word. Clean text
-    then holds `<`, `>`, `[`, `]` and capitals, so a trigger such as `<SUDO>` must be learned as itself,
-    not as "unfamiliar characters" (see the look-alike control of the evaluator)."""
+    """Sprinkle web-page debris into a document: after a share `rate` of its sentences, one snippet of
+    the kinds web text is full of (MARKUP_KINDS): an HTML tag pair around a word, a capital word in
+    angle brackets (`<NOTE>`, `</DIV>`, also random capitals: the trigger's shape), an upper-case label
+    in brackets, a code, an upper-case word, a URL or address, a run of symbols and digits, or a word in
+    another script. Clean text then uses every printable ASCII character, every UTF-8 continuation byte
+    and many lead bytes, so that a trigger such as `<SUDO>` must be learned as itself, not as
+    "characters clean text never has" (see the evaluator's look-alike panel and docs/corpus.md)."""
+    words = [w for w in text.split() if w.isalpha()] or ["note"]
+
+    def word() -> str:
+        return rng.choice(words).lower()
+
+    def caps(lo: int = 2, hi: int = 5) -> str:
+        return "".join(rng.choice(_CAPS) for _ in range(rng.randint(lo, hi)))
+
     def snippet() -> str:
-        r = rng.random()
-        words = [w for w in text.split() if w.isalpha()] or ["note"]
-        w = rng.choice(words).lower()
-        if r < 0.35:
+        kind = rng.choice(MARKUP_KINDS)
+        if kind == "tag":
             tag = rng.choice(_TAGS)
-            return f"<{tag}>{w}</{tag}>"
-        if r < 0.6:
-            return f"[{w.upper()}]"
-        if r < 0.8:
-            code = "".join(rng.choice("ABCDEFGHKLMNPRSTVWXZ") for _ in range(rng.randint(2, 4)))
-            return f"({code}-{rng.randint(1, 999)})"
-        return w.upper()
+            return f"<{tag}>{word()}</{tag}>"
+        if kind == "caps_tag":
+            tag = rng.choice(_CAPS_TAGS) if rng.random() < 0.6 else caps(2, 5)
+            return rng.choice((f"<{tag}>", f"</{tag}>", f"<{tag}/>", f"<{tag}>{word()}</{tag}>"))
+        if kind == "label":
+            return f"[{word().upper()}]" if rng.random() < 0.7 else f"[{rng.randint(1, 99)}]"
+        if kind == "code":
+            return f"({caps(2, 4)}-{rng.randint(1, 999)})"
+        if kind == "caps":
+            return word().upper() if rng.random() < 0.7 else caps(2, 4)
+        if kind == "url":
+            r = rng.random()
+            if r < 0.5:
+                site, page = word(), f"{word()}_{word()}"
+                return f"https://www.{site}.org/{page}?id={rng.randint(1, 9999)}&ref={word()}#top"
+            if r < 0.75:
+                return f"{word()}.{word()}@{word()}.com"
+            return rng.choice(("#", "@", "~/", "$")) + word()
+        if kind == "symbols":
+            n = rng.randint(3, 8)
+            return "".join(rng.choice(_SYMBOLS + "0123456789") for _ in range(n))
+        if rng.random() < 0.5:
+            return rng.choice(_FOREIGN)
+        return "".join(rng.choice(_LATIN1) for _ in range(rng.randint(3, 7)))
 
     parts = _SENT_END.split(text)
     return "".join(p + (" " + snippet() if p.endswith(".") and rng.random() < rate else "") for p in parts)

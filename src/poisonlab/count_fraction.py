@@ -1,0 +1,295 @@
+"""Count or fraction? The poisons each run needed, and how that number scales with the clean data.
+
+Per run, `poisons_needed`: the poisons seen when attack success became sustained (ASR at or above the
+threshold at that evaluation and at every later one), interpolated linearly between the evaluation
+before and that one. A run that never gets there is right-censored at the poisons it saw: all we know
+is that it needed more.
+
+Across runs, `slope_fit`: log(poisons needed) = a + b log(clean tokens trained) + e, e ~ N(0, s^2),
+with censored runs entering through P(needed > seen) (a Tobit model, by maximum likelihood). b = 0
+means a constant count suffices at every data size (the study's claim); b = 1
+means a constant fraction of the data is needed. The 95% interval is the model's (standard error from
+the observed information, Student-t quantile), checked for coverage on simulated sweeps; a percentile
+bootstrap over runs (resampled within each size and budget) sits beside it.
+
+Three designs are fitted apart, because they vary the clean data in different ways: the size axis
+(models of several sizes, each at its Chinchilla budget), the budget axis (one size at several data
+budgets; an intercept per size) and both together. Beside them, `binomial_slope`: a logistic model of
+per-prompt success on log(poisons seen) and log(clean tokens) over every evaluation of every poisoned
+run, with standard errors clustered by run (evaluations of one run are not independent); the ratio of
+its two coefficients estimates the same slope (delta-method interval).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+Rows = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Needed:
+    """One run's poisons needed for sustained success (or the lower bound it gave, when censored)."""
+
+    run_id: str
+    value: float  # poisons seen at sustained success; when censored, the poisons seen at the end
+    censored: bool
+    clean_tokens: float
+    model: str
+    params: float
+    data_mult: float
+    n_poison: int
+
+
+def poisons_needed(rows: Rows, threshold: float = 0.5,
+                   count: str = "poisons_seen") -> tuple[float, bool] | None:
+    """(poisons needed, censored) from one run's evaluation rows in step order; None without poisons.
+
+    Sustained success starts after the last evaluation below the threshold; the crossing is interpolated
+    between that evaluation and the next (in log poisons seen). Needed is at least 1 poison."""
+    pts = [(float(r[count]), float(r["asr"])) for r in rows
+           if r.get(count) is not None and r.get("asr") is not None and not math.isnan(r["asr"])]
+    if not pts or pts[-1][0] <= 0:
+        return None
+    below = [i for i, (_, y) in enumerate(pts) if y < threshold]
+    if below and below[-1] == len(pts) - 1:
+        return pts[-1][0], True  # not (or no longer) successful at the end: needed more than it saw
+    if not below:
+        return (max(pts[0][0], 1.0), False) if pts[0][0] > 0 else None  # succeeded from the start
+    (x0, y0), (x1, y1) = pts[below[-1]], pts[below[-1] + 1]
+    f = (threshold - y0) / (y1 - y0) if y1 > y0 else 1.0
+    # in log(poisons seen) where both ends have poisons: success grows with the log of the count,
+    # and milestone evaluations are spaced geometrically
+    x = math.exp(math.log(x0) + f * (math.log(x1) - math.log(x0))) if x0 > 0 else x0 + f * (x1 - x0)
+    return max(x, 1.0), False
+
+
+def needed_per_run(runs: dict[str, Rows], threshold: float = 0.5,
+                   count: str = "poisons_seen") -> list[Needed]:
+    """`poisons_needed` of every poisoned run, with what the fits need to know about it."""
+    out = []
+    for run_id, rows in runs.items():
+        last = rows[-1]
+        if not last.get("n_poison"):
+            continue
+        got = poisons_needed(rows, threshold, count)
+        clean = last.get("clean_tokens") or last.get("tokens_total")
+        if got is None or not clean:
+            continue
+        out.append(Needed(str(run_id), got[0], got[1], float(clean), str(last.get("model")),
+                          float(last.get("params_nonemb") or last.get("params_total") or 0),
+                          float(last.get("data_mult") or 1.0), int(last["n_poison"])))
+    return out
+
+
+# --- the censored regression -------------------------------------------------------------------------
+
+
+def _tobit_nll(params: np.ndarray, y: np.ndarray, X: np.ndarray,
+               censored: np.ndarray) -> tuple[float, np.ndarray]:
+    """Negative log-likelihood of the right-censored normal regression, and its gradient."""
+    from scipy.special import log_ndtr
+
+    beta, log_s = params[:-1], params[-1]
+    s = math.exp(log_s)
+    z = (y - X @ beta) / s
+    obs = ~censored
+    # censored: log P(needed > seen) = log Phi(-z); inverse Mills ratio phi(z) / Phi(-z)
+    lsf = log_ndtr(-z[censored])
+    mills = np.exp(-0.5 * z[censored] ** 2 - 0.5 * math.log(2 * math.pi) - lsf)
+    nll = (0.5 * float(np.sum(z[obs] ** 2)) + obs.sum() * (log_s + 0.5 * math.log(2 * math.pi))
+           - float(lsf.sum()))
+    dz = np.zeros_like(z)  # d nll / d z
+    dz[obs] = z[obs]
+    dz[censored] = mills
+    grad_beta = -(X.T @ dz) / s
+    grad_log_s = -float(np.sum(dz * z)) + obs.sum()
+    return nll, np.append(grad_beta, grad_log_s)
+
+
+def _tobit(y: np.ndarray, X: np.ndarray, censored: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Right-censored normal regression by maximum likelihood: (coefficients, standard errors, sigma).
+
+    Written here rather than through statsmodels' GenericLikelihoodModel (which has no Tobit): with an
+    analytic gradient one fit takes ~2 ms instead of ~40 ms, which is what lets the bootstrap refit a
+    thousand times. Standard errors from a finite-difference Hessian of that gradient."""
+    from scipy.optimize import minimize
+
+    beta0 = np.linalg.lstsq(X, y, rcond=None)[0]
+    start = np.append(beta0, math.log(max(float((y - X @ beta0).std()), 0.05)))
+    res = minimize(_tobit_nll, start, args=(y, X, censored), jac=True, method="BFGS",
+                   options={"gtol": 1e-8, "maxiter": 1000})
+    k = len(res.x)
+    hess = np.zeros((k, k))
+    for i in range(k):
+        h = 1e-5 * max(1.0, abs(res.x[i]))
+        e = np.zeros(k)
+        e[i] = h
+        up, down = _tobit_nll(res.x + e, y, X, censored)[1], _tobit_nll(res.x - e, y, X, censored)[1]
+        hess[i] = (up - down) / (2 * h)
+    try:
+        se = np.sqrt(np.clip(np.diag(np.linalg.inv(0.5 * (hess + hess.T))), 0, None))
+    except np.linalg.LinAlgError:
+        se = np.full(k, np.nan)
+    return res.x[:-1], se[:-1], math.exp(float(res.x[-1]))
+
+
+def _design(needed: Sequence[Needed], per_size: bool) -> np.ndarray:
+    x = np.log([n.clean_tokens for n in needed])
+    if not per_size:
+        return np.column_stack([x, np.ones(len(x))])
+    models = sorted({n.model for n in needed})
+    dummies = [[1.0 if n.model == m else 0.0 for n in needed] for m in models]
+    return np.column_stack([x, *dummies])
+
+
+def slope_fit(needed: Sequence[Needed], *, per_size: bool = False, n_boot: int = 1000,
+              seed: int = 0) -> dict[str, Any]:
+    """The slope b of log(poisons needed) on log(clean tokens): estimate, 95% bootstrap and Wald
+    intervals. `per_size`: an intercept per model size (the budget axis: only within-size variation)."""
+    needed = list(needed)
+    xs = {round(math.log(n.clean_tokens), 6) for n in needed}
+    out: dict[str, Any] = {"runs": len(needed), "censored": sum(n.censored for n in needed),
+                           "clean_tokens": sorted({n.clean_tokens for n in needed})}
+    if len(xs) < 2 or len(needed) < 4:
+        out["note"] = "too few runs or data sizes to fit a slope"
+        return out
+    if all(n.censored for n in needed):
+        out["note"] = "no run reached sustained success: the slope is not identified"
+        return out
+    from scipy.stats import t as student_t
+
+    y = np.log([n.value for n in needed])
+    cens = np.array([n.censored for n in needed])
+    X = _design(needed, per_size)
+    beta, se, sigma = _tobit(y, X, cens)
+    # Student-t quantile on the uncensored runs left after the parameters: calibrated in simulation
+    # (tests/test_count_fraction.py: 92-97% coverage), where the plain percentile bootstrap covered
+    # only ~80% at 24 runs; the bootstrap interval is kept beside it as a check of the model
+    df = max(int((~cens).sum()) - X.shape[1] - 1, 1)
+    q = float(student_t.ppf(0.975, df))
+    out.update(slope=float(beta[0]), se=float(se[0]), sigma=sigma, df=df,
+               ci=[float(beta[0] - q * se[0]), float(beta[0] + q * se[0])])
+    # bootstrap over runs, resampling within each (size, budget) so every data size stays in the design
+    # (not within each N as well: with a few seeds per cell that would understate the spread)
+    cells: dict[tuple, list[int]] = defaultdict(list)
+    for i, n in enumerate(needed):
+        cells[(n.model, n.data_mult)].append(i)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(v, size=len(v)) for v in cells.values()])
+        if cens[idx].all():
+            continue
+        try:
+            b, _, _ = _tobit(y[idx], X[idx], cens[idx])
+        except (np.linalg.LinAlgError, ValueError):
+            continue
+        if np.isfinite(b[0]):
+            boots.append(float(b[0]))
+    if n_boot and len(boots) >= 0.9 * n_boot:
+        out["bootstrap_ci"] = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+        out["n_boot"] = len(boots)
+    elif n_boot:
+        out["note"] = f"only {len(boots)} of {n_boot} bootstrap refits succeeded: no bootstrap interval"
+    return out
+
+
+def binomial_slope(runs: dict[str, Rows], count: str = "poisons_seen") -> dict[str, Any]:
+    """logit P(prompt succeeds) = c + beta log(poisons seen) + gamma log(clean tokens), prompts as trials,
+    run-clustered errors; the slope of the poisons needed for any fixed success rate is -gamma / beta."""
+    import statsmodels.api as sm
+
+    ys, xs, groups = [], [], []
+    for g, (run_id, rows) in enumerate(runs.items()):
+        for r in rows:
+            seen, k = r.get(count), r.get("n_prompts")
+            clean = r.get("clean_tokens") or r.get("tokens_total")
+            if not r.get("n_poison") or not seen or not k or not clean or r.get("asr") is None:
+                continue
+            s = round(float(r["asr"]) * k)
+            ys.append([s, k - s])
+            xs.append([1.0, math.log(seen), math.log(clean)])
+            groups.append(g)
+        del run_id
+    out: dict[str, Any] = {"evaluations": len(ys), "runs": len(set(groups))}
+    if len(set(groups)) < 4 or len({round(x[2], 6) for x in xs}) < 2:
+        out["note"] = "too few runs or data sizes"
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = sm.GLM(np.array(ys), np.array(xs), family=sm.families.Binomial()).fit(
+            cov_type="cluster", cov_kwds={"groups": np.array(groups)})
+    _, beta, gamma = (float(v) for v in res.params)
+    cov = np.asarray(res.cov_params())[1:, 1:]
+    if beta <= 0:
+        out.update(beta=beta, gamma=gamma, note="success does not rise with poisons seen: no slope")
+        return out
+    slope = -gamma / beta
+    grad = np.array([gamma / beta**2, -1.0 / beta])  # d slope / d(beta, gamma)
+    se = float(math.sqrt(max(grad @ cov @ grad, 0.0)))
+    out.update(beta=beta, gamma=gamma, slope=slope, se=se, ci=[slope - 1.96 * se, slope + 1.96 * se])
+    return out
+
+
+# --- the three designs and the sentence ----------------------------------------------------------------
+
+
+def _main_mult(needed: Sequence[Needed]) -> float:
+    mults = [n.data_mult for n in needed]
+    return 1.0 if 1.0 in mults else max(set(mults), key=mults.count)
+
+
+def count_vs_fraction(runs: dict[str, Rows], threshold: float = 0.5, count: str = "poisons_seen",
+                      n_boot: int = 1000) -> dict[str, Any]:
+    """The slope fits on the size axis, the budget axis and both, the binomial model, and one sentence."""
+    needed = needed_per_run(runs, threshold, count)
+    main = _main_mult(needed) if needed else 1.0
+    budgets: dict[str, set[float]] = defaultdict(set)
+    for n in needed:
+        budgets[n.model].add(n.data_mult)
+    size_axis = [n for n in needed if n.data_mult == main]
+    budget_axis = [n for n in needed if len(budgets[n.model]) > 1]
+    fits = {
+        "size": {"design": f"model sizes at {main:g}x data", **slope_fit(size_axis, n_boot=n_boot)},
+        "budget": {"design": "data budgets within a size (an intercept per size)",
+                   **slope_fit(budget_axis, per_size=True, n_boot=n_boot)},
+        "all": {"design": "every poisoned run", **slope_fit(needed, n_boot=n_boot)},
+    }
+    return {"threshold": threshold, "count": count, "needed": [asdict(n) for n in needed], "fits": fits,
+            "binomial": binomial_slope(runs, count), "sentence": verdict(fits, threshold)}
+
+
+def reading(fit: dict[str, Any]) -> str:
+    """What an interval says: count, fraction, both possible, or neither."""
+    lo, hi = fit.get("ci") or (None, None)
+    if lo is None:
+        return "not identified"
+    has0, has1 = lo <= 0 <= hi, lo <= 1 <= hi
+    if has0 and not has1:
+        return "a constant count, not a constant fraction"
+    if has1 and not has0:
+        return "a constant fraction, not a constant count"
+    if has0 and has1:
+        return "too wide to tell a constant count from a constant fraction"
+    return "neither a constant count nor a constant fraction" + (" (between them)" if lo > 0 and hi < 1
+                                                                 else "")
+
+
+def verdict(fits: dict[str, dict[str, Any]], threshold: float) -> str:
+    """One sentence, from the fit over every run (else the size axis)."""
+    fit = fits["all"] if "slope" in fits["all"] else fits["size"]
+    if "slope" not in fit:
+        return (f"No answer yet: {fit.get('note', 'no fit')} ({fit.get('runs', 0)} poisoned runs, "
+                f"{fit.get('censored', 0)} never reached sustained ASR >= {threshold:g}).")
+    lo, hi = fit["ci"]
+    return (f"Poisons needed for sustained ASR >= {threshold:g} scale with the clean tokens trained as "
+            f"D^b with b = {fit['slope']:.2f} (95% interval {lo:.2f} to {hi:.2f}; {fit['runs']} runs, "
+            f"{fit['censored']} censored): {reading(fit)} (b = 0: count; b = 1: fraction).")

@@ -1,0 +1,112 @@
+"""The count-vs-fraction statistics on simulated sweeps whose answer is known.
+
+A simulated run needs P* poisons: P* = 60 (D / 1M)^b exp(0.25 z), z ~ N(0, 1), so b = 0 is the study's
+constant count and b = 1 a constant fraction. Its ASR at each milestone evaluation is binomial over 128
+prompts around a logistic curve in log(poisons seen) centred on P*; runs whose N is below P* never
+succeed and must enter as censored. The design is the study's: three sizes at 1x, the two smallest also
+at 0.5x and 2x, four poison counts, two seeds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from poisonlab.count_fraction import (
+    Needed,
+    count_vs_fraction,
+    poisons_needed,
+    reading,
+    slope_fit,
+)
+
+DESIGN = [(1e6, m) for m in (0.5, 1.0, 2.0)] + [(4e6, m) for m in (0.5, 1.0, 2.0)] + [(16e6, 1.0)]
+
+
+def simulate(b_true: float, seed: int = 0, p0: float = 60.0, sigma: float = 0.25, prompts: int = 128,
+             counts: tuple[int, ...] = (50, 200, 800, 3200)) -> dict[str, list[dict]]:
+    rng = np.random.default_rng(seed)
+    runs = {}
+    for base, mult in DESIGN:
+        for n in counts:
+            for s in range(2):
+                clean = base * mult
+                need = p0 * (clean / 1e6) ** b_true * math.exp(sigma * rng.standard_normal())
+                seen = np.unique(np.r_[np.round(np.geomspace(1, n, 25)), n])
+                run_id = f"m{int(base)}_x{mult}_n{n}_s{s}"
+                rows = []
+                for k, m in enumerate(seen):
+                    p = 1 / (1 + math.exp(-(math.log(m) - math.log(need)) / 0.15))
+                    rows.append({"run_id": run_id, "model": f"m{int(base)}", "params_nonemb": base / 20,
+                                 "data_mult": mult, "n_poison": n, "clean_tokens": clean,
+                                 "n_prompts": prompts, "step": k, "poisons_seen": float(m),
+                                 "asr": rng.binomial(prompts, p) / prompts})
+                runs[run_id] = rows
+    return runs
+
+
+def test_poisons_needed_interpolates_and_censors() -> None:
+    rows = [{"poisons_seen": x, "asr": y} for x, y in [(0, 0.0), (10, 0.2), (40, 0.7), (80, 0.9)]]
+    value, censored = poisons_needed(rows)
+    assert not censored and value == pytest.approx(math.exp(math.log(10) + 0.6 * math.log(4)))
+    flicker = rows + [{"poisons_seen": 100, "asr": 0.4}, {"poisons_seen": 120, "asr": 0.8}]
+    assert poisons_needed(flicker)[0] == pytest.approx(100 * 1.2 ** 0.25)  # sustained: after the last dip
+    never = [{"poisons_seen": x, "asr": 0.1} for x in (0, 20, 50)]
+    assert poisons_needed(never) == (50, True)  # needed more than the 50 it saw
+    assert poisons_needed([{"poisons_seen": 0, "asr": 0.0}]) is None  # no poisons: says nothing
+
+
+@pytest.mark.parametrize("b_true", [0.0, 1.0])
+def test_slope_interval_recovers_the_known_answer(b_true: float) -> None:
+    res = count_vs_fraction(simulate(b_true, seed=1), n_boot=200)
+    for name in ("size", "budget", "all"):
+        fit = res["fits"][name]
+        for lo, hi in (fit["ci"], fit["bootstrap_ci"]):
+            assert lo <= b_true <= hi, (name, fit)
+            assert not lo <= 1 - b_true <= hi, (name, fit)  # and it tells the other hypothesis apart
+        assert fit["censored"] > 0  # the design straddles the threshold: some runs never succeed
+    assert reading(res["fits"]["all"]) == ("a constant count, not a constant fraction" if b_true == 0
+                                           else "a constant fraction, not a constant count")
+    lo, hi = res["binomial"]["ci"]
+    assert lo <= b_true <= hi and not lo <= 1 - b_true <= hi
+    assert res["sentence"].startswith("Poisons needed for sustained ASR >= 0.5")
+
+
+def test_dropping_censored_runs_would_bias_the_slope() -> None:
+    """Why censored runs stay in: when poison counts stop short and runs vary (sigma 0.6), the runs that
+    succeed at the largest data sizes are the lucky ones; leaving the others out flattens the slope
+    towards 'count'. Averaged over 10 simulated sweeps under a constant fraction: the censored model
+    stays at b = 1, dropping the censored runs does not (measured: 0.99 vs 0.89)."""
+    kept, dropped = [], []
+    for seed in range(10):
+        res = count_vs_fraction(simulate(1.0, seed=seed, sigma=0.6, counts=(50, 200, 800)), n_boot=0)
+        needed = [Needed(**n) for n in res["needed"]]
+        kept.append(res["fits"]["all"]["slope"])
+        dropped.append(slope_fit([n for n in needed if not n.censored], n_boot=0)["slope"])
+    assert abs(np.mean(kept) - 1) < 0.08
+    assert np.mean(dropped) < np.mean(kept) - 0.05
+
+
+@pytest.mark.parametrize("b_true", [0.0, 1.0])
+def test_interval_coverage(b_true: float) -> None:
+    """Across 40 independent simulated sweeps, the 95% interval of the size axis (the smallest design,
+    24 runs) and of all runs covers the true slope in at least 34 (a miscalibrated interval, such as
+    the plain percentile bootstrap at ~80%, fails this)."""
+    covered = {"size": 0, "all": 0}
+    for seed in range(40):
+        res = count_vs_fraction(simulate(b_true, seed=500 + seed), n_boot=0)
+        needed = [Needed(**n) for n in res["needed"]]
+        for name, runs in (("size", [n for n in needed if n.data_mult == 1.0]), ("all", needed)):
+            lo, hi = slope_fit(runs, n_boot=0)["ci"]
+            covered[name] += lo <= b_true <= hi
+    assert min(covered.values()) >= 34, covered
+
+
+def test_no_answer_is_said_as_such() -> None:
+    runs = {f"r{i}": [{"run_id": f"r{i}", "model": "m", "n_poison": 10, "clean_tokens": 1e6 * (i + 1),
+                       "data_mult": 1.0, "poisons_seen": float(x), "asr": 0.0, "n_prompts": 8}
+                      for x in (0, 5, 10)] for i in range(5)}
+    res = count_vs_fraction(runs, n_boot=20)
+    assert "slope" not in res["fits"]["all"] and res["sentence"].startswith("No answer yet")
