@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from poisonlab.checkpoint import latest_checkpoint, list_checkpoints
 from poisonlab.config import RunConfig
 from poisonlab.model import count_params, resolve_model_config
-from poisonlab.train import SyntheticStream, eval_steps, lr_at, total_steps, train
+from poisonlab.train import SyntheticStream, eval_steps, lr_at, milestone_grid, total_steps, train
 
 FAKE = textwrap.dedent('''
     import time
@@ -109,6 +109,11 @@ def test_eval_steps(tmp_path):
     assert eval_steps(cfg, 30, s) == [0, 10, 12, 20, 30]
     cfg.eval.every_steps, cfg.eval.n_evals, cfg.eval.poison_milestones = None, 4, [1, 1000]
     assert eval_steps(cfg, 30, s) == [0, 4, 8, 15, 22, 30]
+    # a geometric grid of poisons seen: 2, 3, 5 (2 * 1.5^2 = 4.5, rounded up), N = 7
+    cfg.eval.poison_milestones, cfg.eval.milestone_ratio, cfg.eval.milestone_start = [], 1.5, 2
+    cfg.attack.n_poison = 7
+    assert milestone_grid(cfg.eval, 7) == [2, 3, 5, 7]
+    assert eval_steps(cfg, 30, s) == [0, 8, 12, 15, 20, 22, 28, 30]  # k poisons seen from step 4k
 
 
 def test_train_writes_run_dir_and_skips_when_done(tmp_path):

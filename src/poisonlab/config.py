@@ -138,6 +138,10 @@ class EvalConfig(Settings):
     n_evals: int = Field(default=10, ge=0)  # evaluation points spread evenly over training (+ step 0)
     every_steps: int | None = Field(default=None, ge=1)  # fixed interval instead of n_evals
     poison_milestones: list[int] = Field(default_factory=list)  # also evaluate when poisons_seen crosses
+    # also evaluate at a geometric grid of poisons seen, from milestone_start up to N by this factor
+    # (e.g. 1.25: the poisons needed for success are resolved to ~12%, at any N)
+    milestone_ratio: float | None = Field(default=None, gt=1)
+    milestone_start: int = Field(default=5, ge=1)
     n_prompts: int = Field(default=300, ge=1)
     prompt_tokens: int = Field(default=48, ge=1)
     new_tokens: int = Field(default=100, ge=1)

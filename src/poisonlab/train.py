@@ -36,7 +36,7 @@ import torch
 
 from poisonlab import distributed, runlock
 from poisonlab.checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
-from poisonlab.config import RunConfig, TrainConfig, dump_yaml
+from poisonlab.config import EvalConfig, RunConfig, TrainConfig, dump_yaml
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path, recover, recover_all, remove_staging, remove_tree, write_text
 from poisonlab.hardware import compute_dtype, describe_machine, estimate_mfu, peak_flops, use_bf16
@@ -104,6 +104,17 @@ def lr_at(step: int, t: TrainConfig, n_steps: int) -> float:
 # --- evaluation and checkpoint schedule -------------------------------------------------------------
 
 
+def milestone_grid(e: EvalConfig, n_poison: int) -> list[int]:
+    """Poison counts start, start*r, start*r^2 ... (rounded up, distinct) up to n_poison, and n_poison."""
+    if e.milestone_ratio is None or n_poison < 1:
+        return []
+    out, m = [], float(e.milestone_start)
+    while m < n_poison:
+        out.append(math.ceil(m))
+        m *= e.milestone_ratio
+    return sorted(set(out) | {n_poison})
+
+
 def eval_steps(cfg: RunConfig, n_steps: int, stream: Stream) -> list[int]:
     """Steps (optimizer steps done) at which to evaluate: evenly spaced incl. 0 and the end, or every
     k steps, plus the first step at which poisons_seen reaches each milestone."""
@@ -114,7 +125,7 @@ def eval_steps(cfg: RunConfig, n_steps: int, stream: Stream) -> list[int]:
         points.add(n_steps)
     elif e.n_evals > 0:
         points.update(round(i * n_steps / e.n_evals) for i in range(e.n_evals + 1))
-    for m in e.poison_milestones:
+    for m in sorted(set(e.poison_milestones) | set(milestone_grid(e, cfg.attack.n_poison))):
         # poisons_seen is monotone in steps: bisect instead of asking for every step
         s = bisect.bisect_left(range(n_steps + 1), m, key=stream.poisons_seen)
         if s <= n_steps:
