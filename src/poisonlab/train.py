@@ -136,7 +136,7 @@ def eval_steps(cfg: RunConfig, n_steps: int, stream: Stream) -> list[int]:
 # --- the run directory -------------------------------------------------------------------------------
 
 def run_columns(cfg: RunConfig, params_total: int, params_nonemb: int,
-                data_epochs: int | None) -> dict:
+                data_epochs: int | None, clean_tokens: int | None = None) -> dict:
     """The run's settings in every metrics row, so a row stands alone: the contract's columns plus
     every setting a sweep may vary apart from the seeds (which a summary averages over, and says so)."""
     t = cfg.train
@@ -146,7 +146,7 @@ def run_columns(cfg: RunConfig, params_total: int, params_nonemb: int,
         trigger=cfg.eval.trigger or cfg.attack.trigger, lookalike=cfg.eval.lookalike,
         schedule=cfg.placement.schedule, attack_seed=cfg.attack.seed, placement_seed=cfg.placement.seed,
         tokens_per_param=t.tokens_per_param, budget_params=t.budget_params, max_steps=t.max_steps,
-        data_epochs=data_epochs,
+        data_epochs=data_epochs, clean_tokens=clean_tokens,  # clean tokens the whole run trains on
     )
 
 
@@ -382,7 +382,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     peak = peak_info.flops or 0.0
     peak *= dist.world
     tokens_per_step = t.batch_size * mcfg.seq_len
-    run_cols = run_columns(cfg, total, nonemb, getattr(stream, "epochs_needed", None))
+    run_cols = run_columns(cfg, total, nonemb, getattr(stream, "epochs_needed", None),
+                           getattr(stream, "clean_tokens_needed", None))
     if dist.main and (run_cols["data_epochs"] or 1) > 1:
         _warn(f"{cfg.name}: trains on {run_cols['data_epochs']} passes over the clean data of {cfg.data} "
               "(train.allow_data_repeat): repeated data is a different experiment from the study's")
