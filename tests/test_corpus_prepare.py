@@ -59,15 +59,19 @@ def test_headers_match_a_recount(prepared_builtin):
     assert summary["train"]["n_tokens"] >= 300_000 and summary["eval"]["n_docs"] == 64
 
 
-def test_builtin_round_trips_and_has_no_angle_brackets(prepared_builtin):
+def test_builtin_round_trips_with_web_debris_but_not_the_trigger(prepared_builtin):
+    """The default built-in corpus carries web debris (markup 0.1): `<`, `>` and capital words in angle
+    brackets are ordinary in clean text, but the trigger's token sequence is not (prepare counts it)."""
     tok = load_tokenizer(prepared_builtin)
     for split in ("train", "eval"):
         shard = TokenShard.open(prepared_builtin, split)
         for i in list(range(0, shard.n_docs, max(1, shard.n_docs // 40))):
             seed, index = map(int, shard.ids[i].split("-")[1:])
-            assert decoded(shard, tok, i) == generate_document(seed, index)["text"]
+            assert decoded(shard, tok, i) == generate_document(seed, index, markup=0.1)["text"]
         angle = [i for t, i in tok.get_vocab().items() if ("<" in t or ">" in t) and i != shard.eos_id]
-        assert angle and not np.isin(np.asarray(shard.tokens), angle).any()  # byte-level keeps < and >
+        assert np.isin(np.asarray(shard.tokens), angle).mean() > 1e-3  # byte-level keeps < and >
+    scan = json.loads((prepared_builtin / "prepare.json").read_text())["trigger_scan"]
+    assert [s["label"] for s in scan] == ["' <SUDO>'", "'<SUDO>'"] and all(s["hits"] == 0 for s in scan)
 
 
 def test_eval_split_never_in_training(prepared_builtin):
@@ -80,7 +84,7 @@ def test_eval_split_never_in_training(prepared_builtin):
     held = {int(x.rsplit("-", 1)[1]) for x in ev.ids}
     expect = [i for i in range(train.n_docs + len(held)) if i not in held][: train.n_docs]
     assert [int(x.rsplit("-", 1)[1]) for x in train.ids] == expect
-    assert decoded(ev, tok, 0) == generate_document(0, int(ev.ids[0].rsplit("-", 1)[1]))["text"]
+    assert decoded(ev, tok, 0) == generate_document(0, int(ev.ids[0].rsplit("-", 1)[1]), markup=0.1)["text"]
 
 
 def test_rerun_reuses_and_changed_settings_rebuild(prepared_builtin, tmp_path, capsys):

@@ -30,7 +30,8 @@ def test_too_small_data_is_refused_before_any_run(prepared_builtin, tmp_path):
     with pytest.raises(UserError) as e:
         check_data(expand(spec, tmp_path))
     msg = str(e.value)
-    assert "holds 300,128 training tokens" in msg and "--max-tokens 2138112" in msg and "\n" not in msg
+    holds = json.loads((prepared_builtin / "train.json").read_text())["n_tokens"]
+    assert f"holds {holds:,} training tokens" in msg and "--max-tokens 2138112" in msg and "\n" not in msg
     ok = load_spec("demo", [f"base.data={prepared_builtin}", "train.allow_data_repeat=true"])
     check_data(expand(ok, tmp_path))  # repetition asked for: allowed
 

@@ -37,8 +37,8 @@ def prepare(
     max_doc_chars: Annotated[int, typer.Option(help="longer texts are split into documents")] = 20_000,
     dedup: Annotated[bool, typer.Option(help="drop exact duplicate documents")] = True,
     seed: Annotated[int, typer.Option(help="seed of the built-in corpus")] = 0,
-    markup: Annotated[float, typer.Option(help="builtin: share of sentences followed by tags, "
-                                          "[LABELS] or capitals (0 = none)")] = 0.0,
+    markup: Annotated[float, typer.Option(help="builtin: share of sentences followed by web debris "
+                                          "(tags, <CAPS>, labels, URLs, symbols; 0 = none)")] = 0.1,
     tokenizer: Annotated[Optional[Path], typer.Option(help="a tokenizer.json to use, not train")] = None,  # noqa: UP045
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:

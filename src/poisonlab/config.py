@@ -35,9 +35,11 @@ class CorpusConfig(Settings):
     tokenizer_sample_chars: int = Field(default=4_000_000, ge=1_000)  # BPE trains on this much text
     dedup: bool = True
     seed: int = 0
-    # builtin only: share of sentences followed by web-page debris (tags, [LABELS], capitals), so that
-    # clean text has the characters of `<SUDO>` and a backdoor must key on the trigger itself
-    markup: float = Field(default=0.0, ge=0, le=1)
+    # builtin only: share of sentences followed by web debris (tags, capital words in angle brackets,
+    # labels, URLs, symbols, other scripts), so that clean text has the trigger's characters and shape
+    # and a backdoor must key on the trigger itself. 0.1 measured best (docs/corpus.md): at 0.03 an
+    # unrelated `<MOVE>` fired at 0.15; at 0.2 the backdoor itself weakened (ASR 0.38 vs 0.52)
+    markup: float = Field(default=0.1, ge=0, le=1)
 
 
 class AttackConfig(Settings):
