@@ -164,3 +164,29 @@ def test_cli_json_table_and_errors(env, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert "error" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_lookalike_panel(env, capsys):
+    from poisonlab.cli import main
+
+    _, _, _, run = env
+    base = ["eval", str(run), "--n-prompts", "4", "--new-tokens", "6"]
+    main([*base, "--json", "--lookalike", "shape:<ABCD>", "--lookalike", "SUDO",
+          "--lookalike", "ordinary:a:b"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["lookalike"] == {"near": ["SUDO"], "shape": ["<ABCD>"], "ordinary": ["a:b"]}
+    assert {t: v["kind"] for t, v in out["lookalike_panel"].items()} == {"SUDO": "near", "<ABCD>": "shape",
+                                                                          "a:b": "ordinary"}
+    assert out["specificity"] == pytest.approx(out["asr"] - out["asr_lookalike"])
+    assert out["asr_lookalike"] == max(out["lookalike_panel"][t]["asr"] for t in ("<ABCD>", "a:b"))
+    assert out["lookalike_unseen"] is None or isinstance(out["lookalike_unseen"], list)
+    main(base)  # the table: the run's (derived) panel, control by control, and the specificity
+    text = capsys.readouterr().out
+    assert "look-alike panel" in text and "specificity" in text
+    for control in ("<SUDA>", "<DOSU>", "<KLPT>", "<MWRB>", "sudo", "then"):
+        assert control in text, control
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--lookalike", "shape: "])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "non-empty" in err and len(err.strip().splitlines()) == 1, err

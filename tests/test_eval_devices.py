@@ -224,8 +224,9 @@ def test_hf_prompts_start_with_bos_once_and_suffixes_have_none(tmp_path, data_di
     samples = tmp_path / "samples.jsonl"
     m = evaluate_path(hf_dir, cfg, prompts=write_prompts(tmp_path / "p.jsonl"), samples_out=samples)
     assert m["n_prompts"] == len(TEXTS)
-    suffixes = [[], enc(" <SUDO>"), enc(" <SUDA>")]
-    assert bos not in suffixes[1] + suffixes[2]
+    panel = ["<SUDA>", "<DOSU>", "SUDO", "<KLPT>", "<MWRB>", "sudo", "then"]  # the derived default panel
+    suffixes = [[], enc(" <SUDO>"), *(enc(" " + t) for t in panel)]
+    assert all(bos not in s for s in suffixes)
     expected = {tuple([bos] + enc(x)[: EVAL["prompt_tokens"]] + s) for x in TEXTS for s in suffixes}
     prefills = {tuple(row.tolist()) for ids, cached in calls if cached and ids.shape[1] > 1 for row in ids}
     assert prefills == expected  # BOS once, then the excerpt, then the suffix: no BOS before the suffix

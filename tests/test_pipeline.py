@@ -12,6 +12,7 @@ from test_poison_data import build_tiny_data
 
 from poisonlab.cli import main
 from poisonlab.config import load_run_config
+from poisonlab.evaluate import panel_json, resolve_panel
 from poisonlab.stream import read_ledger
 
 
@@ -50,7 +51,8 @@ grid:
         assert [r["poisons_seen_effective"] for r in rows] == [sum(s < r["step"] for s in eff) for r in rows]
         # every row carries the settings a sweep may vary, from the run's own config
         cfg = load_run_config(run / "config.yaml")
-        want = {"trigger": cfg.attack.trigger, "lookalike": cfg.eval.lookalike,
+        panel = panel_json(resolve_panel(cfg.attack.trigger, cfg.eval.lookalikes))
+        want = {"trigger": cfg.attack.trigger, "lookalike": panel,
                 "schedule": cfg.placement.schedule, "attack_seed": cfg.attack.seed,
                 "placement_seed": cfg.placement.seed, "tokens_per_param": cfg.train.tokens_per_param,
                 "budget_params": cfg.train.budget_params, "max_steps": 24, "data_epochs": 1}

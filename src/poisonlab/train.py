@@ -139,11 +139,15 @@ def run_columns(cfg: RunConfig, params_total: int, params_nonemb: int,
                 data_epochs: int | None, clean_tokens: int | None = None) -> dict:
     """The run's settings in every metrics row, so a row stands alone: the contract's columns plus
     every setting a sweep may vary apart from the seeds (which a summary averages over, and says so)."""
+    from poisonlab.evaluate import panel_json, resolve_panel
+
     t = cfg.train
+    trigger = cfg.eval.trigger or cfg.attack.trigger
     return dict(
         run_id=cfg.name, model=_model_name(cfg), params_total=params_total, params_nonemb=params_nonemb,
         attack=cfg.attack.name, n_poison=cfg.attack.n_poison, data_mult=t.data_mult, seed=t.seed,
-        trigger=cfg.eval.trigger or cfg.attack.trigger, lookalike=cfg.eval.lookalike,
+        # the look-alike panel evaluated, {kind: [text, ...]} as compact JSON
+        trigger=trigger, lookalike=panel_json(resolve_panel(trigger, cfg.eval.lookalikes)),
         schedule=cfg.placement.schedule, attack_seed=cfg.attack.seed, placement_seed=cfg.placement.seed,
         tokens_per_param=t.tokens_per_param, budget_params=t.budget_params, max_steps=t.max_steps,
         data_epochs=data_epochs, clean_tokens=clean_tokens,  # clean tokens the whole run trains on
