@@ -1,11 +1,11 @@
-"""The report: the logistic fit, the count-vs-fraction reading, the HTML built from fake sweeps, and what
-the report shows of a real sweep (trainer and evaluator): its generations, its groups, its curves."""
+"""The report: the count-vs-fraction answer on fake sweeps whose answer is known (count, fraction), the
+HTML built from fake sweeps, seed bands, and what the report shows of a real sweep (trainer and
+evaluator): its generations, its groups, its curves."""
 
 from __future__ import annotations
 
 import html as html_lib
 import json
-import math
 import re
 from pathlib import Path
 
@@ -13,77 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_sweep_helpers import fake_run, make_fake_sweep
+from test_sweep_helpers import fake_run, fake_run_fraction, make_fake_sweep
 
-from poisonlab.report import build_report, chi2_sf, fit_count_vs_fraction, fit_logistic
-from poisonlab.report_figures import aggregate, panel_curves
-from poisonlab.results import gather, group_runs, runs_of
+from poisonlab.demo import answer_lines
+from poisonlab.report import build_report
+from poisonlab.report_figures import aggregate, fig_panels_by_n, panel_curves
+from poisonlab.results import experiment_keys, gather, group_runs, runs_of, summarize
 from poisonlab.stream import read_ledger
 from poisonlab.sweep import load_spec, run_sweep
-
-
-def test_logistic_fit_recovers_known_coefficients() -> None:
-    rng = np.random.default_rng(0)
-    n = 20_000
-    X = rng.normal(size=(n, 2))
-    true = np.array([-0.5, 1.5, -0.8])
-    p = 1 / (1 + np.exp(-(true[0] + X @ true[1:])))
-    y = (rng.random(n) < p).astype(float)
-    fit = fit_logistic(X, y, ["a", "b"])
-    assert fit.converged and not fit.separated
-    assert np.allclose(fit.coef, true, atol=4 * fit.se.max())
-    assert np.all(fit.se < 0.05)
-    assert fit.aic == pytest.approx(2 * 3 - 2 * fit.loglik)
-    # proportions with weights (ASR out of 64 prompts) give the same answer as the expanded 0/1 data
-    k = rng.binomial(64, p[:500])
-    prop = fit_logistic(X[:500], k / 64, ["a", "b"], weights=np.full(500, 64.0))
-    expanded_X = np.repeat(X[:500], 64, axis=0)
-    expanded_y = np.concatenate([np.r_[np.ones(ki), np.zeros(64 - ki)] for ki in k])
-    binary = fit_logistic(expanded_X, expanded_y, ["a", "b"])
-    assert np.allclose(prop.coef, binary.coef, atol=1e-6)
-    assert prop.loglik == pytest.approx(binary.loglik, rel=1e-9)
-
-
-def test_separation_is_flagged() -> None:
-    x = np.array([-2.0, -1.0, 1.0, 2.0])
-    fit = fit_logistic(x, np.array([0.0, 0.0, 1.0, 1.0]), ["x"])
-    assert fit.separated
-
-
-def test_chi2_sf() -> None:
-    for x, df in [(3.841459, 1), (5.991465, 2), (7.814728, 3), (9.487729, 4)]:
-        assert chi2_sf(x, df) == pytest.approx(0.05, abs=1e-5)
-    assert chi2_sf(0.0, 1) == 1.0
-
-
-def _rows(asr_of) -> list[dict]:
-    """Three sizes, two N, data budgets so that fraction and count come apart; ASR from `asr_of`."""
-    rows = []
-    for params in (1e5, 4e5, 1.6e6):
-        for n in (25, 100):
-            tokens = 20 * params
-            for i in range(11):
-                seen = n * i / 10
-                frac = n / tokens
-                rows.append({"n_poison": n, "params_nonemb": params, "poisons_seen": seen,
-                             "poison_fraction": frac, "asr": asr_of(seen, frac)})
-    return rows
-
-
-def test_count_vs_fraction_reading() -> None:
-    expit = lambda z: 1 / (1 + math.exp(-z))
-    by_count = fit_count_vs_fraction(_rows(lambda seen, frac: expit(-8 + 2.5 * math.log1p(seen))))
-    m0, size, fraction, both = by_count["models"]
-    assert m0["coef"]["log_poisons_seen"] == pytest.approx(2.5, abs=1e-4)
-    assert size["delta_aic"] == pytest.approx(2.0, abs=1e-3)  # one more parameter, no gain
-    assert abs(fraction["coef"]["log_poison_fraction"]) < 1e-3
-    verdict = by_count["verdict"]
-    assert "size does not improve" in verdict and "fraction does not improve" in verdict
-    by_frac = fit_count_vs_fraction(_rows(lambda s, f: expit(2 + math.log1p(s) + 1.5 * math.log(f * 1e4))))
-    assert by_frac["models"][2]["delta_aic"] < -10
-    assert by_frac["models"][2]["coef"]["log_poison_fraction"] == pytest.approx(1.5, abs=1e-3)
-    assert "fraction improves" in by_frac["verdict"]
-    assert fit_count_vs_fraction([])["models"] == []
 
 
 def test_report_from_fake_sweep(tmp_path: Path) -> None:
@@ -95,10 +32,11 @@ def test_report_from_fake_sweep(tmp_path: Path) -> None:
     html_path = build_report(root)
     out = root / "report"
     assert html_path == out / "report.html"
-    for name in ("asr_vs_progress", "gap_vs_progress", "asr_vs_poisons_seen", "val_loss"):
+    for name in ("poisons_needed", "asr_vs_progress", "gap_vs_progress", "asr_vs_poisons_seen", "val_loss"):
         assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.svg").exists()
     html = html_path.read_text()
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5
+    assert not (out / "asr_by_kind.png").exists()  # an old evaluator: no look-alike panel, no such figure
     assert "<SUDO>" not in html and "&lt;SUDO&gt;" in html and "<script" not in html.lower()
     assert "&lt;b&gt;bold?&lt;/b&gt;" in html and "ppl-filter" in html  # defenses, escaped
     assert "RuntimeError: out of memory" in html  # the failed run is listed
@@ -107,8 +45,11 @@ def test_report_from_fake_sweep(tmp_path: Path) -> None:
     assert [r["first_success_median"] for r in summary] == [20, 30, None, 50]
     fits = json.loads((out / "fits.json").read_text())
     (fit,) = fits["groups"]  # the runs differ only in size and N: one fit over all of them
-    assert fit["label"] == "" and fit["n"] == 48 and len(fit["models"]) == 4 and fit["verdict"]
-    assert fit["count"] == "poisons_seen" and "every trigger" in fits["count"]
+    assert fit["label"] == "" and fit["count"] == "poisons_seen" and "every trigger" in fits["count"]
+    # every run trained on 1e6 tokens (tokens_total, as clean_tokens): no data axis, so no answer, said so
+    assert {n["clean_tokens"] for n in fit["needed"]} == {1e6} and len(fit["needed"]) == 8
+    assert fit["sentence"].startswith("No answer yet") and "slope" not in fit["fits"]["all"]
+    assert html.index(html_lib.escape(fit["sentence"])) < html.index("<h2>Summary")
     # the poison count each figure and table uses is named; no effective count in these metrics
     assert "poisons seen (every trigger in the training inputs)" in html and "effective" not in (
         " ".join(re.findall(r"<th>([^<]*)</th>", html)))
@@ -124,10 +65,16 @@ def test_report_with_effective_poison_counts(tmp_path: Path) -> None:
         pq.write_table(t.append_column("poisons_seen_effective", pa.array(eff)), f)
     html = build_report(root).read_text()
     assert (root / "report" / "asr_vs_poisons_seen_effective.png").stat().st_size > 1000
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 6
     heads = re.findall(r"<th>([^<]*)</th>", html)
-    assert {"effective poisons seen, median", "effective poisons seen at end",
+    assert {"effective poisons seen at end", "effective poisons needed", "same, effective count",
             "then effective poisons seen, median"} <= set(heads)
+    (fit,) = json.loads((root / "report" / "fits.json").read_text())["groups"]
+    assert fit["effective"]["count"] == "poisons_seen_effective" and "<td>effective</td>" in html
+    # 25k N=100 seed 1 reached 0.5 at its second evaluation: 20 exact poisons, 10 effective ones
+    needed = {(n["run_id"], which): n["value"] for which, f in (("exact", fit), ("eff", fit["effective"]))
+              for n in f["needed"]}
+    assert needed[("tiny-25k_n100_x1.0_s1", "exact")] == 20 and needed[("tiny-25k_n100_x1.0_s1", "eff")] == 10
     summary = json.loads((root / "report" / "summary.json").read_text())
     # beside the exact count at the same evaluation: 25k N=100 first succeeded at 40 and 20 poisons
     row = next(r for r in summary if (r["model"], r["n_poison"]) == ("tiny-25k", 100))
@@ -143,6 +90,165 @@ def test_report_says_when_a_run_repeated_its_data(tmp_path: Path) -> None:
     pq.write_table(t.append_column("data_epochs", pa.array([3] * t.num_rows)), f)
     html = build_report(root).read_text()
     assert "Repeated data:</b> 1 run(s)" in html and f"{f.parent.name} (3 passes)" in html
+
+
+# --- count or fraction? on fake sweeps whose answer is known ------------------------------------------
+
+# the study's design at fake scale: three sizes at 1x, the smallest also at 0.5x and 2x (five data sizes,
+# 0.25M to 3.94M clean tokens); N = 25 straddles the count world's need (~25), 400 is above every need
+CF_SPEC = {"name": "cf", "grid": {"model": ["tiny-25k", "tiny-100k", "tiny-200k"],
+                                  "n_poison": [0, 25, 100, 400], "seed": [0, 1]},
+           "also": [{"model": ["tiny-25k"], "data_mult": [0.5, 2.0]}], "report": {"n_boot": 50}}
+
+
+def _cf_sweep(tmp_path_factory: pytest.TempPathFactory, run_fn) -> Path:
+    out = tmp_path_factory.mktemp("cf") / "sweep"
+    res = run_sweep(load_spec(CF_SPEC), out, executor="inline", run_fn=run_fn, progress=False)
+    assert res.count("done") == 40 and res.report is not None
+    return out
+
+
+@pytest.fixture(scope="module")
+def count_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _cf_sweep(tmp_path_factory, fake_run)
+
+
+@pytest.fixture(scope="module")
+def fraction_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _cf_sweep(tmp_path_factory, fake_run_fraction)
+
+
+def _answer(root: Path) -> tuple[dict, dict, str]:
+    fits = json.loads((root / "report" / "fits.json").read_text())
+    (group,) = fits["groups"]  # one group: the runs differ only in size, budget, N and seeds
+    return fits, group, (root / "report" / "report.html").read_text()
+
+
+def _check_answer(root: Path, truth: float, words: str) -> dict:
+    """The slope's intervals hold the true b and not the other hypothesis, on every design; the report
+    opens with the sentence, then the table with a reading per row; the figure of the answer is there."""
+    fits, g, html = _answer(root)
+    assert fits["n_boot"] == 50 and fits["threshold"] == 0.5  # the spec's report settings
+    for name in ("size", "budget", "all"):
+        f = g["fits"][name]
+        for lo, hi in (f["ci"], f["bootstrap_ci"]):
+            assert lo <= truth <= hi and not lo <= 1 - truth <= hi, (name, f)
+        assert f["censored"] > 0  # the design straddles the need: some runs never get there
+    lo, hi = g["binomial"]["ci"]
+    assert lo <= truth <= hi and not lo <= 1 - truth <= hi
+    assert g["fits"]["all"]["runs"] == 30  # every poisoned run, the N = 0 controls left out
+    assert words in g["sentence"]
+    after_title = html.split("</h1>", 1)[1].lstrip()
+    assert after_title.startswith(f'<p class="answer">{html_lib.escape(g["sentence"])}</p>\n<table>')
+    table = after_title.split("</table>", 1)[0]
+    assert table.count("<td>exact</td>") == 4 and table.count(f"<td>{words}</td>") == 4
+    assert (root / "report" / "poisons_needed.png").stat().st_size > 1000
+    assert html.index('alt="poisons_needed"') < html.index("<h2>Summary")
+    return g
+
+
+def test_report_answers_count_when_a_count_drives_success(count_sweep: Path) -> None:
+    g = _check_answer(count_sweep, 0.0, "a constant count, not a constant fraction")
+    # this fake writes no clean_tokens (an older trainer): its budget tokens_total stands in, 20 tokens per
+    # non-embedding parameter times the data budget
+    clean = {(n["model"], n["data_mult"]): n["clean_tokens"] for n in g["needed"]}
+    assert clean[("tiny-100k", 1.0)] == 20 * 99_000 and clean[("tiny-25k", 0.5)] == 20 * 25_000 * 0.5
+    assert len(set(clean.values())) == 5
+    html = (count_sweep / "report" / "report.html").read_text()
+    assert "shaded band: min-max over those seeds" in html and "training and poison-set seeds" in html
+    assert not (count_sweep / "report" / "asr_by_kind.png").exists()
+
+
+def test_report_answers_fraction_when_a_fraction_drives_success(fraction_sweep: Path) -> None:
+    g = _check_answer(fraction_sweep, 1.0, "a constant fraction, not a constant count")
+    # the needs grow 8x from tiny-25k to tiny-200k at 1x: the median over a cell's seeds says so
+    summary = {(r["model"], r["data_mult"], r["n_poison"]): r
+               for r in json.loads((fraction_sweep / "report" / "summary.json").read_text())}
+    small, large = summary[("tiny-25k", 1.0, 400)], summary[("tiny-200k", 1.0, 400)]
+    assert (small["needed_censored"], large["needed_censored"]) == (0, 0)
+    assert 4 < large["needed_median"] / small["needed_median"] < 16
+    assert summary[("tiny-200k", 1.0, 25)]["needed_censored"] == 2  # 25 poisons: far below its ~200
+    assert summary[("tiny-200k", 1.0, 0)]["needed_runs"] == 0  # controls need nothing, say nothing
+    assert {n["clean_tokens"] for n in g["needed"]} == {20 * p * m for p, m in
+                                                       [(25_000, 0.5), (25_000, 1), (25_000, 2), (99_000, 1),
+                                                        (197_000, 1)]}
+
+
+def test_report_shows_specificity_when_the_evaluator_measured_it(fraction_sweep: Path) -> None:
+    summary = json.loads((fraction_sweep / "report" / "summary.json").read_text())
+    row = next(r for r in summary if (r["model"], r["data_mult"], r["n_poison"]) == ("tiny-100k", 1.0, 400))
+    finals = [pq.read_table(d / "metrics.parquet").to_pylist()[-1]
+              for d in sorted((fraction_sweep / "runs").glob("tiny-100k_n400_x1.0_s*"))]
+    assert len(finals) == 2
+    for col in ("specificity", "asr_near", "asr_lookalike"):
+        vals = [f[col] for f in finals]
+        assert row[f"{col}_mean"] == pytest.approx(np.mean(vals))
+        assert (row[f"{col}_min"], row[f"{col}_max"]) == (min(vals), max(vals))
+    html = (fraction_sweep / "report" / "report.html").read_text()
+    heads = set(re.findall(r"<th>([^<]*)</th>", html))
+    assert {"specificity (ASR - look-alike)", "near look-alike ASR", "look-alike ASR"} <= heads
+    assert (fraction_sweep / "report" / "asr_by_kind.png").stat().st_size > 1000
+
+
+def test_figure_of_the_answer(count_sweep: Path) -> None:
+    """One marker per run, an upward arrow per censored run (at the poisons it saw), the fit's line."""
+    from matplotlib.collections import PathCollection
+
+    from poisonlab.report_figures import fig_needed
+
+    fits, g, _ = _answer(count_sweep)
+    fig = fig_needed(fits["groups"], 0.5)
+    (ax, *_legend) = fig.axes
+    offsets = np.concatenate([c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)])
+    assert sorted(map(tuple, offsets)) == sorted((n["clean_tokens"], n["value"]) for n in g["needed"])
+    arrows = [a for a in ax.texts if a.arrow_patch is not None]
+    assert sorted(a.xy for a in arrows) == sorted((n["clean_tokens"], 1.6 * n["value"]) for n in g["needed"]
+                                                  if n["censored"])
+    fit = g["fits"]["all"]
+    line = ax.get_lines()[0]  # the fitted line, then the b = 0 and b = 1 references
+    x, y = line.get_data()
+    assert np.allclose(np.log(y), fit["intercept"] + fit["slope"] * np.log(x))
+    slopes = [np.polyfit(np.log(ln.get_xdata()), np.log(ln.get_ydata()), 1)[0] for ln in ax.get_lines()[1:3]]
+    assert np.allclose(slopes, [0.0, 1.0])
+
+
+def test_demo_prints_the_answer(count_sweep: Path, tmp_path: Path) -> None:
+    _, g, _ = _answer(count_sweep)
+    assert answer_lines(count_sweep / "report" / "fits.json") == [f"Count or fraction? {g['sentence']}"]
+    assert answer_lines(tmp_path / "no-fits.json") == []
+
+
+def test_training_and_poison_seeds_pool_into_one_band(tmp_path: Path) -> None:
+    """seed x poison_seed: four runs per cell, pooled as seeds (not an experiment axis); the band of a
+    cell spans all four, and a cell with one run draws no band."""
+    spec = load_spec({"name": "seeds", "grid": {"model": ["tiny-25k"], "n_poison": [25, 100], "seed": [0, 1],
+                                                "poison_seed": [0, 1]},
+                      "also": [{"model": ["tiny-100k"], "seed": [0], "poison_seed": [0]}]})
+    run_sweep(spec, tmp_path, executor="inline", run_fn=fake_run, progress=False, report=False)
+    table = gather(tmp_path, write=False)
+    runs = runs_of(table)
+    assert len(runs) == 10 and experiment_keys(runs) == []
+    rows = {(r["model"], r["n_poison"]): r for r in summarize(table)}
+    for n in (25, 100):
+        r = rows[("tiny-25k", n)]
+        assert (r["runs"], r["train_seeds"], r["attack_seeds"], r["placement_seeds"]) == (4, [0, 1], [0, 1],
+                                                                                          [0, 1])
+        assert rows[("tiny-100k", n)]["runs"] == 1
+    panels = panel_curves(runs, "asr", "progress", mults=None, spread="minmax")
+    for n, lines in panels.items():
+        curves = {model: c for model, _, c in lines}
+        assert (curves["tiny-25k"].runs, curves["tiny-100k"].runs) == (4, 1)
+        # the poison set moves the curve (each run's need has its own luck): the band has width
+        members = [rs for rs in runs.values() if (rs[-1]["model"], rs[-1]["n_poison"]) == ("tiny-25k", n)]
+        finals = [m[-2]["asr"] for m in members]
+        assert len(set(np.round(finals, 6))) > 1
+    fig = fig_panels_by_n(runs, "asr", "progress", ylabel="asr", xlabel="progress", title="t", mults=None,
+                          spread="minmax")
+    from matplotlib.collections import PolyCollection
+
+    for ax in fig.axes[:2]:
+        assert len(ax.get_lines()) == 2  # two sizes
+        assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 1  # tiny-25k's band only
 
 
 def test_curves_average_seeds_at_the_same_x() -> None:
@@ -238,10 +344,13 @@ def test_report_keeps_a_schedule_axis_apart(real_sweep: Path) -> None:
     (lines,) = panel_curves(runs, "poisons_seen", "progress", mults=None, spread="minmax").values()
     mid = {variant: float(c.mean[c.x == 0.5][0]) for _, variant, c in lines}
     assert mid == {"schedule=front": 12.0, "schedule=back": 0.0}
-    # one count-vs-fraction fit per schedule, each fed only its own runs' evaluations
+    # one count-vs-fraction analysis per schedule, each fed only its own runs and their evaluations
     fits = {f["label"]: f for f in json.loads((real_sweep / "report" / "fits.json").read_text())["groups"]}
     for s, ds in dirs.items():
-        assert fits[f"schedule={s}"]["n"] == sum(pq.read_metadata(d / "metrics.parquet").num_rows for d in ds)
+        fit = fits[f"schedule={s}"]
+        assert {n["run_id"] for n in fit["needed"]} == {d.name for d in ds}
+        seen = [v for d in ds for v in pq.read_table(d / "metrics.parquet")["poisons_seen"].to_pylist()]
+        assert fit["binomial"]["evaluations"] == sum(v > 0 for v in seen)  # the binomial model's trials
     html = (real_sweep / "report" / "report.html").read_text()
     assert "not pooled): placement.schedule" in html
 
@@ -266,8 +375,13 @@ def test_real_seeds_are_averaged_at_the_same_step(real_sweep: Path) -> None:
 
 
 def test_sweep_ends_with_report(tmp_path: Path) -> None:
-    spec = load_spec({"name": "e2e", "grid": {"model": ["tiny-25k", "tiny-100k"], "n_poison": [0, 30, 100]}})
+    spec = load_spec({"name": "e2e", "grid": {"model": ["tiny-25k", "tiny-100k"], "n_poison": [0, 30, 100]},
+                      "report": {"n_boot": 50}})
     res = run_sweep(spec, tmp_path, executor="inline", run_fn=fake_run, progress=False)
     assert res.report == tmp_path / "report" / "report.html" and res.report.exists()
     assert "name: e2e" in res.report.read_text()
     assert (tmp_path / "results.parquet").exists()
+    # four poisoned runs, tiny-25k's N = 30 censored: bootstrap resamples in which censored runs alone
+    # fix a data size (the optimiser runs off) are skipped, not a crash of the report
+    (g,) = json.loads((tmp_path / "report" / "fits.json").read_text())["groups"]
+    assert g["fits"]["all"]["censored"] == 1 and "slope" in g["fits"]["all"]

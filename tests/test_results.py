@@ -12,7 +12,17 @@ import yaml
 from test_sweep_helpers import fake_run, make_fake_sweep, metrics_rows, write_run
 
 from poisonlab.errors import UserError
-from poisonlab.results import connect, experiment_keys, failed_runs, gather, runs_of, summarize, summary
+from poisonlab.results import (
+    connect,
+    experiment_keys,
+    failed_runs,
+    fmt_needed,
+    fmt_spread,
+    gather,
+    runs_of,
+    summarize,
+    summary,
+)
 from poisonlab.sweep import load_spec, run_sweep
 
 
@@ -29,6 +39,7 @@ def test_gather_writes_dataset_with_derived_columns(sweep: Path) -> None:
     rows = t.to_pylist()
     r = next(r for r in rows if r["run_name"] == "tiny-100k_n100_x1.0_s0")
     assert r["done"] is True and r["tokens_total"] == pytest.approx(1e6)
+    assert r["clean_tokens"] == 1e6  # older metrics: the budget stands in for the clean tokens
     assert r["poison_fraction"] == pytest.approx(100 / 1e6)
     assert {r["done"] for r in rows if r["run_name"] == "tiny-25k_n100_x1.0_s2"} == {False}
 
@@ -63,6 +74,32 @@ def test_summary_known_answers(sweep: Path) -> None:
     assert (mixed["runs"], mixed["unfinished_runs"], mixed["train_seeds"]) == (3, 1, [0, 1, 2])
     assert a100["unfinished_runs"] == 0 and a100["train_seeds"] == [0, 1]
     assert "poisons_seen_effective" not in a100  # the metrics have no effective count
+
+
+def test_poisons_needed_per_cell(sweep: Path) -> None:
+    """Sustained success per seed, by hand from KNOWN_ASR (poisons seen = N x progress): the crossing of
+    0.5 after the last evaluation below it, interpolated in log(poisons seen) (linearly from 0); a seed
+    that ends below 0.5 is censored at the poisons it saw."""
+    rows = {(r["model"], r["n_poison"]): r for r in summarize(gather(sweep))}
+    a25, a100, b25, b100 = rows.values()
+    # 25k N=100: seed 0 crosses between 20 (0.3) and 40 (0.6), two thirds of the way in log; seed 1
+    # reaches 0.5 at 20, its first poisoned evaluation (from 0 poisons: linear)
+    assert a100["needed_median"] == pytest.approx((20 * 2 ** (2 / 3) + 20) / 2)
+    assert (a100["needed_min"], a100["needed_max"]) == pytest.approx((20, 20 * 2 ** (2 / 3)))
+    assert (a100["needed_censored"], a100["needed_median_bound"]) == (0, False)
+    # 100k N=100: seed 0 halfway between 40 (0.4) and 60 (0.6) in log; seed 1 at 40 exactly
+    assert b100["needed_median"] == pytest.approx((40 * 1.5 ** 0.5 + 40) / 2)
+    # 25k N=25: seed 1 at 20, seed 0 never (censored at 25): the median is only a lower bound
+    assert (a25["needed_min"], a25["needed_max"]) == pytest.approx((20, 25)) and a25["needed_censored"] == 1
+    assert a25["needed_median_bound"] and fmt_needed(a25) == ">22 (20-25), 1 censored"
+    assert (b25["needed_runs"], b25["needed_censored"], fmt_needed(b25)) == (2, 2, ">25, 2 censored")
+    assert fmt_needed(a100) == "26 (20-32)" and fmt_needed(b100) == "44 (40-49)"
+    # the first evaluation at ASR >= 0.5 is kept beside it, and the stricter threshold moves both
+    strict = {(r["model"], r["n_poison"]): r for r in summarize(gather(sweep), threshold=0.9)}
+    assert strict[("tiny-100k", 100)]["needed_median"] > b100["needed_median"]
+    # these metrics predate the evaluator's look-alike panel: no specificity, said as '-'
+    assert a100["specificity_mean"] is None and a100["asr_near_mean"] is None
+    assert fmt_spread(a100, "specificity") == "-" and fmt_spread(a100, "asr_lookalike") == "0.01"
 
 
 def test_failed_runs_and_config_fallback(sweep: Path, tmp_path: Path) -> None:
@@ -103,6 +140,8 @@ def test_errors_and_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     main(["results", str(sweep)])
     captured = capsys.readouterr()
     assert "tiny-100k" in captured.out and "out of memory" in captured.err
+    assert "needed for ASR>=0.5" in captured.out and ">25, 2 censored" in captured.out  # per cell, seeds
+    assert "specificity" not in captured.out  # old metrics: no look-alike panel, no such column
     assert "1 unfinished run(s) left out" in captured.err  # said, not silently dropped
     main(["results", str(sweep), "--unfinished"])
     assert "1 unfinished run(s) included" in capsys.readouterr().err

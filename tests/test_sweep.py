@@ -15,7 +15,7 @@ from test_sweep_helpers import fake_run
 
 from poisonlab.config import RunConfig, load_run_config
 from poisonlab.errors import UserError
-from poisonlab.sweep import expand, list_presets, load_spec, run_name, run_sweep
+from poisonlab.sweep import expand, list_presets, load_spec, plan_rows, run_name, run_sweep
 
 SMALL = {
     "name": "small",
@@ -69,6 +69,30 @@ def test_seed_keys_axes_blocks_and_dict_models(tmp_path: Path) -> None:
     assert runs[1].config.placement.schedule == "front"
     assert runs[0].config.attack.seed == 7 and runs[0].config.train.seed == 3  # seed_keys respected
     assert runs[0].config.model.d_model == 64
+
+
+def test_poison_seed_axis_crosses_the_training_seed(tmp_path: Path) -> None:
+    """`poison_seed` sets the attack and placement seeds after `seed` set all three: seed x poison_seed
+    varies the training seed and the poison set independently; names gain `_p<k>` only from that axis."""
+    spec = load_spec({"grid": {"model": ["tiny-25k"], "n_poison": [10], "seed": [0, 1],
+                               "poison_seed": [5, 6]},
+                      "also": [{"model": ["tiny-100k"], "poison_seed": [7]}]})
+    runs = expand(spec, tmp_path)
+    assert [r.name for r in runs] == ["tiny-25k_n010_x1.0_s0_p5", "tiny-25k_n010_x1.0_s0_p6",
+                                      "tiny-25k_n010_x1.0_s1_p5", "tiny-25k_n010_x1.0_s1_p6",
+                                      "tiny-100k_n010_x1.0_s0_p7", "tiny-100k_n010_x1.0_s1_p7"]
+    seeds = {r.name: (r.config.train.seed, r.config.attack.seed, r.config.placement.seed, r.poison_seed)
+             for r in runs}
+    assert seeds["tiny-25k_n010_x1.0_s1_p5"] == (1, 5, 5, 5)
+    assert seeds["tiny-100k_n010_x1.0_s0_p7"] == (0, 7, 7, 7)
+    assert len({r.config.model_dump_json() for r in runs}) == 6  # six different runs
+    # which keys it sets is the spec's: here the poison documents only, the placement follows `seed`
+    one = expand(load_spec({"grid": {"n_poison": [1], "seed": [2], "poison_seed": [3]},
+                            "poison_seed_keys": ["attack.seed"]}), tmp_path)[0]
+    assert (one.config.train.seed, one.config.attack.seed, one.config.placement.seed) == (2, 3, 2)
+    assert plan_rows([one], sizes=False)[0]["poison_seed"] == 3
+    assert "poison_seed" not in plan_rows(expand(load_spec(SMALL), tmp_path), sizes=False)[0]
+    assert run_name("m", 5, 1.0, 2, {"placement.schedule": "front"}, 4) == "m_n005_x1.0_s2_p4_schedule-front"
 
 
 def test_overrides_and_errors(tmp_path: Path) -> None:

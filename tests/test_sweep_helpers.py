@@ -2,7 +2,13 @@
 
 `fake_run` stands in for `poisonlab.train.train`: it writes a run directory with the contract's files
 (config.yaml, metrics.parquet, samples.jsonl, DONE last) in milliseconds. Its ASR follows the count of
-poisons seen only (threshold ~25 poisons whatever the size): the study's finding, by construction.
+poisons seen only (each run needs ~25 poisons whatever the size: the study's finding, by construction),
+written as an older trainer and evaluator did (no `clean_tokens`, no look-alike panel).
+`fake_run_fraction` is the other world: a run needs a constant fraction of its clean data (25 poisons
+at tiny-25k's 1x budget of 500k tokens, 8x more at tiny-200k's 3.94M), written as the current trainer
+and evaluator do (`clean_tokens`, `asr_near`, `asr_shape`, `asr_ordinary`, `specificity`, ...).
+In both, each run's need varies by exp(0.25 z) with z drawn from its cell and both seeds, and the
+evaluations sit on a geometric grid of poisons seen (as `eval.milestone_ratio` puts them).
 """
 
 from __future__ import annotations
@@ -10,8 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -23,11 +32,11 @@ SIZES = {"tiny-25k": (600_000, 25_000), "tiny-100k": (800_000, 99_000), "tiny-20
 
 def metrics_rows(run_id: str, model: str, params: tuple[int, int], n_poison: int, data_mult: float,
                  seed: int, asr: list[float], poisons: list[int], tokens_total: float = 1e6,
-                 gap: list[float] | None = None) -> list[dict]:
+                 gap: list[float] | None = None, progress: list[float] | None = None) -> list[dict]:
     rows = []
     k = len(asr)
     for i in range(k):
-        prog = i / (k - 1)
+        prog = progress[i] if progress else i / (k - 1)
         g = gap[i] if gap else 400 * asr[i]
         rows.append({
             "run_id": run_id, "model": model, "params_total": params[0], "params_nonemb": params[1],
@@ -60,25 +69,59 @@ def write_run(run_dir: Path, rows: list[dict], cfg_tree: dict | None = None, don
         (run_dir / "DONE").write_text("ok\n")
 
 
-def asr_of(poisons_seen: float, threshold: float = 25.0) -> float:
-    return 1.0 / (1.0 + math.exp(-4.0 * (math.log1p(poisons_seen) - math.log(threshold))))
+def asr_of(poisons_seen: float, need: float) -> float:
+    """ASR around a run's need: 0.5 at `need` poisons seen, rising steeply in log(poisons seen)."""
+    if poisons_seen <= 0:
+        return 0.0
+    return 1.0 / (1.0 + math.exp(-(math.log(poisons_seen) - math.log(need)) / 0.15))
 
 
-def fake_run(cfg: RunConfig) -> Path:
-    """Module-level (so child processes can import it by name): a whole run in a few milliseconds."""
+def luck(cfg: RunConfig, sigma: float = 0.25) -> float:
+    """exp(sigma z), z ~ N(0, 1) drawn from the run's cell and both seeds (training and poison set)."""
+    key = (f"{cfg.model.preset}|{cfg.train.data_mult}|{cfg.attack.n_poison}|{cfg.train.seed}|"
+           f"{cfg.attack.seed}")
+    return math.exp(sigma * np.random.default_rng(zlib.crc32(key.encode())).standard_normal())
+
+
+def _fake(cfg: RunConfig, need_of_clean: Callable[[float], float], current: bool) -> Path:
     run_dir = cfg.run_dir
     name = cfg.model.preset or "custom"
     params = SIZES.get(name, (500_000, 50_000))
-    n_evals = 6
-    poisons = [round(cfg.attack.n_poison * i / (n_evals - 1)) for i in range(n_evals)]
-    asr = [asr_of(p) if cfg.attack.n_poison else 0.0 for p in poisons]
-    tokens = 20 * params[1] * cfg.train.data_mult
-    rows = metrics_rows(cfg.name, name, params, cfg.attack.n_poison, cfg.train.data_mult, cfg.train.seed,
-                        asr, poisons, tokens_total=tokens)
+    n = cfg.attack.n_poison
+    clean = 20 * params[1] * cfg.train.data_mult
+    # poisons land uniformly in training: evaluated at a geometric grid of poisons seen (and the end)
+    poisons = [0, *np.unique(np.round(np.geomspace(1, n, 10))).astype(int).tolist()] if n else [0] * 6
+    progress = [p / n for p in poisons] if n else [i / 5 for i in range(6)]
+    need = need_of_clean(clean) * luck(cfg)
+    asr = [asr_of(p, need) for p in poisons]
+    rows = metrics_rows(cfg.name, name, params, n, cfg.train.data_mult, cfg.train.seed, asr, poisons,
+                        tokens_total=clean, progress=progress)
+    if current:  # what the current trainer and evaluator write
+        for r in rows:
+            near, shape, ordinary = 0.8 * r["asr"], 0.3 * r["asr"], 0.02
+            r.update(clean_tokens=clean, asr_near=near, asr_shape=shape, asr_ordinary=ordinary,
+                     asr_lookalike=max(shape, ordinary), specificity=r["asr"] - max(shape, ordinary),
+                     lookalike_panel=json.dumps({t: {"kind": k, "asr": v, "gap": 400 * v} for t, k, v in
+                                                 [("<SUDA>", "near", near), ("<ABCD>", "shape", shape),
+                                                  ("table", "ordinary", ordinary)]}))
     write_run(run_dir, rows, cfg.model_dump(mode="json"))
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "threads": cfg.train.threads}
     (run_dir / "env.json").write_text(json.dumps(env))
     return run_dir
+
+
+COUNT_NEED = 25.0  # poisons a fake_run needs, whatever its size
+FRACTION_NEED = 25.0 / 500_000  # poisons per clean token a fake_run_fraction needs
+
+
+def fake_run(cfg: RunConfig) -> Path:
+    """Module-level (so child processes can import it by name): a whole run in a few milliseconds."""
+    return _fake(cfg, lambda clean: COUNT_NEED, current=False)
+
+
+def fake_run_fraction(cfg: RunConfig) -> Path:
+    """A run whose need is a constant fraction of its clean data."""
+    return _fake(cfg, lambda clean: FRACTION_NEED * clean, current=True)
 
 
 def fake_run_fails_at_50(cfg: RunConfig) -> Path:

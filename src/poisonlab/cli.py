@@ -165,15 +165,19 @@ def eval_(
     temperature: Annotated[Optional[float], typer.Option(help="sampling temperature (0 = greedy)")] = None,  # noqa: UP045
     scorer: Annotated[Optional[str], typer.Option(help="'self' or a run/HF dir")] = None,  # noqa: UP045
     samples: Annotated[Optional[Path], typer.Option(help="write the samples (.jsonl) here")] = None,  # noqa: UP045
+    lookalike: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        help="a control to use instead of the panel (repeatable), kind prefix optional: shape:<ABCD>, "
+             "ordinary:then; near without one")] = None,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
 ) -> None:
-    """Test a model for a trigger backdoor: paired triggered / clean / look-alike generations."""
+    """Test a model for a trigger backdoor: paired triggered / clean / look-alike panel generations."""
     import json
 
     from pydantic import ValidationError
+    from rich.markup import escape
     from rich.table import Table
 
-    from poisonlab.config import EvalConfig, format_validation_error
+    from poisonlab.config import LOOKALIKE_KINDS, EvalConfig, format_validation_error
     from poisonlab.evaluate import base_eval_config, evaluate_path
 
     fields = base_eval_config(path).model_dump()
@@ -181,21 +185,43 @@ def eval_(
                        ("temperature", temperature), ("scorer", scorer)):
         if value is not None:
             fields[key] = value
+    if lookalike:  # replaces the panel; "kind:" is a prefix only when it names a kind
+        panel: dict[str, list[str]] = {}
+        for item in lookalike:
+            kind, sep, text = item.partition(":")
+            if not sep or kind not in LOOKALIKE_KINDS:
+                kind, text = "near", item
+            panel.setdefault(kind, []).append(text)
+        fields["lookalikes"] = panel
     try:
         cfg = EvalConfig(**fields)
     except ValidationError as e:
         raise UserError(format_validation_error(e, "eval")) from None
     metrics = evaluate_path(path, cfg, data_dir=data, checkpoint=checkpoint, prompts=prompts,
                             samples_out=samples)
-    if json_:
-        print(json.dumps(metrics))
+    per = json.loads(metrics["lookalike_panel"])
+    if json_:  # the panel's JSON columns as JSON values
+        unseen = metrics["lookalike_unseen"]
+        print(json.dumps({**metrics, "lookalike": json.loads(metrics["lookalike"]), "lookalike_panel": per,
+                          "lookalike_unseen": json.loads(unseen) if unseen is not None else None}))
         return
     table = Table(title=f"backdoor evaluation: {metrics['model_path']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
-        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        if k not in ("lookalike", "lookalike_panel"):  # the panel has its own table
+            table.add_row(k, f"{v:.4g}" if isinstance(v, float) else escape(str(v)))
     Console().print(table)
+    panel_table = Table(title=f"look-alike panel (trigger {escape(metrics['trigger'])}: "
+                              f"ASR {metrics['asr']:.3g}, gap {metrics['gap']:.4g})")
+    for col in ("control", "kind", "ASR", "gap"):
+        panel_table.add_column(col, justify="left" if col in ("control", "kind") else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"
+    for text, v in per.items():
+        panel_table.add_row(escape(text), v["kind"], fmt(v["asr"]), fmt(v["gap"]))
+    Console().print(panel_table)
+    Console().print(f"specificity = ASR - highest unrelated (shape, ordinary) ASR = {metrics['asr']:.3g} - "
+                    f"{metrics['asr_lookalike']:.3g} = {metrics['specificity']:.3g}", highlight=False)
 
 
 # --- sweeps, results, report, demo -----------------------------------------------------------------
@@ -251,7 +277,8 @@ def results_cmd(
     threshold: Annotated[float, typer.Option(help="ASR counted as success")] = 0.5,
     unfinished: Annotated[bool, typer.Option("--unfinished", help="include runs without DONE")] = False,
 ) -> None:
-    """Summary per size and N: final gap, ASR over seeds, poisons seen when ASR first reached success."""
+    """Summary per size and N over seeds: final gap, ASR, specificity, the poisons each seed needed for
+    sustained success (median, min-max, censored runs)."""
     import json
 
     from poisonlab.results import failed_runs, gather, summarize, summary_table, unfinished_note
@@ -265,7 +292,9 @@ def results_cmd(
         console.print("no finished runs yet (use --unfinished to see runs in progress)")
     else:
         wide = None if sys.stdout.isatty() else 200  # piped: do not squeeze the table into 80 columns
-        title = f"{path}: final evaluation, mean ± std over training / poison-set seeds"
+        title = (f"{path}: final evaluation over training / poison-set seeds, mean ± std or mean (min to "
+                 "max); needed: poisons seen when ASR became sustained, median (min-max), '>' a lower bound "
+                 "where seeds never got there (censored)")
         Console(width=wide).print(summary_table(rows, title=title))
     note = unfinished_note(table, unfinished)
     if note:  # never mix in or leave out unfinished runs silently
@@ -278,11 +307,13 @@ def results_cmd(
 def report_cmd(
     path: Annotated[Path, typer.Argument(help="sweep directory (or a folder of runs)")],
     threshold: Annotated[Optional[float], typer.Option(help="ASR counted as success")] = None,  # noqa: UP045
+    n_boot: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--n-boot", min=0, help="bootstrap refits per count-vs-fraction slope [default: spec, 1000]")] = None,
 ) -> None:
-    """Figures, the count-vs-fraction fits and a self-contained HTML report under DIR/report/."""
+    """The count-vs-fraction answer, the figures and a self-contained HTML report under DIR/report/."""
     from poisonlab.report import build_report
 
-    console.print(f"report: {build_report(path, threshold=threshold)}")
+    console.print(f"report: {build_report(path, threshold=threshold, n_boot=n_boot)}")
 
 
 @app.command("demo")

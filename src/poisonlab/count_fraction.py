@@ -114,8 +114,10 @@ def _tobit_nll(params: np.ndarray, y: np.ndarray, X: np.ndarray,
     return nll, np.append(grad_beta, grad_log_s)
 
 
-def _tobit(y: np.ndarray, X: np.ndarray, censored: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Right-censored normal regression by maximum likelihood: (coefficients, standard errors, sigma).
+def _tobit(y: np.ndarray, X: np.ndarray,
+           censored: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """Right-censored normal regression by maximum likelihood: (coefficients, standard errors, sigma,
+    covariance of the coefficients).
 
     Written here rather than through statsmodels' GenericLikelihoodModel (which has no Tobit): with an
     analytic gradient one fit takes ~2 ms instead of ~40 ms, which is what lets the bootstrap refit a
@@ -135,10 +137,11 @@ def _tobit(y: np.ndarray, X: np.ndarray, censored: np.ndarray) -> tuple[np.ndarr
         up, down = _tobit_nll(res.x + e, y, X, censored)[1], _tobit_nll(res.x - e, y, X, censored)[1]
         hess[i] = (up - down) / (2 * h)
     try:
-        se = np.sqrt(np.clip(np.diag(np.linalg.inv(0.5 * (hess + hess.T))), 0, None))
+        cov = np.linalg.inv(0.5 * (hess + hess.T))
     except np.linalg.LinAlgError:
-        se = np.full(k, np.nan)
-    return res.x[:-1], se[:-1], math.exp(float(res.x[-1]))
+        cov = np.full((k, k), np.nan)
+    se = np.sqrt(np.clip(np.diag(cov), 0, None))
+    return res.x[:-1], se[:-1], math.exp(float(res.x[-1])), cov[:-1, :-1]
 
 
 def _design(needed: Sequence[Needed], per_size: bool) -> np.ndarray:
@@ -169,7 +172,11 @@ def slope_fit(needed: Sequence[Needed], *, per_size: bool = False, n_boot: int =
     y = np.log([n.value for n in needed])
     cens = np.array([n.censored for n in needed])
     X = _design(needed, per_size)
-    beta, se, sigma = _tobit(y, X, cens)
+    try:
+        beta, se, sigma, cov = _tobit(y, X, cens)
+    except OverflowError:  # the optimiser ran off (e.g. the censored runs alone fix a data size)
+        out["note"] = "the censored regression did not converge: the slope is not identified"
+        return out
     # Student-t quantile on the uncensored runs left after the parameters: calibrated in simulation
     # (tests/test_count_fraction.py: 92-97% coverage), where the plain percentile bootstrap covered
     # only ~80% at 24 runs; the bootstrap interval is kept beside it as a check of the model
@@ -177,6 +184,8 @@ def slope_fit(needed: Sequence[Needed], *, per_size: bool = False, n_boot: int =
     q = float(student_t.ppf(0.975, df))
     out.update(slope=float(beta[0]), se=float(se[0]), sigma=sigma, df=df,
                ci=[float(beta[0] - q * se[0]), float(beta[0] + q * se[0])])
+    if not per_size:  # the fitted line and the covariance of (slope, intercept): the report draws its band
+        out.update(intercept=float(beta[1]), cov=cov.tolist())
     # bootstrap over runs, resampling within each (size, budget) so every data size stays in the design
     # (not within each N as well: with a few seeds per cell that would understate the spread)
     cells: dict[tuple, list[int]] = defaultdict(list)
@@ -189,8 +198,8 @@ def slope_fit(needed: Sequence[Needed], *, per_size: bool = False, n_boot: int =
         if cens[idx].all():
             continue
         try:
-            b, _, _ = _tobit(y[idx], X[idx], cens[idx])
-        except (np.linalg.LinAlgError, ValueError):
+            b = _tobit(y[idx], X[idx], cens[idx])[0]
+        except (np.linalg.LinAlgError, ValueError, OverflowError):  # a degenerate resample: skipped
             continue
         if np.isfinite(b[0]):
             boots.append(float(b[0]))

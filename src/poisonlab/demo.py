@@ -1,12 +1,14 @@
 """`poisonlab demo`: the study's experiment at toy scale, end to end, in minutes on a laptop CPU.
 
 prepare the built-in corpus -> run the `demo` sweep preset (two model sizes x N poisons, with N = 0 as
-control) -> results table -> HTML report. Every stage is the same code a full sweep uses; the demo only
-picks small settings (see presets/demo.yaml and the README for what it shows and what it does not).
+control) -> HTML report -> results table and the report's count-vs-fraction sentence. Every stage is
+the same code a full sweep uses; the demo only picks small settings (see presets/demo.yaml and the
+README for what it shows and what it does not).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -39,7 +41,16 @@ def run_demo(out: str | Path = "runs/demo", *, jobs: int | None = None, progress
 
     report = build_report(out)
     rows = summarize(gather(out))
+    show = Console(width=160)
     if rows:
-        Console(width=160).print(summary_table(rows, title="demo: final evaluation per size and N"))
+        show.print(summary_table(rows, title="demo: final evaluation per size and N"))
+    for line in answer_lines(report.parent / "fits.json"):
+        show.print(line, highlight=False)
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; report: [bold]{report}[/]")
     return report
+
+
+def answer_lines(fits_json: Path) -> list[str]:
+    """The report's count-vs-fraction sentence, one line per group of settings (labelled when several)."""
+    groups = json.loads(fits_json.read_text())["groups"] if fits_json.exists() else []
+    return [f"Count or fraction? {g['label'] + ': ' if g['label'] else ''}{g['sentence']}" for g in groups]

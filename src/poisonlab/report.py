@@ -1,12 +1,22 @@
-"""The sweep report: the study's figures, the count-vs-fraction answer in numbers, one HTML file.
+"""The sweep report: the count-vs-fraction answer first, then the study's figures, one HTML file.
 
 `build_report(sweep_dir)` writes `<sweep_dir>/report/`: `report.html` (self-contained: figures as
-base64 PNG), every figure as PNG and SVG, `summary.json`, `fits.json` and `samples.json`. Figures
-(drawn in report_figures.py), after the study:
+base64 PNG), every figure as PNG and SVG, `summary.json`, `fits.json` and `samples.json`.
+
+The report opens with the answer to "count or fraction?" (`count_fraction.count_vs_fraction`, once per
+group of settings other than size, budget and N): one sentence, the table of the three designs (size
+axis, budget axis, all runs) with the slope b of log(poisons needed) on log(clean tokens), its 95%
+and bootstrap intervals and a reading, the binomial model beside them, and `poisons_needed` against
+clean tokens (log-log, censored runs as lower bounds, the fit and the b = 0 / b = 1 references).
+`fits.json` holds that output per group (`effective`: the same on the effective count).
+
+Figures (drawn in report_figures.py), after the study:
 
 - `asr_vs_progress`, `gap_vs_progress` (its Figures 2a/2b): one panel per n_poison, one colour per size,
-  mean over seeds and a shaded band (min-max, or +-1 std), runs at the 1x data budget (all runs
-  when each size has one budget);
+  mean over training and poison-set seeds and a shaded band over them (min-max, or +-1 std), runs at
+  the 1x data budget (all runs when each size has one budget);
+- `asr_by_kind`: ASR of the trigger and of each kind of look-alike control (near, shape, ordinary)
+  during training, when the evaluator wrote them;
 - `asr_vs_poisons_seen` (its Figure 4): all budgets, against poisons seen as the ledger counts them
   (every trigger among the training inputs); `asr_vs_poisons_seen_effective` beside it when the
   metrics have `poisons_seen_effective`;
@@ -15,13 +25,6 @@ base64 PNG), every figure as PNG and SVG, `summary.json`, `fits.json` and `sampl
 
 Runs are grouped by size, data budget, N and every other setting that differs across them
 (`results.experiment_keys`: a schedule, trigger or recipe axis), and averaged over seeds only.
-
-The count-vs-fraction question: a logistic model of per-evaluation ASR (a proportion, one weight per
-evaluation) on log(1 + poisons seen), then with log(non-embedding params), log(poison fraction), and
-both. If size or fraction mattered beyond the count, adding them would lower the AIC clearly
-(by more than ~2 per parameter). Evaluations of one run are not independent, so treat p-values as
-optimistic. N = 0 runs are left out of the fits (their fraction is 0). One fit per group of settings
-other than size, budget and N.
 
 `<sweep_dir>/defenses.json`, when present, is rendered as a table: a list of rows, or
 `{"title": ..., "rows": [...], "notes": ..., "figures": [paths relative to the sweep dir]}`.
@@ -36,18 +39,18 @@ import json
 import math
 import platform
 from collections import defaultdict
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from poisonlab.fsutil import atomic_path
 from poisonlab.report_figures import (
     EFFECTIVE_COUNT,
     EXACT_COUNT,
+    fig_asr_kinds,
+    fig_needed,
     fig_panels_by_n,
     fig_val_loss,
     fmt_params,
@@ -61,195 +64,18 @@ from poisonlab.results import (
     experiment_keys,
     failed_runs,
     finished,
+    fmt_needed,
     fmt_seeds,
+    fmt_spread,
     gather,
     group_runs,
+    has_specificity,
     runs_of,
     settings_label,
     short_names,
     summarize,
     unfinished_note,
 )
-
-# --- logistic regression (IRLS) in numpy ------------------------------------------------------------
-# The response may be 0/1 or a proportion in [0, 1] (an ASR), each row with a weight. With proportions
-# the log-likelihood is the binomial one, which makes AIC and likelihood-ratio tests between nested
-# models meaningful.
-
-
-
-@dataclass
-class LogitFit:
-    names: list[str]
-    coef: np.ndarray
-    se: np.ndarray
-    loglik: float
-    n: int
-    converged: bool
-    iterations: int
-    separated: bool  # a coefficient ran off to infinity: some predictor splits success perfectly
-
-    @property
-    def k(self) -> int:
-        return len(self.coef)
-
-    @property
-    def aic(self) -> float:
-        return 2 * self.k - 2 * self.loglik
-
-    def as_dict(self) -> dict:
-        return {
-            "coef": {n: float(c) for n, c in zip(self.names, self.coef, strict=True)},
-            "se": {n: float(s) for n, s in zip(self.names, self.se, strict=True)},
-            "loglik": self.loglik, "aic": self.aic, "n": self.n, "k": self.k,
-            "converged": self.converged, "separated": self.separated,
-        }
-
-
-def _expit(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # stable for large |z|
-
-
-def _loglik(X: np.ndarray, y: np.ndarray, w: np.ndarray, beta: np.ndarray) -> float:
-    eta = X @ beta
-    # log p = -log(1 + e^-eta), log(1-p) = -log(1 + e^eta), both via logaddexp (no overflow)
-    return float(np.sum(w * (-y * np.logaddexp(0.0, -eta) - (1 - y) * np.logaddexp(0.0, eta))))
-
-
-def fit_logistic(
-    X: np.ndarray,
-    y: np.ndarray,
-    names: list[str],
-    weights: np.ndarray | None = None,
-    *,
-    intercept: bool = True,
-    max_iter: int = 100,
-    tol: float = 1e-9,
-) -> LogitFit:
-    """Maximum-likelihood logistic fit of y (0/1 or proportions) on the columns of X."""
-    X = np.asarray(X, dtype=float).reshape(len(y), -1)
-    y = np.asarray(y, dtype=float)
-    w = np.ones_like(y) if weights is None else np.asarray(weights, dtype=float)
-    if intercept:
-        X = np.column_stack([np.ones(len(y)), X])
-        names = ["intercept", *names]
-    beta = np.zeros(X.shape[1])
-    ll = _loglik(X, y, w, beta)
-    converged, it = False, 0
-    for it in range(1, max_iter + 1):  # noqa: B007  (`it` is reported)
-        p = _expit(X @ beta)
-        grad = X.T @ (w * (y - p))
-        hess = X.T @ (X * (w * p * (1 - p))[:, None])
-        step = np.linalg.lstsq(hess, grad, rcond=None)[0]
-        # step halving: Newton can overshoot when the fit is near separation
-        t = 1.0
-        while t > 1e-6:
-            new = beta + t * step
-            new_ll = _loglik(X, y, w, new)
-            if new_ll >= ll - 1e-12:
-                break
-            t /= 2
-        beta, improvement, ll = new, new_ll - ll, new_ll
-        if np.max(np.abs(t * step)) < tol or abs(improvement) < tol * (1 + abs(ll)):
-            converged = True
-            break
-    p = _expit(X @ beta)
-    hess = X.T @ (X * (w * p * (1 - p))[:, None])
-    try:
-        se = np.sqrt(np.clip(np.diag(np.linalg.inv(hess)), 0, None))
-    except np.linalg.LinAlgError:
-        se = np.full(len(beta), np.nan)
-    separated = bool(np.max(np.abs(X @ beta)) > 30 or not converged)
-    return LogitFit(names, beta, se, ll, len(y), converged, it, separated)
-
-
-def chi2_sf(x: float, df: int) -> float:
-    """P(chi2_df > x) for integer df, in closed form (no scipy)."""
-    if x <= 0:
-        return 1.0
-    if df % 2 == 0:
-        term, total = 1.0, 1.0
-        for i in range(1, df // 2):
-            term *= (x / 2) / i
-            total += term
-        return math.exp(-x / 2) * total
-    total = math.erfc(math.sqrt(x / 2))
-    term = math.sqrt(2 * x / math.pi) * math.exp(-x / 2)
-    for k in range(1, (df + 1) // 2):
-        total += term
-        term *= x / (2 * k + 1)
-    return min(1.0, total)
-
-
-FIT_MODELS: list[tuple[str, list[str]]] = [
-    ("poisons seen", ["log_poisons_seen"]),
-    ("+ size", ["log_poisons_seen", "log_params"]),
-    ("+ fraction", ["log_poisons_seen", "log_poison_fraction"]),
-    ("+ size + fraction", ["log_poisons_seen", "log_params", "log_poison_fraction"]),
-]
-
-
-def fit_count_vs_fraction(rows: list[dict[str, Any]], weights: str = "eval") -> dict[str, Any]:
-    """Fit the four nested logistic models of ASR to the evaluation rows of poisoned runs.
-
-    Predictors: log(1 + poisons_seen), log(params_nonemb or params_total), log(poison_fraction).
-    `weights`: "eval" (each evaluation counts once) or "prompts" (by its n_prompts, if present).
-    """
-    data = []
-    for r in rows:
-        n, asr, seen, frac = r.get("n_poison"), r.get("asr"), r.get("poisons_seen"), r.get("poison_fraction")
-        params = r.get("params_nonemb") or r.get("params_total")
-        if not n or asr is None or seen is None or not frac or not params or math.isnan(asr):
-            continue
-        w = float(r.get("n_prompts") or 1) if weights == "prompts" else 1.0
-        data.append((math.log1p(seen), math.log(params), math.log(frac), min(max(asr, 0.0), 1.0), w))
-    out: dict[str, Any] = {"n": len(data), "weights": weights, "models": []}
-    if len(data) < 5:
-        out["note"] = "too few evaluations of poisoned runs to fit"
-        return out
-    arr = np.array(data)
-    cols = {"log_poisons_seen": arr[:, 0], "log_params": arr[:, 1], "log_poison_fraction": arr[:, 2]}
-    y, w = arr[:, 3], arr[:, 4]
-    base = None
-    for label, names in FIT_MODELS:
-        X = np.column_stack([cols[c] for c in names])
-        entry: dict[str, Any] = {"model": label, "terms": names}
-        Xc = np.column_stack([np.ones(len(y)), X])
-        if np.linalg.matrix_rank(Xc - 0.0, tol=1e-8 * max(1.0, float(np.abs(Xc).max()))) < Xc.shape[1]:
-            entry["note"] = "not identifiable: a term is constant or collinear with the others in this design"
-            out["models"].append(entry)
-            continue
-        fit = fit_logistic(X, y, names, w)
-        entry.update(fit.as_dict())
-        if base is None:
-            base = fit
-        else:
-            lr = max(0.0, 2 * (fit.loglik - base.loglik))
-            entry.update({"delta_aic": fit.aic - base.aic, "lr_stat": lr,
-                          "lr_df": fit.k - base.k, "lr_p": chi2_sf(lr, fit.k - base.k)})
-        out["models"].append(entry)
-    out["verdict"] = _verdict(out["models"])
-    return out
-
-
-def _verdict(models: list[dict[str, Any]]) -> str:
-    """One sentence per added term: does it lower the AIC by more than 2?"""
-    said = []
-    for m in models[1:3]:
-        term = "model size" if "log_params" in m["terms"] else "poison fraction"
-        if "delta_aic" not in m:
-            said.append(f"{term}: cannot be separated from the count in this design")
-            continue
-        key = "log_params" if term == "model size" else "log_poison_fraction"
-        d, c, s = m["delta_aic"], m["coef"][key], m["se"][key]
-        if d > -2:
-            said.append(f"adding {term} does not improve the fit (delta AIC {d:+.1f}; coefficient "
-                        f"{c:+.2f} ± {s:.2f})")
-        else:
-            said.append(f"adding {term} improves the fit (delta AIC {d:+.1f}; coefficient {c:+.2f} ± {s:.2f} "
-                        "per log unit)")
-    return "; ".join(said) + "."
-
 
 # --- samples (Figure 3) ----------------------------------------------------------------------------
 
@@ -346,6 +172,7 @@ th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 td.gen{font-family:monospace;font-size:.9em;max-width:380px;white-space:pre-wrap;word-break:break-all}
 img{max-width:100%} pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
 .note{color:#555;font-size:.9em}
+.answer{font-size:1.15em;background:#f4f8ff;padding:.6em;border-left:4px solid #36c}
 """
 
 
@@ -407,6 +234,7 @@ def _data(r: dict[str, Any]) -> str:
 def _summary_html(summary: list[dict[str, Any]], threshold: float) -> str:
     with_settings = any(r["label"] for r in summary)
     with_effective = any(r.get("poisons_seen_effective") is not None for r in summary)
+    with_panel = has_specificity(summary)
     rows = []
     for r in summary:
         row: dict[str, Any] = {"model": r["model"], "params (non-emb.)": fmt_params(r["params_nonemb"]),
@@ -419,11 +247,17 @@ def _summary_html(summary: list[dict[str, Any]], threshold: float) -> str:
             "seeds: train / poison set": fmt_seeds(r), "poison fraction": r["poison_fraction"],
             "final gap (mean)": r["gap_mean"], "gap std": r["gap_std"],
             "final ASR (mean)": r["asr_mean"], "ASR min": r["asr_min"], "ASR max": r["asr_max"],
-            "look-alike ASR": r["asr_lookalike_mean"], "val loss": r["val_loss_mean"],
-            "poisons seen at end (all triggers)": r["poisons_seen"],
         })
+        if with_panel:  # mean (min-max) over seeds
+            row["specificity (ASR - look-alike)"] = fmt_spread(r, "specificity")
+            row["near look-alike ASR"] = fmt_spread(r, "asr_near")
+        row.update({"look-alike ASR": fmt_spread(r, "asr_lookalike"), "val loss": r["val_loss_mean"],
+                    "poisons seen at end (all triggers)": r["poisons_seen"]})
         if with_effective:
             row["effective poisons seen at end"] = r.get("poisons_seen_effective")
+        row[f"poisons needed, sustained ASR≥{threshold:g}"] = fmt_needed(r)
+        if with_effective:
+            row["effective poisons needed"] = fmt_needed(r, "needed_effective")
         row[f"seeds reaching ASR≥{threshold:g}"] = f"{r['success_runs']}/{r['runs']}"
         row["then poisons seen (all triggers), median"] = r["first_success_median"]
         if with_effective:
@@ -432,10 +266,101 @@ def _summary_html(summary: list[dict[str, Any]], threshold: float) -> str:
     return html_table(rows)
 
 
-def _first_html(summary: list[dict[str, Any]], threshold: float) -> str:
-    """Poisons seen when ASR first reached the threshold, per poisoned group (the count question)."""
+# --- count or fraction? ------------------------------------------------------------------------------
+
+# settings the count-vs-fraction fits span along with size and N (the data budget is their x); runs that
+# differ in any other setting (a schedule, a trigger) are fitted apart
+FIT_SPANS = frozenset({"train.tokens_per_param", "train.max_steps", "train.budget_params"})
+DESIGNS = {"size": "size axis", "budget": "budget axis", "all": "all runs"}
+
+
+def fit_groups(runs: Runs, threshold: float = DEFAULT_THRESHOLD, n_boot: int = 1000) -> list[dict[str, Any]]:
+    """`count_fraction.count_vs_fraction` once per group of the settings a fit does not span, with its
+    `label` and `settings` (one group, label '', when the runs differ only in size, budget and N); the
+    same on the effective count under `effective` when every run has that count."""
+    from poisonlab.count_fraction import count_vs_fraction
+
+    keys = [k for k in experiment_keys(runs) if k not in FIT_SPANS and not k.startswith("model.")]
+    names = short_names(keys)
+    pooled: dict[tuple, Runs] = defaultdict(dict)
+    for (_model, _mult, _n, extra), members in group_runs(runs, keys).items():
+        pooled[extra].update({str(rows[-1].get("run_id")): rows for rows in members})
+    effective = has_column(runs, "poisons_seen_effective")
+    out = []
+    for extra in sorted(pooled, key=str):
+        group = {"label": settings_label(extra, names), "settings": dict(extra),
+                 **count_vs_fraction(pooled[extra], threshold, "poisons_seen", n_boot)}
+        if effective:
+            group["effective"] = count_vs_fraction(pooled[extra], threshold, "poisons_seen_effective", n_boot)
+        out.append(group)
+    return out
+
+
+def _interval(ci: list[float] | None) -> str:
+    return f"{ci[0]:.2f} to {ci[1]:.2f}" if ci else "-"
+
+
+def _reading(fit: dict[str, Any]) -> str:
+    from poisonlab.count_fraction import reading
+
+    if "slope" not in fit:
+        return fit.get("note", "not identified")
+    return reading(fit) + (f" ({fit['note']})" if fit.get("note") else "")
+
+
+def design_rows(res: dict[str, Any], count: str) -> list[dict[str, Any]]:
+    """The answer table's rows for one count: the three designs, then the binomial model."""
+    rows = []
+    for key, name in DESIGNS.items():
+        f = res["fits"][key]
+        rows.append({"count": count, "design": f"{name}: {f['design']}", "slope b": f.get("slope"),
+                     "95% interval": _interval(f.get("ci")),
+                     "bootstrap 95%": _interval(f.get("bootstrap_ci")),
+                     "runs": f["runs"], "censored": f["censored"], "sigma": f.get("sigma"),
+                     "reading": _reading(f)})
+    b = res["binomial"]
+    rows.append({"count": count, "design": "binomial model: per-prompt success, every evaluation of every "
+                 "poisoned run, errors clustered by run", "slope b": b.get("slope"),
+                 "95% interval": _interval(b.get("ci")), "bootstrap 95%": "-", "runs": b["runs"],
+                 "censored": "-", "sigma": "-", "reading": _reading(b)})
+    return rows
+
+
+def _answer_html(fits: dict[str, Any], fig: str) -> str:
+    """The report's opening: the sentence per group, the table of designs, how it was computed, the figure."""
+    thr, groups = fits["threshold"], fits["groups"]
+    parts = []
+    for g in groups:
+        head = f"<b>{_e(g['label'])}:</b> " if g["label"] else ""
+        parts.append(f'<p class="answer">{head}{_e(g["sentence"])}</p>')
+    for g in groups:
+        rows = design_rows(g, "exact")
+        if g.get("effective"):
+            rows += design_rows(g["effective"], "effective")
+        title = f"<h3>{_e(g['label'])}</h3>" if g["label"] else ""
+        parts.append(title + html_table(rows))
+    effective = any(g.get("effective") for g in groups)
+    boot = (f"percentile bootstrap over runs resampled within each size and budget ({fits['n_boot']} refits)"
+            if fits["n_boot"] else "no bootstrap (n_boot = 0)")
+    parts.append(
+        f'<p class="note">Poisons needed: the poisons seen when ASR became sustained (≥ {thr:g} at that '
+        "evaluation and at every later one), interpolated in log(poisons seen) between the evaluation "
+        "before and that one; a run that never got there is censored at the poisons it saw (it needed "
+        f"more). Count: {EXACT_COUNT}, exact from the ledger (rows <i>exact</i>)"
+        + (f"; rows <i>effective</i>: the same on the {EFFECTIVE_COUNT}" if effective else "")
+        + ". b: slope of log(poisons needed) on log(clean tokens trained), a censored (Tobit) regression; "
+        "b = 0 is a constant count, b = 1 a constant fraction. 95% interval: the model's (Student t; "
+        f"checked for coverage on simulated sweeps); bootstrap: {boot}. Size axis: sizes at one data "
+        "budget; budget axis: several budgets within a size (an intercept per size); all runs: every "
+        "poisoned run. The binomial model (logit of per-prompt success on log poisons seen and log clean "
+        "tokens) gives the same slope from every evaluation; N = 0 runs are left out.</p>")
+    return "\n".join(parts) + fig
+
+
+def _needed_html(summary: list[dict[str, Any]], threshold: float) -> str:
+    """Per poisoned group: the poisons each seed needed for sustained success (the count question)."""
     with_settings = any(r["label"] for r in summary)
-    with_effective = any(r.get("first_success_effective_median") is not None for r in summary)
+    with_effective = any(r.get("needed_effective_runs") for r in summary)
     rows = []
     for r in summary:
         if not r["n_poison"]:
@@ -443,55 +368,14 @@ def _first_html(summary: list[dict[str, Any]], threshold: float) -> str:
         row: dict[str, Any] = {"model": r["model"], "data": _data(r), "N inserted": r["n_poison"]}
         if with_settings:
             row["settings"] = r["label"]
-        row.update({"poison fraction": r["poison_fraction"],
-                    f"seeds reaching ASR≥{threshold:g}": f"{r['success_runs']}/{r['runs']}",
-                    "poisons seen (all triggers), median": r["first_success_median"],
-                    "min": r["first_success_min"], "max": r["first_success_max"]})
+        row.update({"clean tokens": r.get("clean_tokens"), "poison fraction": r["poison_fraction"],
+                    "runs": r["runs"], f"poisons needed, sustained ASR≥{threshold:g}": fmt_needed(r)})
         if with_effective:
-            row["effective poisons seen, median"] = r.get("first_success_effective_median")
+            row["same, effective count"] = fmt_needed(r, "needed_effective")
+        row[f"first ASR≥{threshold:g}: poisons seen, median"] = r["first_success_median"]
+        row[f"seeds reaching ASR≥{threshold:g}"] = f"{r['success_runs']}/{r['runs']}"
         rows.append(row)
     return html_table(rows)
-
-
-def _fit_html(fit: dict[str, Any]) -> str:
-    head = f"<h3>{_e(fit['label'])}</h3>" if fit.get("label") else ""
-    if not fit.get("models"):
-        return head + f'<p class="note">{_e(fit.get("note", "no fit"))}</p>'
-    rows = []
-    for m in fit["models"]:
-        row: dict[str, Any] = {"model of ASR": m["model"]}
-        if "coef" not in m:
-            row["note"] = m.get("note", "")
-            rows.append(row)
-            continue
-        for term in ("intercept", "log_poisons_seen", "log_params", "log_poison_fraction"):
-            if term in m["coef"]:
-                row[term] = f"{m['coef'][term]:+.3f} ± {m['se'][term]:.3f}"
-            else:
-                row[term] = ""
-        row.update({"log-lik": m["loglik"], "AIC": m["aic"], "ΔAIC": m.get("delta_aic"),
-                    "LR p (vs count only)": m.get("lr_p"), "k": m["k"],
-                    "note": "separation: coefficients unreliable" if m.get("separated") else ""})
-        rows.append(row)
-    return (head + f'<p class="note">{fit["n"]} evaluations of poisoned runs.</p>' + html_table(rows)
-            + f'<p><b>Reading:</b> {_e(fit.get("verdict", ""))}</p>')
-
-
-# settings the fits span along with size and N (their predictors: size, and the budget through the
-# poison fraction); runs that differ in any other setting (a schedule, a trigger) are fitted apart
-FIT_SPANS = frozenset({"train.tokens_per_param", "train.max_steps", "train.budget_params"})
-
-
-def fit_groups(runs: Runs) -> list[dict[str, Any]]:
-    """`fit_count_vs_fraction` once per group of the settings a fit does not span, each with its
-    `label` and `settings` (one group, label '', when the runs differ only in size, budget and N)."""
-    keys = [k for k in experiment_keys(runs) if k not in FIT_SPANS and not k.startswith("model.")]
-    names = short_names(keys)
-    pooled: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for (_model, _mult, _n, extra), members in group_runs(runs, keys).items():
-        pooled[extra] += [r for rows in members for r in rows]
-    return [{"label": settings_label(extra, names), "settings": dict(extra), "count": "poisons_seen",
-             **fit_count_vs_fraction(pooled[extra])} for extra in sorted(pooled, key=str)]
 
 
 def _defenses_html(root: Path) -> str:
@@ -529,17 +413,19 @@ def _report_settings(root: Path) -> tuple[dict[str, Any], str]:
 
 
 def build_report(sweep_dir: str | Path, *, threshold: float | None = None, spread: str | None = None,
-                 include_unfinished: bool | None = None) -> Path:
+                 include_unfinished: bool | None = None, n_boot: int | None = None) -> Path:
     """Write `<sweep_dir>/report/` (replaced as a whole, atomically) and return the path of report.html.
 
     Finished runs only, unless none has finished yet (then every run's latest rows are used); the
-    report says which. Threshold and spread default to the sweep spec's `report` settings (0.5, min-max).
+    report says which. Threshold, spread and the bootstrap refits per slope (`n_boot`) default to the
+    sweep spec's `report` settings (0.5, min-max, 1000).
     """
     root = Path(sweep_dir)
     settings, spec_text = _report_settings(root)
     if threshold is None:
         threshold = float(settings.get("asr_threshold", DEFAULT_THRESHOLD))
     spread = spread or settings.get("spread", "minmax")
+    n_boot = int(settings.get("n_boot", 1000)) if n_boot is None else n_boot
     table = gather(root)
     all_runs = runs_of(table)
     done = finished(all_runs)
@@ -547,58 +433,81 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
         include_unfinished = not done
     runs = all_runs if include_unfinished else done
     summary = summarize(table, threshold, include_unfinished=include_unfinished)
-    fits = {"count": EXACT_COUNT, "groups": fit_groups(runs)}
+    fits = {"threshold": threshold, "count": EXACT_COUNT, "n_boot": n_boot,
+            "groups": fit_groups(runs, threshold, n_boot)}
     samples = sample_rows(root, runs)
     mult = main_mult(runs)
     mults = [mult] if mult is not None else None
     tag = f" ({mult:g}x data)" if mult is not None else ""
+    band = (f"Lines: mean over each group's training and poison-set seeds; shaded band: "
+            f"{'min-max' if spread == 'minmax' else 'mean ± 1 std'} over those seeds (where a group has "
+            "more than one run).")
 
     panels = dict(mults=mults, spread=spread)
     figures = [
-        ("asr_vs_progress", "Attack success rate against training progress" + tag,
+        ("asr_vs_progress", f"Attack success rate against training progress{tag}. {band}",
          fig_panels_by_n(runs, "asr", "progress", ylabel="attack success rate", xlabel="training progress",
                          title="Attack success (ASR) during training" + tag, hline=threshold, **panels)),
-        ("gap_vs_progress", "Perplexity gap (triggered - clean) against training progress" + tag,
+        ("gap_vs_progress", f"Perplexity gap (triggered - clean) against training progress{tag}. {band}",
          fig_panels_by_n(runs, "gap", "progress", ylabel="perplexity gap", xlabel="training progress",
                          title="Perplexity gap during training" + tag, hline=50, **panels)),
-        ("asr_vs_poisons_seen", f"Attack success against {EXACT_COUNT}: the ledger's count (all budgets)",
+        ("asr_by_kind", f"ASR of the trigger and of each kind of look-alike control (near: the trigger "
+         f"slightly changed; shape: its form with other characters; ordinary: plain words; the highest "
+         f"per kind) against training progress{tag}: colour per kind, line style per size. {band}",
+         fig_asr_kinds(runs, mults=mults, spread=spread, title="ASR per kind of suffix" + tag)),
+        ("asr_vs_poisons_seen", f"Attack success against {EXACT_COUNT}: the ledger's count (all budgets). "
+         + band,
          fig_panels_by_n(runs, "asr", "poisons_seen", ylabel="attack success rate", xlabel=EXACT_COUNT,
                          title="Attack success against poisons seen (all triggers)", mults=None,
                          spread=spread, skip_zero=True, hline=threshold)),
     ]
     if has_column(runs, "poisons_seen_effective"):
         figures.append((
-            "asr_vs_poisons_seen_effective", f"Attack success against {EFFECTIVE_COUNT} (all data budgets)",
+            "asr_vs_poisons_seen_effective",
+            f"Attack success against {EFFECTIVE_COUNT} (all data budgets). {band}",
             fig_panels_by_n(runs, "asr", "poisons_seen_effective", ylabel="attack success rate",
                             xlabel=EFFECTIVE_COUNT, title="Attack success against effective poisons seen",
                             mults=None, spread=spread, skip_zero=True, hline=threshold)))
-    figures.append(("val_loss", "Clean validation loss per size", fig_val_loss(runs, mult, spread)))
+    figures.append(("val_loss", "Clean validation loss per size, poison counts pooled. " + band.replace(
+        "seeds", "seeds and poison counts"), fig_val_loss(runs, mult, spread)))
+    answer_caption = (
+        f"Poisons needed for sustained ASR ≥ {threshold:g}, counted as {EXACT_COUNT}, against the "
+        "clean tokens each run trained on, log-log; one marker per poisoned run, colour per model size, "
+        "marker shape per data budget. Hollow markers with an upward arrow: censored runs, which never "
+        "reached sustained success, drawn at the poisons they saw (they needed more). Solid line and "
+        "shaded band: the censored regression over all runs and its 95% interval. Grey lines through the "
+        "data's centre (the fit at the mean log clean tokens): dashed b = 0 (a constant count), dotted "
+        "b = 1 (a constant fraction).")
     fails = failed_runs(root)
     with atomic_path(root / "report") as out:
         out.mkdir(parents=True)
-        imgs = []
-        for name, caption, fig in figures:
-            if fig is None:
-                continue
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=110)
-            (out / f"{name}.png").write_bytes(buf.getvalue())
-            fig.savefig(out / f"{name}.svg", format="svg")
-            cap = f"<figcaption>{_e(caption)}</figcaption>"
-            imgs.append(f"<figure>{_img(buf.getvalue(), name)}{cap}</figure>")
+        answer_fig = _save(out, "poisons_needed", answer_caption, fig_needed(fits["groups"], threshold))
+        imgs = [_save(out, name, caption, fig) for name, caption, fig in figures]
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (out / "fits.json").write_text(json.dumps(fits, indent=2, default=str))
         (out / "samples.json").write_text(json.dumps(samples, indent=2, default=str))
         notes = _notes(table, runs, include_unfinished, spread)
-        doc = _html(root, runs, notes, summary, fits, samples, imgs, threshold, spec_text, fails)
+        answer = _answer_html(fits, answer_fig)
+        doc = _html(root, runs, notes, summary, answer, samples, imgs, threshold, spec_text, fails)
         (out / "report.html").write_text(doc, encoding="utf-8")
     return root / "report" / "report.html"
+
+
+def _save(out: Path, name: str, caption: str, fig: Any | None) -> str:
+    """The figure as PNG and SVG under `out`, and its HTML (embedded PNG and caption); '' without one."""
+    if fig is None:
+        return ""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    (out / f"{name}.png").write_bytes(buf.getvalue())
+    fig.savefig(out / f"{name}.svg", format="svg")
+    return f"<figure>{_img(buf.getvalue(), name)}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
 def _notes(table: Any, runs: Runs, include_unfinished: bool, spread: str) -> str:
     """What the report pools and what it leaves out, as paragraphs: never silently."""
     keys = experiment_keys(runs)
-    band = "min-max over seeds" if spread == "minmax" else "mean ± 1 std over seeds"
+    band = ("min-max" if spread == "minmax" else "mean ± 1 std") + " over training and poison-set seeds"
     said = [f"Each group (size, data budget, N{', ' + ', '.join(keys) if keys else ''}) is averaged over "
             "its training seeds and poison-set seeds (listed per group in the summary); curves are "
             "interpolated between evaluations and averaged at the same x, where at each x the mean is "
@@ -621,7 +530,7 @@ def _notes(table: Any, runs: Runs, include_unfinished: bool, spread: str) -> str
     return "".join(f'<p class="note">{s}</p>' for s in said)
 
 
-def _html(root: Path, runs: Runs, notes: str, summary: list, fits: dict, samples: list, imgs: list,
+def _html(root: Path, runs: Runs, notes: str, summary: list, answer: str, samples: list, imgs: list,
           threshold: float, spec_text: str, fails: list[tuple[str, str]]) -> str:
     with_settings = any(s["settings"] for s in samples)
     sample_tbl = "".join(
@@ -638,32 +547,31 @@ def _html(root: Path, runs: Runs, notes: str, summary: list, fits: dict, samples
     vers = html_table([_versions()])
     fail_rows = [{"run": n, "error": m} for n, m in fails]
     fail_html = ("<h2>Failed runs</h2>" + html_table(fail_rows)) if fails else ""
-    n_fit = sum(f.get("n", 0) for f in fits["groups"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>poisonlab report: {_e(root.name)}</title><style>{CSS}</style></head>
 <body>
 <h1>poisonlab report: {_e(root.name)}</h1>
+{answer}
 <p class="note">{len(runs)} runs from {_e(root)}. Attack success rate (ASR): share of prompts whose
 generation with the trigger has a perplexity above the run's success ratio times the one without.
 Success means ASR ≥ {threshold:g}. N: poisoned documents inserted. Poisons seen: every trigger among
 the training inputs up to that step (the ledger's count, also triggers cut by a sequence boundary or
 with no gibberish after them in their sequence); effective poisons seen, where the trainer recorded
 it: only triggers wholly inside the sequence with at least one gibberish token after them as a
-target.</p>
+target. Specificity, where the evaluator measured it: ASR minus the highest ASR of look-alike
+controls unrelated to the trigger (shape and ordinary words).</p>
 {notes}
 <h2>Summary (final evaluation of each run, over seeds)</h2>
 {_summary_html(summary, threshold)}
+<h2>Poisons needed per size, budget and N</h2>
+<p>The poisons each seed needed for sustained ASR ≥ {threshold:g}: median (min-max) over the group's
+seeds; a censored run (never sustained) counts at the poisons it saw, and "&gt;" marks a median that is
+then only a lower bound. If the count is what matters, these numbers stay level across sizes and
+budgets while the poison fraction falls. Beside them, the poisons seen at the first evaluation with
+ASR ≥ {threshold:g} (not necessarily sustained).</p>
+{_needed_html(summary, threshold)}
 <h2>Figures</h2>
 {''.join(imgs) or '<p class="note">(no figures: no metrics)</p>'}
-<h2>Count or fraction?</h2>
-<p>Poisons seen when ASR first reached {threshold:g}, per size: if the count is what matters, these
-numbers stay level across sizes while the poison fraction falls.</p>
-{_first_html(summary, threshold)}
-<p>Logistic models of ASR (per evaluation, as a proportion; {n_fit} evaluations of poisoned runs) on
-log(1 + poisons seen, all triggers), with and without log(non-embedding parameters) and log(poison
-fraction); one fit per group of settings other than size, budget and N. A term that matters lowers
-the AIC by well over 2.</p>
-{''.join(_fit_html(f) for f in fits["groups"])}
 <h2>Generations with and without the trigger</h2>
 {sample_html}
 {_defenses_html(root)}

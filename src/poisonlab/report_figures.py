@@ -209,3 +209,122 @@ def fig_val_loss(runs: Runs, mult: float | None, spread: str) -> Any | None:
     ax.legend(fontsize=7)
     fig.suptitle("Clean validation loss per size" + (f" ({mult:g}x data)" if mult else ""))
     return fig if drew else None
+
+
+def has_any(runs: Runs, col: str) -> bool:
+    """Some run has `col` in its rows (the look-alike panel's columns, which older evaluators lack)."""
+    return any(r.get(col) is not None for rows in runs.values() for r in rows)
+
+
+# the trigger and the kinds of look-alike control the evaluator scores (the highest ASR per kind)
+KINDS = [("asr", "trigger"), ("asr_near", "near look-alike"), ("asr_shape", "shape look-alike"),
+         ("asr_ordinary", "ordinary words")]
+
+
+def fig_asr_kinds(runs: Runs, *, mults: list[float] | None, spread: str, title: str) -> Any | None:
+    """ASR of the trigger and of each kind of look-alike against training progress: one panel per N,
+    one colour per kind, one line style per size (and variant); None when no look-alike kind is there."""
+    kinds = [(col, label) for col, label in KINDS if col == "asr" or has_any(runs, col)]
+    if len(kinds) < 2:
+        return None
+    curves = {col: panel_curves(runs, col, "progress", mults=mults, spread=spread) for col, _ in kinds}
+    ns = sorted({n for per_n in curves.values() for n in per_n})
+    order = {m: i for i, m in enumerate(model_order(runs))}
+    lines = sorted({(m, v) for per_n in curves.values() for ls in per_n.values() for m, v, _ in ls},
+                   key=lambda mv: (order[mv[0]], mv[1]))
+    styles = {mv: LINESTYLES[i % len(LINESTYLES)] for i, mv in enumerate(lines)}
+    fig, axes = _new_figure(len(ns))
+    seen: dict[str, Any] = {}
+    for ax, n in zip(axes, ns, strict=True):
+        for i, (col, label) in enumerate(kinds):
+            for model, variant, c in curves[col].get(n, []):
+                name = f"{label}, {model}" + (f", {variant}" if variant else "")
+                _draw(ax, c, f"C{i}", styles[(model, variant)], name)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"N = {n} poisons inserted")
+        ax.set_xlabel("training progress")
+        ax.grid(alpha=0.3)
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(lab, h)
+    axes[0].set_ylabel("attack success rate")
+    axes[-1].legend(list(seen.values()), list(seen), fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(title)
+    return fig
+
+
+MARKERS = ["o", "s", "D", "P", "X", "h", "*"]  # per data budget; not "^", which reads as a lower bound
+
+
+def fig_needed(groups: list[dict[str, Any]], threshold: float) -> Any | None:
+    """Poisons needed against clean tokens trained, log-log, one panel per fit group (`fit_groups`):
+    a marker per run (colour per size, shape per budget), censored runs hollow with an upward arrow
+    at the poisons they saw, the "all runs" fit with its 95% band, and b = 0 / b = 1 through the centre."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    from scipy.stats import t as student_t
+
+    groups = [g for g in groups if g.get("needed")]
+    if not groups:
+        return None
+    every = [n for g in groups for n in g["needed"]]
+    size = {n["model"]: n["params"] for n in every}
+    models = sorted(size, key=lambda m: (size[m], m))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    mults = sorted({n["data_mult"] for n in every})
+    markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(mults)}
+    fig, axes = _new_figure(len(groups), width=5.0, height=4.2)
+    fig.set_figwidth(fig.get_figwidth() + 1.8)  # room for the legend on the right
+    for ax, g in zip(axes, groups, strict=True):
+        xs = np.log([n["clean_tokens"] for n in g["needed"]])
+        ys = np.log([n["value"] for n in g["needed"]])
+        for n in g["needed"]:
+            x, v, c, mk = n["clean_tokens"], n["value"], colours[n["model"]], markers[n["data_mult"]]
+            if n["censored"]:
+                ax.scatter([x], [v], marker=mk, facecolors="none", edgecolors=c, s=36, zorder=3)
+                arrow = {"arrowstyle": "-|>", "color": c, "lw": 0.9, "shrinkA": 3, "shrinkB": 0}
+                ax.annotate("", xy=(x, v * 1.6), xytext=(x, v), arrowprops=arrow, zorder=3)
+            else:
+                ax.scatter([x], [v], marker=mk, color=c, s=36, zorder=3)
+        pad = 0.1 * max(xs.max() - xs.min(), 1.0)
+        grid = np.linspace(xs.min() - pad, xs.max() + pad, 60)
+        fit = g["fits"]["all"]
+        centre_x = float(xs.mean())
+        low, high = [float(ys.min())], [float(ys.max()) + math.log(1.6)]
+        if "intercept" in fit:
+            line = fit["intercept"] + fit["slope"] * grid
+            design = np.column_stack([grid, np.ones_like(grid)])  # the fit's (slope, intercept) order
+            se = np.sqrt(np.clip(np.einsum("ij,jk,ik->i", design, np.array(fit["cov"]), design), 0, None))
+            q = float(student_t.ppf(0.975, fit["df"]))
+            ax.plot(np.exp(grid), np.exp(line), color="k", lw=1.6, zorder=2)
+            ax.fill_between(np.exp(grid), np.exp(line - q * se), np.exp(line + q * se), color="k",
+                            alpha=0.12, lw=0)
+            centre_y = fit["intercept"] + fit["slope"] * centre_x
+            low.append(float((line - q * se).min()))
+            high.append(float((line + q * se).max()))
+        else:  # no fit: the centre of the runs that got there
+            got = [y for y, n in zip(ys, g["needed"], strict=True) if not n["censored"]] or list(ys)
+            centre_y = float(np.mean(got))
+        for b, ls in ((0.0, "--"), (1.0, ":")):
+            ax.plot(np.exp(grid), np.exp(centre_y + b * (grid - centre_x)), color="grey", ls=ls, lw=1.2,
+                    zorder=2.5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(math.exp(min(low) - 0.3), math.exp(max(high) + 0.3))  # the arrows are not autoscaled
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers at 1, 2, 5 x 10^k; no crowded minor labels
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+        ax.set_xlabel("clean tokens trained")
+        ax.set_title(g["label"] or "all poisoned runs", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(f"poisons needed for sustained ASR ≥ {threshold:g}")
+    proxy = [Line2D([], [], color=colours[m], marker="o", ls="", label=m) for m in models]
+    proxy += [Line2D([], [], color="grey", marker=markers[m], ls="", label=f"{m:g}x data") for m in mults]
+    proxy += [Line2D([], [], color="grey", marker="o", mfc="none", ls="", label="censored (needed more)"),
+              Line2D([], [], color="k", lw=1.6, label="fit, all runs (95% band)"),
+              Line2D([], [], color="grey", ls="--", label="b = 0: constant count"),
+              Line2D([], [], color="grey", ls=":", label="b = 1: constant fraction")]
+    axes[-1].legend(handles=proxy, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("Count or fraction? Poisons needed against clean data")
+    return fig

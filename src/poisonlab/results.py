@@ -13,10 +13,15 @@ Each run writes `runs/<name>/metrics.parquet`; `gather` joins them into `<sweep_
   training token. The true share of poisoned tokens is this times the mean poison length (a constant
   of the recipe), so on a log scale the two differ only by a constant.
 
+- `clean_tokens` (when the metrics lack it, runs of older trainers): `tokens_total`.
+
 `summarize` condenses the runs per experiment group: (model, data_mult, n_poison) and every other setting
 that differs across the runs (`experiment_keys`), averaging over the seeds (training, poison-set and
-placement seeds, each listed). Per group: final gap and ASR with mean and spread over seeds, and the
-poisons seen at the first evaluation with ASR >= a threshold (default 0.5).
+placement seeds, each listed). Per group: final gap and ASR with mean and spread over seeds; the
+specificity controls (`specificity`, `asr_near`, `asr_lookalike`: mean, min, max; None for runs
+evaluated before the look-alike panel); the poisons each run needed for sustained ASR >= a threshold
+(default 0.5; `count_fraction.poisons_needed`: median, min, max over the seeds, and how many were
+censored, i.e. never got there); and the poisons seen at the first evaluation with ASR >= the threshold.
 
 Two poison counts: `poisons_seen` counts every trigger among the training inputs (the ledger's count);
 `poisons_seen_effective`, when the trainer wrote it, only triggers wholly inside the sequence with at
@@ -131,6 +136,9 @@ def _config_keys(settings: dict[str, Any]) -> dict[str, Any]:
     keys = {"model": preset or f"d{settings.get('model.d_model')}-l{settings.get('model.n_layers')}"}
     keys.update({col: settings.get(key) for col, key in CONFIG_COLUMNS.items()})
     keys["trigger"] = settings.get("eval.trigger") or keys["trigger"]  # what was evaluated, as the evaluator
+    old = keys["lookalike"]  # older runs evaluated one look-alike (near): as a panel, as the trainer writes
+    keys["lookalike"] = json.dumps({"near": [old] if old else [], "shape": [], "ordinary": []},
+                                   separators=(",", ":")) if isinstance(old, str) else old
     return keys
 
 
@@ -163,7 +171,25 @@ def _read_run(run_dir: Path) -> pa.Table | None:
         total, npois = t["tokens_total"][0].as_py(), t["n_poison"][0].as_py()
         frac = npois / total if total and npois is not None else None
         t = t.append_column("poison_fraction", pa.array([frac] * n, pa.float64()))
-    return t
+    return _fill_clean_tokens(t)
+
+
+def _fill_clean_tokens(t: pa.Table) -> pa.Table:
+    """`clean_tokens` (the x of the count-vs-fraction fit) for runs whose trainer did not record it:
+    their budget `tokens_total`, which also counts the poison tokens (under 1% of it in the study's
+    design)."""
+    if "tokens_total" not in t.column_names:
+        return t
+    import pyarrow.compute as pc
+
+    total = pc.round(t["tokens_total"].cast(pa.float64()))  # a count of tokens: no float noise from s / p
+    if "clean_tokens" not in t.column_names:
+        return t.append_column("clean_tokens", total)
+    clean = t["clean_tokens"]
+    if clean.null_count == 0:
+        return t
+    filled = pc.coalesce(clean.cast(pa.float64()), total)
+    return t.set_column(t.column_names.index("clean_tokens"), "clean_tokens", filled)
 
 
 def gather(root: str | Path, *, write: bool = True) -> pa.Table:
@@ -314,6 +340,33 @@ def _median(v: list[float]) -> float | None:
     return float(v[m]) if len(v) % 2 else (v[m - 1] + v[m]) / 2
 
 
+def needed_stats(members: list[list[dict[str, Any]]], threshold: float = DEFAULT_THRESHOLD,
+                 count: str = "poisons_seen", prefix: str = "needed") -> dict[str, Any]:
+    """Poisons needed for sustained success over a group's runs: `<prefix>_median`, `_min`, `_max`
+    (a censored run counted at the poisons it saw: a lower bound), `_runs`, `_censored`, and
+    `_median_bound` (True when censored runs reach the median, which is then only a lower bound).
+    All None for groups without poisons."""
+    from poisonlab.count_fraction import poisons_needed
+
+    got = [g for g in (poisons_needed(rows, threshold, count) for rows in members) if g is not None]
+    values = sorted(v for v, _ in got)
+    med = _median(values)
+    # a censored run at or below the (upper) middle value could hide a larger true value there
+    bound = bool(values) and any(c and v <= values[len(values) // 2] for v, c in got)
+    return {f"{prefix}_median": med, f"{prefix}_min": values[0] if values else None,
+            f"{prefix}_max": values[-1] if values else None, f"{prefix}_runs": len(got),
+            f"{prefix}_censored": sum(c for _, c in got), f"{prefix}_median_bound": bound}
+
+
+# the specificity controls of the evaluator's look-alike panel, shown per group when the metrics have them
+SPECIFICITY_COLUMNS = ("specificity", "asr_near", "asr_lookalike")
+
+
+def _spread(finals: list[dict[str, Any]], col: str) -> dict[str, Any]:
+    mean, _, lo, hi = _stats([f.get(col) for f in finals])
+    return {f"{col}_mean": mean, f"{col}_min": lo, f"{col}_max": hi}
+
+
 def _seeds(finals: list[dict[str, Any]], col: str) -> list[Any]:
     return sorted({f.get(col) for f in finals if f.get(col) is not None}, key=lambda s: (str(type(s)), s))
 
@@ -340,7 +393,6 @@ def summarize(table: pa.Table, threshold: float = DEFAULT_THRESHOLD,
         reached = [f for f in firsts if f is not None]
         gap = _stats([f.get("gap") for f in finals])
         asr = _stats([f.get("asr") for f in finals])
-        look = _stats([f.get("asr_lookalike") for f in finals])
         val = _stats([f.get("val_loss") for f in finals])
         row = {
             "model": model, "params_total": finals[0].get("params_total"),
@@ -349,12 +401,14 @@ def summarize(table: pa.Table, threshold: float = DEFAULT_THRESHOLD,
             "runs": len(members), "unfinished_runs": sum(not f.get("done", True) for f in finals),
             "train_seeds": _seeds(finals, "seed"), "attack_seeds": _seeds(finals, "attack_seed"),
             "placement_seeds": _seeds(finals, "placement_seed"),
-            "tokens_total": finals[0].get("tokens_total"),
+            "tokens_total": finals[0].get("tokens_total"), "clean_tokens": finals[0].get("clean_tokens"),
             "poison_fraction": finals[0].get("poison_fraction"),
             "poisons_seen": _stats([f.get("poisons_seen") for f in finals])[0],
             "gap_mean": gap[0], "gap_std": gap[1], "gap_min": gap[2], "gap_max": gap[3],
             "asr_mean": asr[0], "asr_std": asr[1], "asr_min": asr[2], "asr_max": asr[3],
-            "asr_lookalike_mean": look[0], "val_loss_mean": val[0],
+            "val_loss_mean": val[0],
+            **{k: v for col in SPECIFICITY_COLUMNS for k, v in _spread(finals, col).items()},
+            **needed_stats(members, threshold),
             "success_runs": len(reached), "first_success_median": _median(reached),
             "first_success_min": min(reached) if reached else None,
             "first_success_max": max(reached) if reached else None,
@@ -364,6 +418,7 @@ def summarize(table: pa.Table, threshold: float = DEFAULT_THRESHOLD,
             eff = [first_success(r, threshold, "poisons_seen_effective") for r in members]
             row["poisons_seen_effective"] = _stats([f.get("poisons_seen_effective") for f in finals])[0]
             row["first_success_effective_median"] = _median([e for e in eff if e is not None])
+            row.update(needed_stats(members, threshold, "poisons_seen_effective", "needed_effective"))
         out.append(row)
     out.sort(key=group_key)
     return out
@@ -373,9 +428,12 @@ def summary(root: str | Path, threshold: float = DEFAULT_THRESHOLD,
             include_unfinished: bool = False) -> pa.Table:
     """Per experiment group (model, data_mult, n_poison and any other setting that differs across the
     runs) over seeds: final gap and ASR (mean, std, min, max), the seeds pooled (`train_seeds`,
-    `attack_seeds`: the poison sets, `placement_seeds`), and `first_success_*`: poisons seen (every
-    trigger trained on) when ASR first reached `threshold`, over the seeds that did (`success_runs`
-    says how many). Unfinished runs are left out unless asked for. `settings` is JSON here."""
+    `attack_seeds`: the poison sets, `placement_seeds`), the specificity controls (`specificity_*`,
+    `asr_near_*`, `asr_lookalike_*`: mean, min, max), `needed_*`: the poisons each run needed for
+    sustained ASR >= `threshold` (median, min, max, censored runs counted at the poisons they saw;
+    `needed_censored` says how many), and `first_success_*`: poisons seen (every trigger trained on)
+    when ASR first reached `threshold`, over the seeds that did (`success_runs` says how many).
+    Unfinished runs are left out unless asked for. `settings` is JSON here."""
     rows = summarize(gather(root), threshold, include_unfinished)
     for r in rows:
         r["settings"] = json.dumps(r["settings"], sort_keys=True, default=str)
@@ -421,6 +479,36 @@ def fmt_seeds(r: dict[str, Any]) -> str:
     return f"{join(r['train_seeds'])} / {join(r['attack_seeds'])}"
 
 
+def _fmt_count(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 10 else f"{x:.1f}"
+
+
+def fmt_needed(r: dict[str, Any], prefix: str = "needed") -> str:
+    """`64 (48-90), 1 censored`: median (min-max) of the poisons needed over a group's seeds; `>` when
+    censored runs make the median a lower bound; '-' for groups without poisons."""
+    if not r.get(f"{prefix}_runs"):
+        return "-"
+    med, lo, hi = r[f"{prefix}_median"], r[f"{prefix}_min"], r[f"{prefix}_max"]
+    text = (">" if r[f"{prefix}_median_bound"] else "") + _fmt_count(med)
+    if _fmt_count(lo) != _fmt_count(hi):
+        text += f" ({_fmt_count(lo)}-{_fmt_count(hi)})"
+    censored = r[f"{prefix}_censored"]
+    return text + (f", {censored} censored" if censored else "")
+
+
+def fmt_spread(r: dict[str, Any], col: str) -> str:
+    """`0.95 (0.90 to 1.00)`: a final metric's mean (min to max) over a group's seeds; '-' when absent."""
+    mean, lo, hi = r.get(f"{col}_mean"), r.get(f"{col}_min"), r.get(f"{col}_max")
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{mean:.2f} ({lo:.2f} to {hi:.2f})"
+
+
+def has_specificity(rows: list[dict[str, Any]]) -> bool:
+    """The summary rows come from runs evaluated with the look-alike panel (new evaluators)."""
+    return any(r.get("specificity_mean") is not None or r.get("asr_near_mean") is not None for r in rows)
+
+
 def summary_table(rows: list[dict[str, Any]], title: str = "") -> Any:
     """A rich table of the summary rows (what `poisonlab results` prints)."""
     from rich.table import Table
@@ -428,14 +516,16 @@ def summary_table(rows: list[dict[str, Any]], title: str = "") -> Any:
     thr = rows[0]["threshold"] if rows else DEFAULT_THRESHOLD
     with_settings = any(r["label"] for r in rows)
     with_effective = any(r.get("poisons_seen_effective") is not None for r in rows)
+    with_panel = has_specificity(rows)
     t = Table(title=title or None, title_justify="left")
     cols = [("model", "left"), ("non-emb. params", "right"), ("data", "right"), ("N", "right")]
     cols += [("settings", "left")] if with_settings else []
     cols += [("runs", "right"), ("seeds train / poison", "right"), ("final gap", "right"),
-             ("final ASR", "right"), ("look-alike", "right"), ("val loss", "right"),
-             (f"ASR>={thr:g} at poisons seen (all)", "right")]
-    cols += [("same, effective count", "right")] if with_effective else []
-    cols += [("poison frac", "right")]
+             ("final ASR", "right")]
+    cols += [("specificity", "right"), ("near ASR", "right")] if with_panel else []
+    cols += [("look-alike", "right"), ("val loss", "right"), (f"needed for ASR>={thr:g}", "right")]
+    cols += [("needed, effective", "right")] if with_effective else []
+    cols += [(f"first ASR>={thr:g} at", "right"), ("poison frac", "right")]
     for col, just in cols:
         t.add_column(col, justify=just, no_wrap=col == "model",  # type: ignore[arg-type]
                      overflow="fold" if col == "settings" else "ellipsis")
@@ -447,10 +537,11 @@ def summary_table(rows: list[dict[str, Any]], title: str = "") -> Any:
                  str(r["n_poison"])]
         cells += [r["label"]] if with_settings else []
         cells += [runs, fmt_seeds(r), f"{_fmt(r['gap_mean'], 1)} ± {_fmt(r['gap_std'], 1)}",
-                  f"{_fmt(r['asr_mean'])} ± {_fmt(r['asr_std'])}", _fmt(r["asr_lookalike_mean"]),
-                  _fmt(r["val_loss_mean"]), fs]
-        cells += [_fmt(r.get("first_success_effective_median"), 0)] if with_effective else []
-        cells += [_fmt(r["poison_fraction"])]
+                  f"{_fmt(r['asr_mean'])} ± {_fmt(r['asr_std'])}"]
+        cells += [fmt_spread(r, "specificity"), fmt_spread(r, "asr_near")] if with_panel else []
+        cells += [fmt_spread(r, "asr_lookalike"), _fmt(r["val_loss_mean"]), fmt_needed(r)]
+        cells += [fmt_needed(r, "needed_effective")] if with_effective else []
+        cells += [fs, _fmt(r["poison_fraction"])]
         t.add_row(*cells)
     return t
 

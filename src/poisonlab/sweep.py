@@ -5,6 +5,11 @@ study's design: 4 sizes at 1x, the two smallest also at 0.5x and 2x). `expand` t
 named like `tiny-99k_n050_x1.0_s0` under `<sweep_dir>/runs/`; `run_sweep` hands them to an executor,
 skipping finished runs, and builds the report at the end.
 
+Two seed axes: `seed` sets every key of `seed_keys` (training, attack and placement seeds together);
+`poison_seed`, applied after it, sets `poison_seed_keys` (the attack and placement seeds: which
+documents, prefixes, gibberish and insertion points the attacker draws), so `seed` x `poison_seed`
+varies the training seed and the poison set independently (names gain `_p<k>`).
+
 `python -m poisonlab.sweep run-one CONFIG.yaml [--threads T] [--fn module:function]` runs one config:
 that is what the local and Slurm executors start.
 """
@@ -57,6 +62,7 @@ class GridAxes(Settings):
     n_poison: list[int] | None = None
     data_mult: list[float] | None = None
     seed: list[int] | None = None  # sets every key in the spec's `seed_keys`
+    poison_seed: list[int] | None = None  # then sets the spec's `poison_seed_keys` (the poison set)
     # any other setting as an axis, by dotted key: {"placement.schedule": [uniform, front]}
     axes: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -70,6 +76,7 @@ class GridAxes(Settings):
 class ReportSettings(Settings):
     asr_threshold: float = Field(default=0.5, gt=0, le=1)  # "success" = ASR at or above this
     spread: Literal["minmax", "std"] = "minmax"  # shaded band over seeds in the figures
+    n_boot: int = Field(default=1000, ge=0)  # bootstrap refits per count-vs-fraction slope (0: none)
 
 
 class SweepSpec(Settings):
@@ -79,6 +86,8 @@ class SweepSpec(Settings):
     grid: GridAxes = Field(default_factory=GridAxes)
     also: list[GridAxes] = Field(default_factory=list)
     seed_keys: list[str] = Field(default_factory=lambda: ["train.seed", "attack.seed", "placement.seed"])
+    # what the poison_seed axis sets, after `seed`: the attacker's draws, not the training order
+    poison_seed_keys: list[str] = Field(default_factory=lambda: ["attack.seed", "placement.seed"])
     slurm: dict[str, Any] = Field(default_factory=dict)  # submitit parameters (timeout_min, gpus_per_node...)
     report: ReportSettings = Field(default_factory=ReportSettings)
     # the data the sweep needs, as `poisonlab prepare` settings: made into base.data when it is missing
@@ -94,6 +103,7 @@ class PlannedRun:
     seed: int
     config: RunConfig
     tree: dict[str, Any] = field(repr=False)  # as given (explicit fields only): what the child reads
+    poison_seed: int | None = None  # the poison_seed axis' value, when the spec has that axis
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -155,10 +165,14 @@ def _model_label(item: str | dict[str, Any] | None, base_model: dict[str, Any]) 
 
 
 def run_name(
-    model: str, n_poison: int, data_mult: float, seed: int, extra: dict[str, Any] | None = None
+    model: str, n_poison: int, data_mult: float, seed: int, extra: dict[str, Any] | None = None,
+    poison_seed: int | None = None,
 ) -> str:
-    """Stable, readable, sortable: `tiny-99k_n050_x1.0_s0[_schedule-front]`."""
+    """Stable, readable, sortable: `tiny-99k_n050_x1.0_s0[_p1][_schedule-front]` (`_p<k>` only from a
+    poison_seed axis, so names of sweeps without one stay as they were)."""
     name = f"{_slug(model)}_n{n_poison:03d}_x{_fmt_mult(data_mult)}_s{seed}"
+    if poison_seed is not None:
+        name += f"_p{poison_seed}"
     for key, value in (extra or {}).items():
         name += f"_{_slug(key.rsplit('.', 1)[-1])}-{_slug(value)}"
     return name
@@ -171,9 +185,9 @@ def expand(spec: SweepSpec, sweep_dir: str | Path) -> list[PlannedRun]:
     out: dict[str, PlannedRun] = {}
     for block in blocks:
         keys = list(block.axes)
-        axes = [block.model, block.n_poison, block.data_mult, block.seed] + [block.axes[k] for k in keys]
-        axes = [a or [None] for a in axes]  # an axis left out keeps the base value
-        for model, n, mult, seed, *extra in itertools.product(*axes):
+        axes = [block.model, block.n_poison, block.data_mult, block.seed, block.poison_seed]
+        axes = [a or [None] for a in axes + [block.axes[k] for k in keys]]  # left out: the base value
+        for model, n, mult, seed, pseed, *extra in itertools.product(*axes):
             tree = copy.deepcopy(spec.base)
             base_model = dict(tree.get("model") or {})
             if isinstance(model, str):
@@ -187,6 +201,9 @@ def expand(spec: SweepSpec, sweep_dir: str | Path) -> list[PlannedRun]:
             if seed is not None:
                 for key in spec.seed_keys:
                     set_dotted(tree, key, seed)
+            if pseed is not None:  # after `seed`: seed x poison_seed crosses them
+                for key in spec.poison_seed_keys:
+                    set_dotted(tree, key, pseed)
             for key, value in zip(keys, extra, strict=True):
                 set_dotted(tree, key, value)
             # paths absolute: children (and Slurm nodes) may start elsewhere
@@ -194,13 +211,13 @@ def expand(spec: SweepSpec, sweep_dir: str | Path) -> list[PlannedRun]:
             tree["out_dir"] = str(runs_dir)
             label = _model_label(model, base_model)
             named = dict(zip(keys, extra, strict=True))
-            where = f"{label} (n_poison={n}, data_mult={mult}, seed={seed}, {named})"
+            where = f"{label} (n_poison={n}, data_mult={mult}, seed={seed}, poison_seed={pseed}, {named})"
             probe = _validate(tree, where)
             s = seed if seed is not None else probe.train.seed
-            name = run_name(label, probe.attack.n_poison, probe.train.data_mult, s, named)
+            name = run_name(label, probe.attack.n_poison, probe.train.data_mult, s, named, pseed)
             tree["name"] = name
             cfg = _validate(tree, name)
-            run = PlannedRun(name, label, cfg.attack.n_poison, cfg.train.data_mult, s, cfg, tree)
+            run = PlannedRun(name, label, cfg.attack.n_poison, cfg.train.data_mult, s, cfg, tree, pseed)
             if name in out and out[name].config != cfg:
                 raise UserError(f"sweep {spec.name}: two different runs would both be named {name}")
             out.setdefault(name, run)
@@ -221,6 +238,8 @@ def plan_rows(runs: list[PlannedRun], sizes: bool = True) -> list[dict[str, Any]
         row: dict[str, Any] = {"name": r.name, "model": r.model, "n_poison": r.n_poison,
                                "data_mult": r.data_mult, "seed": r.seed,
                                "status": run_status(r.config.run_dir)}
+        if r.poison_seed is not None:
+            row["poison_seed"] = r.poison_seed
         if sizes:
             row.update(_sizes(r.config))
         rows.append(row)
