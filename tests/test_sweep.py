@@ -27,12 +27,12 @@ SMALL = {
 def test_presets_expand_to_documented_counts(tmp_path: Path) -> None:
     assert {"demo", "tiny-grid", "gpu-small", "paper"} <= set(list_presets())
     runs = expand(load_spec("tiny-grid"), tmp_path)
-    assert len(runs) == 84  # 72 of the paper's design + 12 N=0 controls
+    assert len(runs) == 81  # the paper's design less tiny-25k 0.5x N=1000 (69) + 12 N=0 controls
     poisoned = [r for r in runs if r.n_poison > 0]
-    assert len(poisoned) == 72
+    assert len(poisoned) == 69
     per_model = Counter((r.model, r.data_mult) for r in poisoned)
-    assert per_model[("tiny-25k", 0.5)] == per_model[("tiny-100k", 2.0)] == 9
-    assert ("tiny-400k", 2.0) not in per_model and per_model[("tiny-400k", 1.0)] == 9
+    assert per_model[("tiny-25k", 0.5)] == 6 and per_model[("tiny-100k", 2.0)] == 9
+    assert ("tiny-400k", 2.0) not in per_model and per_model[("tiny-800k", 1.0)] == 9
     assert len(expand(load_spec("paper"), tmp_path)) == 72
     assert len(expand(load_spec("gpu-small"), tmp_path)) == 56
     assert len({r.name for r in runs}) == len(runs)
@@ -96,7 +96,7 @@ def test_poison_seed_axis_crosses_the_training_seed(tmp_path: Path) -> None:
 
 
 def test_overrides_and_errors(tmp_path: Path) -> None:
-    s = load_spec("demo", ["train.lr=3e-3", "grid.seed=[0, 1]", "name=mine"])
+    s = load_spec("demo", ["train.lr=3e-3", "grid.seed=[0, 1, 2, 3]", "name=mine"])
     assert s.name == "mine"
     runs = expand(s, tmp_path)
     assert len(runs) == 16 and all(r.config.train.lr == 3e-3 for r in runs)
@@ -200,7 +200,7 @@ def test_cli_dry_run_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -
 
     main(["sweep", "demo", "--dry-run", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "tiny-100k_n025_x1.0_s0" in out and "8 runs" in out
+    assert "tiny-100k_n1000_x1.0_s1" in out and "8 runs" in out
     assert not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit) as e:
         main(["sweep", "nope"])

@@ -50,3 +50,14 @@ def test_missing_data_is_prepared_from_the_spec(tmp_path):
         prepare_data(load_spec({"base": {"data": str(tmp_path / "nothing")}}),
                      expand(load_spec({"base": {"data": str(tmp_path / "nothing")}}), tmp_path / "s2"),
                      progress=False)
+
+
+def test_runs_go_seed_by_seed_longest_first(tmp_path):
+    """A sweep stopped part-way has whole seeds of every cell, and side-by-side jobs end together."""
+    from poisonlab.sweep import run_order
+
+    order = run_order(expand(load_spec("tiny-grid"), tmp_path))
+    seeds = [r.seed for r in order]
+    assert seeds == sorted(seeds)
+    first = [r for r in order if r.seed == 0]
+    assert first[0].model == "tiny-800k" and first[-1].model == "tiny-25k"

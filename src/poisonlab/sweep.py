@@ -310,6 +310,15 @@ def prepare_data(spec: SweepSpec, runs: list[PlannedRun], progress: bool = True)
         prepare(spec.prepare, Path(data), progress=progress)
 
 
+def run_order(runs: list[PlannedRun]) -> list[PlannedRun]:
+    """Seed by seed, and within a seed the longest runs first: a sweep stopped part-way has whole seeds
+    of every cell (not all seeds of the small sizes only), and side-by-side jobs finish together."""
+    def cost(r: PlannedRun) -> float:
+        return -(_sizes(r.config).get("tokens") or 0) * max(_sizes(r.config).get("params_total") or 1, 1)
+
+    return sorted(runs, key=lambda r: (r.seed, cost(r)))
+
+
 def run_status(run_dir: Path) -> str:
     if (run_dir / "DONE").exists():
         return "done"
@@ -395,7 +404,7 @@ def run_sweep(
     outcomes = [Outcome(r.name, "skipped") for r in runs if r not in todo]
     k, t = default_jobs(len(todo), jobs, threads)
     job_list = [Job(r.name, sweep_dir / "configs" / f"{r.name}.yaml", r.config.run_dir, r.model, r.data_mult)
-                for r in todo]
+                for r in run_order(todo)]
     if executor == "inline":
         ex: Any = InlineExecutor(run_fn)
     elif executor == "local":
