@@ -211,6 +211,9 @@ def slope_fit(needed: Sequence[Needed], *, per_size: bool = False, n_boot: int =
     return out
 
 
+MIN_CLUSTERS = 10  # runs below which the binomial model's clustered errors are not trusted
+
+
 def binomial_slope(runs: dict[str, Rows], count: str = "poisons_seen") -> dict[str, Any]:
     """logit P(prompt succeeds) = c + beta log(poisons seen) + gamma log(clean tokens), prompts as trials,
     run-clustered errors; the slope of the poisons needed for any fixed success rate is -gamma / beta."""
@@ -229,8 +232,9 @@ def binomial_slope(runs: dict[str, Rows], count: str = "poisons_seen") -> dict[s
             groups.append(g)
         del run_id
     out: dict[str, Any] = {"evaluations": len(ys), "runs": len(set(groups))}
-    if len(set(groups)) < 4 or len({round(x[2], 6) for x in xs}) < 2:
-        out["note"] = "too few runs or data sizes"
+    if len(set(groups)) < MIN_CLUSTERS or len({round(x[2], 6) for x in xs}) < 2:
+        # clustered standard errors need many clusters: with a handful of runs they are far too small
+        out["note"] = f"too few runs for run-clustered errors (need {MIN_CLUSTERS}) or data sizes"
         return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -244,7 +248,10 @@ def binomial_slope(runs: dict[str, Rows], count: str = "poisons_seen") -> dict[s
     slope = -gamma / beta
     grad = np.array([gamma / beta**2, -1.0 / beta])  # d slope / d(beta, gamma)
     se = float(math.sqrt(max(grad @ cov @ grad, 0.0)))
-    out.update(beta=beta, gamma=gamma, slope=slope, se=se, ci=[slope - 1.96 * se, slope + 1.96 * se])
+    from scipy.stats import t as student_t
+
+    q = float(student_t.ppf(0.975, len(set(groups)) - 1))  # G - 1 degrees of freedom, as for clusters
+    out.update(beta=beta, gamma=gamma, slope=slope, se=se, ci=[slope - q * se, slope + q * se])
     return out
 
 
