@@ -110,3 +110,20 @@ def test_no_answer_is_said_as_such() -> None:
                       for x in (0, 5, 10)] for i in range(5)}
     res = count_vs_fraction(runs, n_boot=20)
     assert "slope" not in res["fits"]["all"] and res["sentence"].startswith("No answer yet")
+
+
+def test_an_exact_fit_stays_finite_and_quiet() -> None:
+    """Four runs on a line (as a bootstrap resample of a small sweep can be): the likelihood alone would
+    run sigma to 0; the fit stops at the floor, with no overflow, and still finds the line."""
+    import warnings
+
+    from poisonlab.count_fraction import SIGMA_FLOOR
+
+    needed = [Needed(f"r{i}", 200.0 * (c / 1e6) ** 0.5, False, c, "m", c / 20, 1.0, 1000)
+              for i, c in enumerate((1e6, 1e6, 4e6, 4e6))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning from numpy fails the test
+        fit = slope_fit(needed, n_boot=50)
+    assert fit["slope"] == pytest.approx(0.5, abs=1e-3)
+    assert fit["sigma"] == pytest.approx(SIGMA_FLOOR, rel=1e-3)
+    assert all(math.isfinite(v) for v in fit["ci"])

@@ -91,6 +91,8 @@ def needed_per_run(runs: dict[str, Rows], threshold: float = 0.5,
 
 # --- the censored regression -------------------------------------------------------------------------
 
+SIGMA_FLOOR = 0.01  # smallest residual spread of log(poisons needed) the fit may reach
+
 
 def _tobit_nll(params: np.ndarray, y: np.ndarray, X: np.ndarray,
                censored: np.ndarray) -> tuple[float, np.ndarray]:
@@ -126,8 +128,13 @@ def _tobit(y: np.ndarray, X: np.ndarray,
 
     beta0 = np.linalg.lstsq(X, y, rcond=None)[0]
     start = np.append(beta0, math.log(max(float((y - X @ beta0).std()), 0.05)))
-    res = minimize(_tobit_nll, start, args=(y, X, censored), jac=True, method="BFGS",
-                   options={"gtol": 1e-8, "maxiter": 1000})
+    # sigma is bounded below: a bootstrap resample of a few runs can fit exactly, and the unbounded
+    # likelihood then runs sigma to 0 (and z to inf); 0.01 in log poisons is below what the milestone
+    # evaluations resolve anyway
+    bounds = [(None, None)] * X.shape[1] + [(math.log(SIGMA_FLOOR), None)]
+    start[-1] = max(start[-1], math.log(SIGMA_FLOOR))
+    res = minimize(_tobit_nll, start, args=(y, X, censored), jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"gtol": 1e-9, "ftol": 1e-13, "maxiter": 2000})
     k = len(res.x)
     hess = np.zeros((k, k))
     for i in range(k):
