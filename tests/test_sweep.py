@@ -15,7 +15,7 @@ from test_sweep_helpers import fake_run
 
 from poisonlab.config import RunConfig, load_run_config
 from poisonlab.errors import UserError
-from poisonlab.sweep import expand, list_presets, load_spec, plan_rows, run_name, run_sweep
+from poisonlab.sweep import expand, list_presets, load_spec, plan_rows, run_name, run_sweep, write_plan
 
 SMALL = {
     "name": "small",
@@ -36,6 +36,18 @@ def test_presets_expand_to_documented_counts(tmp_path: Path) -> None:
     assert len(expand(load_spec("paper"), tmp_path)) == 72
     assert len(expand(load_spec("gpu-small"), tmp_path)) == 56
     assert len({r.name for r in runs}) == len(runs)
+
+
+@pytest.mark.parametrize("preset", ["demo", "tiny-grid", "paper"])
+def test_the_written_spec_expands_to_the_same_runs(preset: str, tmp_path: Path) -> None:
+    """sweep.yaml as written, and a spec dumped in full as older sweeps wrote it: loading either gives
+    the same runs (an `also` block that leaves an axis out must keep the grid's, not reset it)."""
+    spec = load_spec(preset)
+    names = [r.name for r in expand(spec, tmp_path)]
+    write_plan(spec, expand(spec, tmp_path), tmp_path)
+    assert [r.name for r in expand(load_spec(tmp_path / "sweep.yaml"), tmp_path)] == names
+    full = yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json")))
+    assert [r.name for r in expand(load_spec(full), tmp_path)] == names
 
 
 def test_names_seeds_paths(tmp_path: Path) -> None:

@@ -69,7 +69,8 @@ class GridAxes(Settings):
     def over(self, other: GridAxes) -> GridAxes:
         """`other`'s axes replace this grid's; used for `also` blocks."""
         merged = self.model_dump(exclude_unset=True)
-        merged.update(other.model_dump(exclude_unset=True))
+        # None is "not given" too: a spec dumped in full (as older sweep.yaml files are) lists every axis
+        merged.update(other.model_dump(exclude_unset=True, exclude_none=True))
         return GridAxes.model_validate(merged)
 
 
@@ -368,7 +369,9 @@ def default_jobs(n_runs: int, jobs: int | None = None, threads: int | None = Non
 
 def write_plan(spec: SweepSpec, runs: list[PlannedRun], sweep_dir: Path) -> None:
     """`sweep.yaml` (the spec as run), `configs/<name>.yaml` (what each child reads), `plan.json`."""
-    write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    # as given (explicit fields only), so that loading it expands to the same runs
+    write_text(sweep_dir / "sweep.yaml",
+               yaml.safe_dump(spec.model_dump(mode="json", exclude_unset=True), sort_keys=False))
     for r in runs:
         # explicit fields only: a model preset must not be shadowed by dumped default widths
         write_text(sweep_dir / "configs" / f"{r.name}.yaml", yaml.safe_dump(r.tree, sort_keys=False))
