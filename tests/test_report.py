@@ -20,7 +20,7 @@ from poisonlab.report import build_report
 from poisonlab.report_figures import aggregate, fig_panels_by_n, panel_curves
 from poisonlab.results import experiment_keys, gather, group_runs, runs_of, summarize
 from poisonlab.stream import read_ledger
-from poisonlab.sweep import load_spec, run_sweep
+from poisonlab.sweep import expand, load_spec, run_sweep
 
 
 def test_report_from_fake_sweep(tmp_path: Path) -> None:
@@ -385,3 +385,28 @@ def test_sweep_ends_with_report(tmp_path: Path) -> None:
     # fix a data size (the optimiser runs off) are skipped, not a crash of the report
     (g,) = json.loads((tmp_path / "report" / "fits.json").read_text())["groups"]
     assert g["fits"]["all"]["censored"] == 1 and "slope" in g["fits"]["all"]
+
+
+def test_an_archive_of_the_sweep_gives_the_same_report(real_sweep: Path, tmp_path: Path) -> None:
+    """What `poisonlab archive` keeps (no checkpoints, the last evaluation's generations) is all the
+    results store and the report read: the archive's report equals the sweep's, and a sweep resumed on
+    the archive finds every run finished."""
+    from poisonlab.archive import archive_sweep
+
+    dest = tmp_path / "archive"
+    got = archive_sweep(real_sweep, dest)
+    assert len(got["added"]) == 3 and not got["unfinished"]
+    assert archive_sweep(real_sweep, dest)["kept"] == got["added"]  # archiving again adds nothing
+    for run in (dest / "runs").iterdir():
+        assert not (run / "checkpoints").exists() and (run / "DONE").is_file()
+        steps = {json.loads(line)["step"] for line in (run / "samples.jsonl").open()}
+        assert steps == {24}  # the last evaluation only
+    build_report(real_sweep, n_boot=50)
+    build_report(dest, n_boot=50)
+    for name in ("summary.json", "fits.json", "samples.json"):
+        assert (json.loads((dest / "report" / name).read_text())
+                == json.loads((real_sweep / "report" / name).read_text())), name
+    spec = load_spec(dest / "sweep.yaml")  # the spec as run expands to the same runs (its `also` too)
+    assert sorted(r.name for r in expand(spec, dest)) == sorted(p.name for p in (dest / "runs").iterdir())
+    res = run_sweep(spec, dest, executor="inline", progress=False, report=False)
+    assert res.count("skipped") == 3 and res.count("done") == 0

@@ -303,6 +303,21 @@ def results_cmd(
         console.print(f"[red]failed[/] {name}: {err}", highlight=False)
 
 
+@app.command("archive")
+def archive_cmd(
+    sweep_dir: Annotated[Path, typer.Argument(help="sweep directory")],
+    dest: Annotated[Path, typer.Argument(help="archive directory (created; later archives add to it)")],
+) -> None:
+    """Copy every finished run's small files (config, metrics, ledger, log, last generations; no
+    checkpoints) into DEST, a sweep directory the report reads: results to commit as a sweep goes."""
+    from poisonlab.archive import archive_sweep
+
+    got = archive_sweep(sweep_dir, dest)
+    console.print(f"{dest}: {len(got['added'])} runs added, {len(got['updated'])} updated, "
+                  f"{len(got['kept'])} already there; {len(got['unfinished'])} unfinished left out",
+                  highlight=False)
+
+
 @app.command("report")
 def report_cmd(
     path: Annotated[Path, typer.Argument(help="sweep directory (or a folder of runs)")],
