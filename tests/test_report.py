@@ -7,6 +7,7 @@ from __future__ import annotations
 import html as html_lib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from test_sweep_helpers import fake_run, fake_run_fraction, make_fake_sweep
 from poisonlab.demo import answer_lines
 from poisonlab.report import build_report
 from poisonlab.report_figures import aggregate, fig_panels_by_n, panel_curves
-from poisonlab.results import experiment_keys, gather, group_runs, runs_of, summarize
+from poisonlab.results import experiment_keys, gather, group_runs, run_settings, runs_of, summarize
 from poisonlab.stream import read_ledger
 from poisonlab.sweep import expand, load_spec, run_sweep
 
@@ -401,6 +402,13 @@ def test_an_archive_of_the_sweep_gives_the_same_report(real_sweep: Path, tmp_pat
         assert not (run / "checkpoints").exists() and (run / "DONE").is_file()
         steps = {json.loads(line)["step"] for line in (run / "samples.jsonl").open()}
         assert steps == {24}  # the last evaluation only
+        assert json.loads((run / "data.json").read_text())["content_hash"]  # which data, without it
+    moved = tmp_path / "moved" / "runs" / "r"  # an archived run read where its data path means nothing
+    shutil.copytree(next((dest / "runs").iterdir()), moved)
+    cfg = moved / "config.yaml"
+    cfg.write_text(re.sub(r"(?m)^data: .*$", "data: /nowhere/builtin", cfg.read_text()))
+    assert run_settings(moved)["data_id"] == run_settings(next((real_sweep / "runs").iterdir()))["data_id"]
+    assert run_settings(moved)["data_id"].startswith("sha256:")
     build_report(real_sweep, n_boot=50)
     build_report(dest, n_boot=50)
     for name in ("summary.json", "fits.json", "samples.json"):

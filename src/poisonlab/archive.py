@@ -2,7 +2,8 @@
 
 A tiny-grid run directory is ~1-7 MB, almost all of it checkpoints and the generations of every
 evaluation; what the results store and the report read is ~100 KB: config, metrics, ledger, log,
-hardware, the DONE marker, and the generations of the last evaluation (the report shows only those).
+hardware, the DONE marker, the data's header (its content hash: which data, without the data) and the
+generations of the last evaluation (the report shows only those).
 `archive_sweep` copies that part of every finished run (and the sweep's spec) into another directory,
 adding to what an earlier archive holds, so a sweep run across sessions on machines that do not last can
 be committed as it goes. The archive is itself a sweep directory: `poisonlab report` and `poisonlab
@@ -15,8 +16,11 @@ import json
 import shutil
 from pathlib import Path
 
+import yaml
+
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path
+from poisonlab.results import data_headers
 
 KEPT = ("config.yaml", "metrics.parquet", "ledger.parquet", "log.jsonl", "hardware.json")
 SWEEP_FILES = ("sweep.yaml", "plan.json")
@@ -35,6 +39,15 @@ def _last_step_samples(src: Path, dest: Path) -> None:
                 out.write(line)
 
 
+def _data_header(run_dir: Path) -> Path | None:
+    """The training data's header (content hash, tokens, tokenizer hash), where it can be found."""
+    try:
+        data = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data")
+    except (OSError, yaml.YAMLError):
+        return None
+    return next((h for h in data_headers(data, run_dir) if h.is_file()), None)
+
+
 def archive_run(run_dir: Path, dest: Path) -> None:
     """Copy a finished run's small files into dest, replacing it as a whole (never half-written)."""
     with atomic_path(dest) as tmp:
@@ -44,6 +57,9 @@ def archive_run(run_dir: Path, dest: Path) -> None:
                 shutil.copy2(run_dir / name, tmp / name)
         if (run_dir / "samples.jsonl").is_file():
             _last_step_samples(run_dir / "samples.jsonl", tmp / "samples.jsonl")
+        header = _data_header(run_dir)
+        if header is not None:  # the data by content, for a reader without the data directory
+            shutil.copy2(header, tmp / "data.json")
         shutil.copy2(run_dir / "DONE", tmp / "DONE")
 
 

@@ -98,15 +98,23 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _DEFAULTS = flatten(RunConfig().model_dump(mode="json"))
 
 
+def data_headers(data: Any, run_dir: Path) -> list[Path]:
+    """Where a run's data header may be: the copy an archived run keeps (`poisonlab archive`), then the
+    data directory's train.json as written, or relative to the folder of runs, as the evaluator looks."""
+    if data is None:
+        return [run_dir / "data.json"]
+    return [run_dir / "data.json"] + [c / "train.json" for c in (
+        Path(str(data)), run_dir.parent.parent / str(data), run_dir.parent / str(data))]
+
+
 def _data_id(data: Any, run_dir: Path) -> str | None:
-    """The training data by content, `sha256:<content hash>` from its train.json (found as written, or
-    relative to the folder of runs, as the evaluator looks), else the path as written: copies of one
-    data set in two places are one data set."""
+    """The training data by content, `sha256:<content hash>` from its header, else the path as written:
+    copies of one data set in two places are one data set."""
     if data is None:
         return None
-    for cand in (Path(str(data)), run_dir.parent.parent / str(data), run_dir.parent / str(data)):
+    for header in data_headers(data, run_dir):
         try:
-            content = json.loads((cand / "train.json").read_text()).get("content_hash")
+            content = json.loads(header.read_text()).get("content_hash")
         except (OSError, ValueError, AttributeError):
             continue
         if content:
