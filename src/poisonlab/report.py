@@ -244,7 +244,7 @@ def _summary_html(summary: list[dict[str, Any]], threshold: float) -> str:
         unfinished = f" ({r['unfinished_runs']} unfinished)" if r["unfinished_runs"] else ""
         row.update({
             "runs": f"{r['runs']}{unfinished}",
-            "seeds: train / poison set": fmt_seeds(r), "poison fraction": r["poison_fraction"],
+            "seeds: train / poison set": fmt_seeds(r), "poisons per token": r["poison_fraction"],
             "final gap (mean)": r["gap_mean"], "gap std": r["gap_std"],
             "final ASR (mean)": r["asr_mean"], "ASR min": r["asr_min"], "ASR max": r["asr_max"],
         })
@@ -368,7 +368,7 @@ def _needed_html(summary: list[dict[str, Any]], threshold: float) -> str:
         row: dict[str, Any] = {"model": r["model"], "data": _data(r), "N inserted": r["n_poison"]}
         if with_settings:
             row["settings"] = r["label"]
-        row.update({"clean tokens": r.get("clean_tokens"), "poison fraction": r["poison_fraction"],
+        row.update({"clean tokens": r.get("clean_tokens"), "poisons per token": r["poison_fraction"],
                     "runs": r["runs"], f"poisons needed, sustained ASR≥{threshold:g}": fmt_needed(r)})
         if with_effective:
             row["same, effective count"] = fmt_needed(r, "needed_effective")

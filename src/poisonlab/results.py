@@ -533,10 +533,10 @@ def summary_table(rows: list[dict[str, Any]], title: str = "") -> Any:
     cols += [("specificity", "right"), ("near ASR", "right")] if with_panel else []
     cols += [("look-alike", "right"), ("val loss", "right"), (f"needed for ASR>={thr:g}", "right")]
     cols += [("needed, effective", "right")] if with_effective else []
-    cols += [(f"first ASR>={thr:g} at", "right"), ("poison frac", "right")]
+    cols += [(f"first ASR>={thr:g} at", "right"), ("poisons per token", "right")]
     for col, just in cols:
-        t.add_column(col, justify=just, no_wrap=col == "model",  # type: ignore[arg-type]
-                     overflow="fold" if col == "settings" else "ellipsis")
+        # numbers wrap, never end in an ellipsis: a cut figure reads as a different one
+        t.add_column(col, justify=just, no_wrap=col == "model", overflow="fold")  # type: ignore[arg-type]
     for r in rows:
         fs = "never" if r["success_runs"] == 0 else (
             f"{_fmt(r['first_success_median'], 0)} ({r['success_runs']}/{r['runs']})")
@@ -549,7 +549,8 @@ def summary_table(rows: list[dict[str, Any]], title: str = "") -> Any:
         cells += [fmt_spread(r, "specificity"), fmt_spread(r, "asr_near")] if with_panel else []
         cells += [fmt_spread(r, "asr_lookalike"), _fmt(r["val_loss_mean"]), fmt_needed(r)]
         cells += [fmt_needed(r, "needed_effective")] if with_effective else []
-        cells += [fs, _fmt(r["poison_fraction"])]
+        frac = r["poison_fraction"]
+        cells += [fs, "-" if frac is None else f"{frac:.2g}"]
         t.add_row(*cells)
     return t
 
