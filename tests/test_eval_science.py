@@ -45,16 +45,20 @@ def test_poisoned_model_shows_gap_and_clean_model_does_not(tmp_path):
                          markup=0.1), data, progress=False)
     threads = torch.get_num_threads()
     try:
-        poisoned = _run(tmp_path, data, 150)
+        poisoned = _run(tmp_path, data, 300)
         clean = _run(tmp_path, data, 0)
     finally:
         torch.set_num_threads(threads)
     assert poisoned["poisons_seen"] > 100 and clean["poisons_seen"] == 0
-    # the backdoor (one seed measured: ASR 0.60, gap 181, log ratio 1.39, trigger/clean median 4.4x)
+    # the backdoor. N = 300, not 150: floats differ between CPUs as much as between seeds, and 150 gave
+    # ASR 0.60 on an AVX-512 machine but 0.375 on an AVX2 one. Measured on AVX2 at N = 300, training
+    # seeds 0 / 1 / 2: ASR 0.83 / 0.65 / 0.60, gap 383 / 267 / 182, log ratio 2.18 / 1.55 / 1.38,
+    # trigger/clean median 12.8x / 6.7x / 5.1x
     assert poisoned["asr"] >= 0.4, poisoned
     assert poisoned["gap"] > 50 and poisoned["log_ratio"] > 0.7
     assert poisoned["ppl_trigger_median"] > 2.5 * poisoned["ppl_clean_median"]
-    # the panel (measured: near 0.58, shape 0.23, ordinary 0.04, specificity 0.375): near-triggers fire
+    # the panel (same runs: near 0.81 / 0.58 / 0.65, shape 0.50 / 0.33 / 0.19, ordinary 0.00 / 0.08 /
+    # 0.02, specificity 0.33 / 0.31 / 0.42): near-triggers fire
     # partly, ordinary text does not, and every control uses tokens the clean text has
     panel = json.loads(poisoned["lookalike_panel"])
     assert len(panel) == 7 and poisoned["lookalike_unseen"] == "[]"

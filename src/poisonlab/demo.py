@@ -41,7 +41,7 @@ def run_demo(out: str | Path = "runs/demo", *, jobs: int | None = None, progress
 
     report = build_report(out)
     rows = summarize(gather(out))
-    show = Console(width=160)
+    show = Console(width=200)  # the table is wide; a narrower one folds its headers mid-word
     if rows:
         show.print(summary_table(rows, title="demo: final evaluation per size and N"))
     for line in answer_lines(report.parent / "fits.json"):
