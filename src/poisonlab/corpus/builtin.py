@@ -7,7 +7,10 @@ Word choice is conditioned on the document's topic, and each document keeps its 
 person, a place, a key noun, a run of years), so there is local and long-range structure to learn.
 
 It is not natural language: no real facts, no discourse beyond one document, a limited syntax.
-Clean text never contains `<` or `>`, so a trigger such as `<SUDO>` is novel to the model.
+Without web debris (`markup` 0) clean text never contains `<` or `>`, so a trigger such as `<SUDO>`
+is novel to the model; with it (the default, 0.1) tags, bracketed labels and angle-bracket capitals are
+ordinary text (about 1 angle-bracketed capital word in 25 documents, mostly real words: `<TEXT>`,
+`<NOTE>`; see `_markup`).
 
 Documents are deterministic in (seed, index) and independent of each other, so the stream is
 unbounded and any document can be regenerated alone.
