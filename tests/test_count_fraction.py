@@ -127,3 +127,15 @@ def test_an_exact_fit_stays_finite_and_quiet() -> None:
     assert fit["slope"] == pytest.approx(0.5, abs=1e-3)
     assert fit["sigma"] == pytest.approx(SIGMA_FLOOR, rel=1e-3)
     assert all(math.isfinite(v) for v in fit["ci"])
+
+
+def test_two_successes_are_not_an_answer() -> None:
+    """Two sizes, one seed each, that needed 165 and 167 poisons, and two runs censored at 100 (as the
+    first tiny-grid runs were): the line goes through two points, nothing measures the spread, and the
+    fit must say so rather than give b = 0.01 +- 0.2."""
+    needed = [Needed("a", 165.0, False, 8e6, "m4", 4e5, 1.0, 300),
+              Needed("b", 100.0, True, 8e6, "m4", 4e5, 1.0, 100),
+              Needed("c", 167.0, False, 16e6, "m8", 8e5, 1.0, 300),
+              Needed("d", 100.0, True, 16e6, "m8", 8e5, 1.0, 100)]
+    fit = slope_fit(needed, n_boot=20)
+    assert "slope" not in fit and "too few runs reached sustained success (2" in fit["note"]

@@ -376,13 +376,13 @@ def test_real_seeds_are_averaged_at_the_same_step(real_sweep: Path) -> None:
 
 
 def test_sweep_ends_with_report(tmp_path: Path) -> None:
-    spec = load_spec({"name": "e2e", "grid": {"model": ["tiny-25k", "tiny-100k"], "n_poison": [0, 30, 100]},
-                      "report": {"n_boot": 50}})
+    spec = load_spec({"name": "e2e", "report": {"n_boot": 50},
+                      "grid": {"model": ["tiny-25k", "tiny-100k"], "n_poison": [0, 30, 100, 300]}})
     res = run_sweep(spec, tmp_path, executor="inline", run_fn=fake_run, progress=False)
     assert res.report == tmp_path / "report" / "report.html" and res.report.exists()
     assert "name: e2e" in res.report.read_text()
     assert (tmp_path / "results.parquet").exists()
-    # four poisoned runs, tiny-25k's N = 30 censored: bootstrap resamples in which censored runs alone
+    # six poisoned runs, tiny-25k's N = 30 censored: bootstrap resamples in which censored runs alone
     # fix a data size (the optimiser runs off) are skipped, not a crash of the report
     (g,) = json.loads((tmp_path / "report" / "fits.json").read_text())["groups"]
     assert g["fits"]["all"]["censored"] == 1 and "slope" in g["fits"]["all"]
