@@ -179,11 +179,12 @@ def slope_fit(needed: Sequence[Needed], *, per_size: bool = False, n_boot: int =
     y = np.log([n.value for n in needed])
     cens = np.array([n.censored for n in needed])
     X = _design(needed, per_size)
-    if int((~cens).sum()) < X.shape[1] + 2:
+    n_ok = int((~cens).sum())  # runs that reached sustained success
+    if n_ok < X.shape[1] + 2:
         # the runs that succeeded must leave at least one degree of freedom for the spread of the
         # poisons needed once the line is fitted; with fewer, sigma is whatever the few points happen
         # to be (two sizes that needed 165 and 167 poisons gave b = 0.01 +- 0.2 from one seed each)
-        out["note"] = (f"too few runs reached sustained success ({int((~cens).sum())}; at least "
+        out["note"] = (f"too few runs reached sustained success ({n_ok}; at least "
                        f"{X.shape[1] + 2} are needed to estimate their spread)")
         return out
     try:
@@ -194,7 +195,7 @@ def slope_fit(needed: Sequence[Needed], *, per_size: bool = False, n_boot: int =
     # Student-t quantile on the uncensored runs left after the parameters: calibrated in simulation
     # (tests/test_count_fraction.py: 92-97% coverage), where the plain percentile bootstrap covered
     # only ~80% at 24 runs; the bootstrap interval is kept beside it as a check of the model
-    df = int((~cens).sum()) - X.shape[1] - 1
+    df = n_ok - X.shape[1] - 1
     q = float(student_t.ppf(0.975, df))
     out.update(slope=float(beta[0]), se=float(se[0]), sigma=sigma, df=df,
                ci=[float(beta[0] - q * se[0]), float(beta[0] + q * se[0])])

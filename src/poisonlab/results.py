@@ -101,10 +101,9 @@ _DEFAULTS = flatten(RunConfig().model_dump(mode="json"))
 def data_headers(data: Any, run_dir: Path) -> list[Path]:
     """Where a run's data header may be: the copy an archived run keeps (`poisonlab archive`), then the
     data directory's train.json as written, or relative to the folder of runs, as the evaluator looks."""
-    if data is None:
-        return [run_dir / "data.json"]
-    return [run_dir / "data.json"] + [c / "train.json" for c in (
-        Path(str(data)), run_dir.parent.parent / str(data), run_dir.parent / str(data))]
+    d = str(data)
+    dirs = [] if data is None else [Path(d), run_dir.parent.parent / d, run_dir.parent / d]
+    return [run_dir / "data.json"] + [d / "train.json" for d in dirs]
 
 
 def _data_id(data: Any, run_dir: Path) -> str | None:
