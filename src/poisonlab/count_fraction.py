@@ -96,7 +96,8 @@ SIGMA_FLOOR = 0.01  # smallest residual spread of log(poisons needed) the fit ma
 
 def _tobit_nll(params: np.ndarray, y: np.ndarray, X: np.ndarray,
                censored: np.ndarray) -> tuple[float, np.ndarray]:
-    """Negative log-likelihood of the right-censored normal regression, and its gradient."""
+    """Negative log-likelihood of the right-censored normal regression in (beta, log sigma), and its
+    gradient: the reference the fast solver below is tested against."""
     from scipy.special import log_ndtr
 
     beta, log_s = params[:-1], params[-1]
@@ -116,39 +117,94 @@ def _tobit_nll(params: np.ndarray, y: np.ndarray, X: np.ndarray,
     return nll, np.append(grad_beta, grad_log_s)
 
 
+def _olsen(theta: np.ndarray, y: np.ndarray, X: np.ndarray,
+           censored: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Log-likelihood, gradient and Hessian in Olsen's parameters (gamma = beta / sigma, tau = 1 / sigma),
+    in which the Tobit log-likelihood is globally concave (Olsen 1978), so Newton's method is safe."""
+    from scipy.special import log_ndtr
+
+    tau = theta[-1]  # theta = (gamma, tau)
+    obs = ~censored
+    Z = np.column_stack([X, -y])  # u = Z @ theta: (x'gamma - tau y)
+    u = Z @ theta
+    # observed: log tau - (tau y - x'gamma)^2 / 2 (constant dropped); censored: log Phi(x'gamma - tau y)
+    lcdf = log_ndtr(u[censored])
+    ll = obs.sum() * math.log(tau) - 0.5 * float(np.sum(u[obs] ** 2)) + float(lcdf.sum())
+    lam = np.exp(-0.5 * u[censored] ** 2 - 0.5 * math.log(2 * math.pi) - lcdf)  # phi(u) / Phi(u)
+    w = np.where(obs, -u, 0.0)
+    w[censored] = lam
+    grad = Z.T @ w
+    grad[-1] += obs.sum() / tau
+    curv = np.where(obs, 1.0, 0.0)
+    curv[censored] = lam * (u[censored] + lam)  # -d^2 log Phi(u) / du^2, in (0, 1)
+    hess = -(Z * curv[:, None]).T @ Z
+    hess[-1, -1] -= obs.sum() / tau**2
+    return ll, grad, hess
+
+
 def _tobit(y: np.ndarray, X: np.ndarray,
            censored: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """Right-censored normal regression by maximum likelihood: (coefficients, standard errors, sigma,
     covariance of the coefficients).
 
-    Written here rather than through statsmodels' GenericLikelihoodModel (which has no Tobit): with an
-    analytic gradient one fit takes ~2 ms instead of ~40 ms, which is what lets the bootstrap refit a
-    thousand times. Standard errors from a finite-difference Hessian of that gradient."""
-    from scipy.optimize import minimize
-
+    Written here because statsmodels has no Tobit. Damped Newton in Olsen's concave parametrisation
+    with the analytic Hessian converges in ~10 iterations (~0.3 ms a fit); L-BFGS-B on (beta, log sigma)
+    took ~30 ms and made the report's bootstrap (6,000 refits) take minutes. Standard errors from the
+    inverse Hessian, carried to (beta, log sigma) by the delta method. tests/test_count_fraction.py
+    checks the optimum against a general-purpose optimiser on the plain likelihood."""
     beta0 = np.linalg.lstsq(X, y, rcond=None)[0]
-    start = np.append(beta0, math.log(max(float((y - X @ beta0).std()), 0.05)))
+    s0 = max(float((y - X @ beta0).std()), 0.05)
+    theta = np.append(beta0 / s0, 1.0 / s0)
     # sigma is bounded below: a bootstrap resample of a few runs can fit exactly, and the unbounded
-    # likelihood then runs sigma to 0 (and z to inf); 0.01 in log poisons is below what the milestone
+    # likelihood then runs sigma to 0 (tau to inf); 0.01 in log poisons is below what the milestone
     # evaluations resolve anyway
-    bounds = [(None, None)] * X.shape[1] + [(math.log(SIGMA_FLOOR), None)]
-    start[-1] = max(start[-1], math.log(SIGMA_FLOOR))
-    res = minimize(_tobit_nll, start, args=(y, X, censored), jac=True, method="L-BFGS-B", bounds=bounds,
-                   options={"gtol": 1e-9, "ftol": 1e-13, "maxiter": 2000})
-    k = len(res.x)
-    hess = np.zeros((k, k))
-    for i in range(k):
-        h = 1e-5 * max(1.0, abs(res.x[i]))
-        e = np.zeros(k)
-        e[i] = h
-        up, down = _tobit_nll(res.x + e, y, X, censored)[1], _tobit_nll(res.x - e, y, X, censored)[1]
-        hess[i] = (up - down) / (2 * h)
+    tau_max = 1.0 / SIGMA_FLOOR
+    theta[-1] = min(theta[-1], tau_max)
+    ll, grad, hess = _olsen(theta, y, X, censored)
+    free = slice(None)  # all parameters, or gamma alone once tau sits at its bound
+    for _ in range(200):
+        g, H = grad[free], hess[free, free]
+        try:
+            step = -np.linalg.solve(H, g)
+        except np.linalg.LinAlgError:
+            step = g / max(1.0, float(np.abs(np.diag(H)).max()))
+        if not np.all(np.isfinite(step)):
+            raise OverflowError("Newton step is not finite")
+        full = np.zeros_like(theta)
+        full[free] = step
+        t = 1.0
+        if theta[-1] + full[-1] > tau_max:  # stop at the bound, then optimise gamma with tau fixed
+            t = (tau_max - theta[-1]) / full[-1] if full[-1] > 0 else 1.0
+        while True:  # backtracking: a concave function, so some step along a Newton direction ascends
+            cand = theta + t * full
+            if cand[-1] > 0:
+                ll_c, grad_c, hess_c = _olsen(cand, y, X, censored)
+                if np.isfinite(ll_c) and ll_c >= ll - 1e-12:
+                    break
+            t *= 0.5
+            if t < 1e-12:
+                raise OverflowError("line search failed")
+        gain = ll_c - ll
+        theta, ll, grad, hess = cand, ll_c, grad_c, hess_c
+        if theta[-1] >= tau_max * (1 - 1e-12):
+            theta[-1] = tau_max
+            free = slice(0, len(theta) - 1)
+        if abs(gain) < 1e-12 and float(np.abs(grad[free]).max()) < 1e-8:
+            break
+    gamma, tau = theta[:-1], float(theta[-1])
+    beta = gamma / tau
     try:
-        cov = np.linalg.inv(0.5 * (hess + hess.T))
+        cov_olsen = np.linalg.inv(-0.5 * (hess + hess.T))
     except np.linalg.LinAlgError:
-        cov = np.full((k, k), np.nan)
+        cov_olsen = np.full(hess.shape, np.nan)
+    k = len(theta)
+    J = np.zeros((k, k))  # d(beta, log sigma) / d(gamma, tau)
+    J[:-1, :-1] = np.eye(k - 1) / tau
+    J[:-1, -1] = -gamma / tau**2
+    J[-1, -1] = -1.0 / tau
+    cov = J @ cov_olsen @ J.T
     se = np.sqrt(np.clip(np.diag(cov), 0, None))
-    return res.x[:-1], se[:-1], math.exp(float(res.x[-1])), cov[:-1, :-1]
+    return beta, se[:-1], 1.0 / tau, cov[:-1, :-1]
 
 
 def _design(needed: Sequence[Needed], per_size: bool) -> np.ndarray:
