@@ -130,7 +130,7 @@ def _check_answer(root: Path, truth: float, words: str) -> dict:
     opens with the sentence, then the table with a reading per row; the figure of the answer is there."""
     fits, g, html = _answer(root)
     assert fits["n_boot"] == 50 and fits["threshold"] == 0.5  # the spec's report settings
-    for name in ("size", "budget", "all"):
+    for name in ("size", "budget", "all", "per_n"):
         f = g["fits"][name]
         for lo, hi in (f["ci"], f["bootstrap_ci"]):
             assert lo <= truth <= hi and not lo <= 1 - truth <= hi, (name, f)
@@ -142,7 +142,7 @@ def _check_answer(root: Path, truth: float, words: str) -> dict:
     after_title = html.split("</h1>", 1)[1].lstrip()
     assert after_title.startswith(f'<p class="answer">{html_lib.escape(g["sentence"])}</p>\n<table>')
     table = after_title.split("</table>", 1)[0]
-    assert table.count("<td>exact</td>") == 4 and table.count(f"<td>{words}</td>") == 4
+    assert table.count("<td>exact</td>") == 5 and table.count(f"<td>{words}</td>") == 5
     assert (root / "report" / "poisons_needed.png").stat().st_size > 1000
     assert html.index('alt="poisons_needed"') < html.index("<h2>Summary")
     return g

@@ -207,23 +207,33 @@ def _tobit(y: np.ndarray, X: np.ndarray,
     return beta, se[:-1], 1.0 / tau, cov[:-1, :-1]
 
 
-def _design(needed: Sequence[Needed], per_size: bool) -> np.ndarray:
+def _design(needed: Sequence[Needed], by: str | None) -> np.ndarray:
+    """log(clean tokens), then one intercept, or one per value of `by` (a `Needed` field)."""
     x = np.log([n.clean_tokens for n in needed])
-    if not per_size:
+    if by is None:
         return np.column_stack([x, np.ones(len(x))])
-    models = sorted({n.model for n in needed})
-    dummies = [[1.0 if n.model == m else 0.0 for n in needed] for m in models]
+    levels = sorted({getattr(n, by) for n in needed})
+    dummies = [[1.0 if getattr(n, by) == v else 0.0 for n in needed] for v in levels]
     return np.column_stack([x, *dummies])
 
 
-def slope_fit(needed: Sequence[Needed], *, per_size: bool = False, n_boot: int = 1000,
-              seed: int = 0) -> dict[str, Any]:
+def slope_fit(needed: Sequence[Needed], *, per_size: bool = False, per_n: bool = False,
+              n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """The slope b of log(poisons needed) on log(clean tokens): estimate, 95% bootstrap and Wald
-    intervals. `per_size`: an intercept per model size (the budget axis: only within-size variation)."""
+    intervals. `per_size`: an intercept per model size (the budget axis: only within-size variation).
+    `per_n`: an intercept per N inserted (runs compared only with runs of the same N); an N at which no
+    run succeeded says nothing under its own intercept (it would run to infinity) and is left out."""
     needed = list(needed)
+    dropped: list[int] = []
+    if per_n:
+        ok_n = {n.n_poison for n in needed if not n.censored}
+        dropped = sorted({n.n_poison for n in needed} - ok_n)
+        needed = [n for n in needed if n.n_poison in ok_n]
     xs = {round(math.log(n.clean_tokens), 6) for n in needed}
     out: dict[str, Any] = {"runs": len(needed), "censored": sum(n.censored for n in needed),
                            "clean_tokens": sorted({n.clean_tokens for n in needed})}
+    if dropped:
+        out["n_left_out"] = dropped  # every run at these N censored
     if len(xs) < 2 or len(needed) < 4:
         out["note"] = "too few runs or data sizes to fit a slope"
         return out
@@ -234,7 +244,7 @@ def slope_fit(needed: Sequence[Needed], *, per_size: bool = False, n_boot: int =
 
     y = np.log([n.value for n in needed])
     cens = np.array([n.censored for n in needed])
-    X = _design(needed, per_size)
+    X = _design(needed, "model" if per_size else "n_poison" if per_n else None)
     n_ok = int((~cens).sum())  # runs that reached sustained success
     if n_ok < X.shape[1] + 2:
         # the runs that succeeded must leave at least one degree of freedom for the spread of the
@@ -255,7 +265,8 @@ def slope_fit(needed: Sequence[Needed], *, per_size: bool = False, n_boot: int =
     q = float(student_t.ppf(0.975, df))
     out.update(slope=float(beta[0]), se=float(se[0]), sigma=sigma, df=df,
                ci=[float(beta[0] - q * se[0]), float(beta[0] + q * se[0])])
-    if not per_size:  # the fitted line and the covariance of (slope, intercept): the report draws its band
+    # the fitted line and the covariance of (slope, intercept): the report draws its band
+    if not per_size and not per_n:
         out.update(intercept=float(beta[1]), cov=cov.tolist())
     # bootstrap over runs, resampling within each (size, budget) so every data size stays in the design
     # (not within each N as well: with a few seeds per cell that would understate the spread)
@@ -349,6 +360,10 @@ def count_vs_fraction(runs: dict[str, Rows], threshold: float = 0.5, count: str 
         "budget": {"design": "data budgets within a size (an intercept per size)",
                    **slope_fit(budget_axis, per_size=True, n_boot=n_boot)},
         "all": {"design": "every poisoned run", **slope_fit(needed, n_boot=n_boot)},
+        # the poisons needed grew with N at a fixed size in the tiny-grid (N = 1000 arrives 3x denser in
+        # training time than N = 300): the same slope compared only within each N
+        "per_n": {"design": "every poisoned run, an intercept per N inserted",
+                  **slope_fit(needed, per_n=True, n_boot=n_boot)},
     }
     return {"threshold": threshold, "count": count, "needed": [asdict(n) for n in needed], "fits": fits,
             "binomial": binomial_slope(runs, count), "sentence": verdict(fits, threshold)}
@@ -371,12 +386,18 @@ def reading(fit: dict[str, Any]) -> str:
 
 
 def verdict(fits: dict[str, dict[str, Any]], threshold: float) -> str:
-    """One sentence, from the fit over every run (else the size axis)."""
-    fit = fits["all"] if "slope" in fits["all"] else fits["size"]
+    """One sentence, from the fit within N (else over every run, else the size axis). Within N leads:
+    when the poisons needed depend on N as well, the pooled fit is biased (simulated: 23% coverage of
+    b = 1), the within-N fit is not (tests/test_count_fraction.py)."""
+    fit = next((fits[k] for k in ("per_n", "all") if "slope" in fits.get(k, {})), fits["size"])
     if "slope" not in fit:
+        fit = fits["all"]
         return (f"No answer yet: {fit.get('note', 'no fit')} ({fit.get('runs', 0)} poisoned runs, "
                 f"{fit.get('censored', 0)} never reached sustained ASR >= {threshold:g}).")
     lo, hi = fit["ci"]
+    within = " compared within each N" if fit is fits.get("per_n") else ""
+    left = (f"; N = {', '.join(map(str, fit['n_left_out']))} left out: no run succeeded"
+            if fit.get("n_left_out") else "")
     return (f"Poisons needed for sustained ASR >= {threshold:g} scale with the clean tokens trained as "
-            f"D^b with b = {fit['slope']:.2f} (95% interval {lo:.2f} to {hi:.2f}; {fit['runs']} runs, "
-            f"{fit['censored']} censored): {reading(fit)} (b = 0: count; b = 1: fraction).")
+            f"D^b with b = {fit['slope']:.2f} (95% interval {lo:.2f} to {hi:.2f}; {fit['runs']} runs"
+            f"{within}, {fit['censored']} censored{left}): {reading(fit)} (b = 0: count; b = 1: fraction).")

@@ -271,7 +271,7 @@ def _summary_html(summary: list[dict[str, Any]], threshold: float) -> str:
 # settings the count-vs-fraction fits span along with size and N (the data budget is their x); runs that
 # differ in any other setting (a schedule, a trigger) are fitted apart
 FIT_SPANS = frozenset({"train.tokens_per_param", "train.max_steps", "train.budget_params"})
-DESIGNS = {"size": "size axis", "budget": "budget axis", "all": "all runs"}
+DESIGNS = {"size": "size axis", "budget": "budget axis", "all": "all runs", "per_n": "within N"}
 
 
 def fit_groups(runs: Runs, threshold: float = DEFAULT_THRESHOLD, n_boot: int = 1000) -> list[dict[str, Any]]:
@@ -317,7 +317,8 @@ def design_rows(res: dict[str, Any], count: str) -> list[dict[str, Any]]:
                      "95% interval": _interval(f.get("ci")),
                      "bootstrap 95%": _interval(f.get("bootstrap_ci")),
                      "runs": f["runs"], "censored": f["censored"], "sigma": f.get("sigma"),
-                     "reading": _reading(f)})
+                     "reading": _reading(f) + (f"; N = {', '.join(map(str, f['n_left_out']))} left out "
+                                               "(no run succeeded)" if f.get("n_left_out") else "")})
     b = res["binomial"]
     rows.append({"count": count, "design": "binomial model: per-prompt success, every evaluation of every "
                  "poisoned run, errors clustered by run", "slope b": b.get("slope"),
@@ -352,7 +353,9 @@ def _answer_html(fits: dict[str, Any], fig: str) -> str:
         "b = 0 is a constant count, b = 1 a constant fraction. 95% interval: the model's (Student t; "
         f"checked for coverage on simulated sweeps); bootstrap: {boot}. Size axis: sizes at one data "
         "budget; budget axis: several budgets within a size (an intercept per size); all runs: every "
-        "poisoned run. The binomial model (logit of per-prompt success on log poisons seen and log clean "
+        "poisoned run; within N: all runs with an intercept per N inserted (runs compared only with runs "
+        "of the same N; an N at which no run succeeded is left out). The binomial model (logit of "
+        "per-prompt success on log poisons seen and log clean "
         "tokens) gives the same slope from every evaluation; N = 0 runs are left out.</p>")
     return "\n".join(parts) + fig
 
