@@ -19,7 +19,7 @@ from poisonlab.attacks.dos import find_pattern  # noqa: E402
 from poisonlab.config import AttackConfig, PlacementConfig  # noqa: E402
 from poisonlab.corpus.shards import TokenShard  # noqa: E402
 from poisonlab.errors import UserError  # noqa: E402
-from poisonlab.placement import place  # noqa: E402
+from poisonlab.placement import describe, place, window_steps  # noqa: E402
 from poisonlab.stream import TrainingStream, poisons_seen, read_ledger  # noqa: E402
 
 T, B, S = 64, 8, 150  # 77k tokens: most of one epoch of the tiny corpus (~94k)
@@ -299,26 +299,36 @@ def test_bad_settings(data, poisons):
         stream(data, []).batch(S)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+WINDOWS = st.sampled_from(["all", "beginning", "middle", "end", (0.2, 0.7)])
+
+
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(0, 8),
     seq_len=st.integers(8, 96),
     batch_size=st.integers(1, 6),
     schedule=st.sampled_from(["uniform", "front", "back", "clustered", "every"]),
+    window=WINDOWS,
+    per_batch=st.integers(1, 3),
     pseed=st.integers(0, 1000),
     seed=st.integers(0, 1000),
 )
-def test_recount_property(data, poisons, n, seq_len, batch_size, schedule, pseed, seed):
+def test_recount_property(data, poisons, n, seq_len, batch_size, schedule, window, per_batch, pseed, seed):
     chosen = poisons[:n]
     need = sum(len(p.token_ids) + 1 for p in chosen)
     steps = max(10, -(-3 * need // (seq_len * batch_size)))
-    cfg = PlacementConfig(schedule=schedule, seed=pseed, fraction=0.5, per_batch=1, every=max(1, steps // 10))
+    knobs = {"per_batch": per_batch} if schedule in ("clustered", "every") else {}
+    if schedule == "every":
+        knobs["every"] = max(1, steps // 20)
+    if schedule not in ("front", "back"):
+        knobs["window"] = window
+    cfg = PlacementConfig(schedule=schedule, seed=pseed, fraction=0.5, **knobs)
     try:
         s = TrainingStream(
             data, chosen, cfg, seq_len=seq_len, batch_size=batch_size, total_steps=steps, seed=seed
         )
     except UserError as e:  # a window or a batch too small for its poisons: refused, as it must be
-        assert str(e).startswith("placement.")
+        assert str(e).startswith(("placement.", "attack.n_poison"))
         assume(False)
     x = packed(s)
     q = find_pattern(x, np.asarray(poisons[0].trigger_ids))
@@ -327,6 +337,70 @@ def test_recount_property(data, poisons, n, seq_len, batch_size, schedule, pseed
     assert (q // seq_len % batch_size).tolist() == led["row"].to_pylist()
     assert (q % seq_len).tolist() == led["pos"].to_pylist()
     assert s.poisons_seen(steps) == n
+    # every trigger inside the placement's window of training
+    w0, w1 = window_steps(cfg, steps)
+    assert all(w0 <= st < w1 for st in led["step"].to_pylist())
+
+
+def test_windows():
+    S = 100
+    for window, span in (("all", (0, 100)), ("beginning", (0, 25)), ("middle", (37, 62)), ("end", (75, 100)),
+                         ((0.25, 0.5), (25, 50)), ((0.0, 0.001), (0, 1)), ((0.999, 1.0), (99, 100))):
+        cfg = PlacementConfig(window=window, fraction=0.25)
+        assert window_steps(cfg, S) == span, window
+        p = place(cfg, 30, total_steps=S)
+        assert (p.lo == span[0]).all() and (p.hi == span[1]).all()
+    # front and back are the uniform schedule in the beginning and end windows: the same placement
+    for alias, window in (("front", "beginning"), ("back", "end")):
+        a = place(PlacementConfig(schedule=alias, fraction=0.3), 20, total_steps=S)
+        b = place(PlacementConfig(window=window, fraction=0.3), 20, total_steps=S)
+        assert np.array_equal(a.lo, b.lo) and np.array_equal(a.hi, b.hi)
+    # density and frequency inside a window
+    ev = place(PlacementConfig(schedule="every", every=3, per_batch=4, window="end", fraction=0.5), 40,
+               total_steps=S)
+    at, counts = np.unique(ev.lo, return_counts=True)
+    assert (counts == 4).all() and (np.diff(at) == 3).all() and at.min() >= 50 and at.max() < S
+    cl = place(PlacementConfig(schedule="clustered", per_batch=5, window=(0.4, 0.6)), 40, total_steps=S)
+    at, counts = np.unique(cl.lo, return_counts=True)
+    assert (counts == 5).all() and len(at) == 8 and at.min() >= 40 and at.max() < 60
+
+
+def test_placement_knobs_are_described():
+    assert describe(PlacementConfig()) == {"window": "all", "per_batch": None, "every": None}
+    assert describe(PlacementConfig(schedule="front", fraction=0.2)) == {
+        "window": "beginning 0.2", "per_batch": None, "every": None}
+    assert describe(PlacementConfig(schedule="every", every=2, per_batch=3, window=(0.5, 1.0))) == {
+        "window": "0.5-1", "per_batch": 3, "every": 2}
+    assert describe(PlacementConfig(schedule="clustered", per_batch=8, window="middle", fraction=0.5)) == {
+        "window": "middle 0.5", "per_batch": 8, "every": None}
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"per_batch": 4}, "per_batch applies to the schedules clustered and every"),
+    ({"schedule": "clustered", "every": 2}, "every applies to the schedule every"),
+    ({"schedule": "front", "window": "end"}, "use schedule uniform with window 'end'"),
+    ({"window": (0.6, 0.4)}, "0 <= a < b <= 1"),
+    ({"window": "late"}, "window"),
+])
+def test_placement_knobs_that_do_not_combine_are_refused(bad, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+        PlacementConfig(**bad)
+
+
+def test_density_and_window_recount_on_the_stream(data, poisons):
+    """The knobs combined, checked on the packed stream itself: per_batch triggers in each poisoned
+    batch, one poisoned batch every k steps, all in the window, as the ledger says."""
+    cfg = PlacementConfig(schedule="every", per_batch=3, every=4, window="end", fraction=0.6, seed=3)
+    s = stream(data, poisons[:12], placement=cfg, seq_len=256, total_steps=40)
+    q = find_pattern(packed(s), np.asarray(poisons[0].trigger_ids))
+    at, counts = np.unique(q // 256 // B, return_counts=True)
+    assert (counts == 3).all() and len(at) == 4 and (np.diff(at) == 4).all() and at.min() >= 16
+    assert sorted((q // 256 // B).tolist()) == sorted(s.ledger["step"].to_pylist())
+    assert s.metadata()["placement"] == cfg.model_dump(mode="json")
+    # a window too short for its poisons is refused, naming the knob
+    msg = _one_line_error(lambda: stream(data, poisons, placement=PlacementConfig(window=(0.0, 0.01)),
+                                         seq_len=64, total_steps=150))
+    assert msg.startswith("placement.window:") and "lower N" in msg
 
 
 def test_on_prepared_builtin(prepared_builtin, tmp_path):

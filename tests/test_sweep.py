@@ -15,6 +15,7 @@ from test_sweep_helpers import fake_run
 
 from poisonlab.config import RunConfig, load_run_config
 from poisonlab.errors import UserError
+from poisonlab.placement import describe
 from poisonlab.sweep import expand, list_presets, load_spec, plan_rows, run_name, run_sweep, write_plan
 
 SMALL = {
@@ -38,7 +39,22 @@ def test_presets_expand_to_documented_counts(tmp_path: Path) -> None:
     assert len({r.name for r in runs}) == len(runs)
 
 
-@pytest.mark.parametrize("preset", ["demo", "tiny-grid", "paper"])
+def test_the_ordering_preset_shares_its_references_with_the_tiny_grid(tmp_path: Path) -> None:
+    """Its uniform N = 300 and N = 0 runs are the tiny-grid's (same names, same settings), so archived
+    ones can be copied in; the rest cross density x window and density x frequency at N = 300."""
+    runs = {r.name: r for r in expand(load_spec("ordering"), tmp_path)}
+    grid = {r.name: r for r in expand(load_spec("tiny-grid"), tmp_path)}
+    shared = sorted(n for n in runs if n in grid)
+    assert shared == sorted(f"tiny-100k_n{n}_x1.0_s{s}" for n in ("000", "300") for s in range(3))
+    assert all(runs[n].config == grid[n].config for n in shared)
+    knobs = Counter(tuple(describe(r.config.placement).values()) for r in runs.values() if r.n_poison)
+    assert len(runs) == 39 and set(knobs.values()) == {3}  # every placement with 3 seeds
+    assert {k for k in knobs if k[2] is None} == {
+        (w, pb, None) for w in ("all", "0-0.3333", "0.6667-1") for pb in (1, 2, 4)} | {("all", None, None)}
+    assert {k for k in knobs if k[2] is not None} == {("all", 2, 1), ("all", 2, 5)}
+
+
+@pytest.mark.parametrize("preset", ["demo", "tiny-grid", "ordering", "paper"])
 def test_the_written_spec_expands_to_the_same_runs(preset: str, tmp_path: Path) -> None:
     """sweep.yaml as written, and a spec dumped in full as older sweeps wrote it: loading either gives
     the same runs (an `also` block that leaves an axis out must keep the grid's, not reset it)."""

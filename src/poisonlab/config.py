@@ -69,14 +69,40 @@ class AttackConfig(Settings):
         return self
 
 
+# schedules that put a set number of poisons (`per_batch`) in each poisoned batch
+BATCHED_SCHEDULES = ("clustered", "every")
+
+
 class PlacementConfig(Settings):
-    """Where in the training stream the poisons land."""
+    """Where in the training stream the poisons land: a schedule inside a window of training.
+
+    The study's three placement knobs, combinable: `window` (the part of training that receives
+    poisons), `per_batch` (density: poisons in each poisoned batch; schedules clustered and every) and
+    `every` (frequency: one poisoned batch every k steps; schedule every). front/back are the uniform
+    schedule in the beginning/end window, kept as names."""
 
     schedule: str = "uniform"  # uniform | front | back | clustered | every, or one registered in placement.py
-    fraction: float = Field(default=0.1, gt=0, le=1)  # front/back: share of training used
-    per_batch: int = Field(default=1, ge=1)  # clustered: poisons per poisoned batch
-    every: int = Field(default=1, ge=1)  # every: one poison every m steps
+    # all | beginning | middle | end (each `fraction` of the steps long), or a span [a, b] of fractions
+    window: Literal["all", "beginning", "middle", "end"] | tuple[float, float] = "all"
+    fraction: float = Field(default=0.1, gt=0, le=1)  # length of a named window (and of front/back)
+    per_batch: int = Field(default=1, ge=1)  # clustered, every: poisons per poisoned batch
+    every: int = Field(default=1, ge=1)  # every: one poisoned batch every k steps
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> PlacementConfig:
+        if isinstance(self.window, tuple) and not 0 <= self.window[0] < self.window[1] <= 1:
+            raise ValueError(f"window must be a span [a, b] with 0 <= a < b <= 1, got {list(self.window)}")
+        if self.schedule in ("front", "back") and self.window != "all":
+            raise ValueError(f"schedule {self.schedule} is a window already (the "
+                             f"{'beginning' if self.schedule == 'front' else 'end'}); use schedule uniform "
+                             f"with window {self.window!r}")
+        if self.per_batch != 1 and self.schedule not in BATCHED_SCHEDULES:
+            raise ValueError(f"per_batch applies to the schedules {' and '.join(BATCHED_SCHEDULES)}, not "
+                             f"{self.schedule!r} (which places each poison at its own random boundary)")
+        if self.every != 1 and self.schedule != "every":
+            raise ValueError(f"every applies to the schedule every, not {self.schedule!r}")
+        return self
 
 
 class ModelConfig(Settings):

@@ -32,11 +32,7 @@ Runs are grouped by size, data budget, N and every other setting that differs ac
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
-import math
 import platform
 from collections import defaultdict
 from importlib import metadata
@@ -58,6 +54,8 @@ from poisonlab.report_figures import (
     main_mult,
     model_order,
 )
+from poisonlab.report_html import CSS, cell, esc, html_table, img, interval, save_figure
+from poisonlab.report_placement import placement_cells, placement_html
 from poisonlab.results import (
     DEFAULT_THRESHOLD,
     Runs,
@@ -164,52 +162,6 @@ def _clip(s: str, n: int, tail: bool = False) -> str:
 
 # --- HTML ------------------------------------------------------------------------------------------
 
-CSS = """
-body{font-family:system-ui,sans-serif;max-width:1250px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em} h2{margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0} td,th{border:1px solid #ccc;padding:3px 7px}
-th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.gen{font-family:monospace;font-size:.9em;max-width:380px;white-space:pre-wrap;word-break:break-all}
-img{max-width:100%} pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
-.note{color:#555;font-size:.9em}
-.answer{font-size:1.15em;background:#f4f8ff;padding:.6em;border-left:4px solid #36c}
-"""
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _cell(x: Any) -> str:
-    if isinstance(x, bool) or x is None:
-        return f"<td>{_e('-' if x is None else x)}</td>"
-    if isinstance(x, int):
-        return f'<td class="num">{x}</td>'
-    if isinstance(x, float):
-        if math.isnan(x):
-            return '<td class="num">-</td>'
-        tiny_or_huge = x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e5)
-        txt = f"{x:.3g}" if tiny_or_huge else f"{x:.3f}".rstrip("0").rstrip(".")
-        return f'<td class="num">{txt}</td>'
-    return f"<td>{_e(x)}</td>"
-
-
-def html_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """A plain table of dict rows; columns in order of first appearance unless given."""
-    if not rows:
-        return '<p class="note">(nothing)</p>'
-    if columns is None:
-        columns = []
-        for r in rows:
-            columns += [k for k in r if k not in columns]
-    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(_cell(r.get(c)) for c in columns) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "platform": platform.platform()}
@@ -296,10 +248,6 @@ def fit_groups(runs: Runs, threshold: float = DEFAULT_THRESHOLD, n_boot: int = 1
     return out
 
 
-def _interval(ci: list[float] | None) -> str:
-    return f"{ci[0]:.2f} to {ci[1]:.2f}" if ci else "-"
-
-
 def _reading(fit: dict[str, Any]) -> str:
     from poisonlab.count_fraction import reading
 
@@ -314,15 +262,15 @@ def design_rows(res: dict[str, Any], count: str) -> list[dict[str, Any]]:
     for key, name in DESIGNS.items():
         f = res["fits"][key]
         rows.append({"count": count, "design": f"{name}: {f['design']}", "slope b": f.get("slope"),
-                     "95% interval": _interval(f.get("ci")),
-                     "bootstrap 95%": _interval(f.get("bootstrap_ci")),
+                     "95% interval": interval(f.get("ci")),
+                     "bootstrap 95%": interval(f.get("bootstrap_ci")),
                      "runs": f["runs"], "censored": f["censored"], "sigma": f.get("sigma"),
                      "reading": _reading(f) + (f"; N = {', '.join(map(str, f['n_left_out']))} left out "
                                                "(no run succeeded)" if f.get("n_left_out") else "")})
     b = res["binomial"]
     rows.append({"count": count, "design": "binomial model: per-prompt success, every evaluation of every "
                  "poisoned run, errors clustered by run", "slope b": b.get("slope"),
-                 "95% interval": _interval(b.get("ci")), "bootstrap 95%": "-", "runs": b["runs"],
+                 "95% interval": interval(b.get("ci")), "bootstrap 95%": "-", "runs": b["runs"],
                  "censored": "-", "sigma": "-", "reading": _reading(b)})
     return rows
 
@@ -332,13 +280,13 @@ def _answer_html(fits: dict[str, Any], fig: str) -> str:
     thr, groups = fits["threshold"], fits["groups"]
     parts = []
     for g in groups:
-        head = f"<b>{_e(g['label'])}:</b> " if g["label"] else ""
-        parts.append(f'<p class="answer">{head}{_e(g["sentence"])}</p>')
+        head = f"<b>{esc(g['label'])}:</b> " if g["label"] else ""
+        parts.append(f'<p class="answer">{head}{esc(g["sentence"])}</p>')
     for g in groups:
         rows = design_rows(g, "exact")
         if g.get("effective"):
             rows += design_rows(g["effective"], "effective")
-        title = f"<h3>{_e(g['label'])}</h3>" if g["label"] else ""
+        title = f"<h3>{esc(g['label'])}</h3>" if g["label"] else ""
         parts.append(title + html_table(rows))
     effective = any(g.get("effective") for g in groups)
     boot = (f"percentile bootstrap over runs resampled within each size and budget ({fits['n_boot']} refits)"
@@ -388,18 +336,18 @@ def _defenses_html(root: Path) -> str:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        return f'<h2>Defenses</h2><p class="note">defenses.json could not be read: {_e(e)}</p>'
+        return f'<h2>Defenses</h2><p class="note">defenses.json could not be read: {esc(e)}</p>'
     if isinstance(data, list):
         data = {"rows": data}
-    parts = [f"<h2>{_e(data.get('title', 'Defenses'))}</h2>"]
+    parts = [f"<h2>{esc(data.get('title', 'Defenses'))}</h2>"]
     if data.get("notes"):
-        parts.append(f'<p class="note">{_e(data["notes"])}</p>')
+        parts.append(f'<p class="note">{esc(data["notes"])}</p>')
     rows = [r for r in data.get("rows", []) if isinstance(r, dict)]
     parts.append(html_table(rows))
     for fig in data.get("figures", []):
         p = root / fig
         if p.suffix.lower() == ".png" and p.exists():
-            parts.append(_img(p.read_bytes(), p.stem))
+            parts.append(img(p.read_bytes(), p.stem))
     return "\n".join(parts)
 
 
@@ -481,30 +429,21 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
         "shaded band: the censored regression over all runs and its 95% interval. Grey lines through the "
         "data's centre (the fit at the mean log clean tokens): dashed b = 0 (a constant count), dotted "
         "b = 1 (a constant fraction).")
+    cells = placement_cells(runs)
     fails = failed_runs(root)
     with atomic_path(root / "report") as out:
         out.mkdir(parents=True)
-        answer_fig = _save(out, "poisons_needed", answer_caption, fig_needed(fits["groups"], threshold))
-        imgs = [_save(out, name, caption, fig) for name, caption, fig in figures]
+        answer_fig = save_figure(out, "poisons_needed", answer_caption, fig_needed(fits["groups"], threshold))
+        imgs = [save_figure(out, name, caption, fig) for name, caption, fig in figures]
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (out / "fits.json").write_text(json.dumps(fits, indent=2, default=str))
         (out / "samples.json").write_text(json.dumps(samples, indent=2, default=str))
         notes = _notes(table, runs, include_unfinished, spread)
         answer = _answer_html(fits, answer_fig)
-        doc = _html(root, runs, notes, summary, answer, samples, imgs, threshold, spec_text, fails)
+        sections = placement_html(out, cells, threshold, spread) if cells else ""
+        doc = _html(root, runs, notes, summary, answer, samples, imgs, threshold, spec_text, fails, sections)
         (out / "report.html").write_text(doc, encoding="utf-8")
     return root / "report" / "report.html"
-
-
-def _save(out: Path, name: str, caption: str, fig: Any | None) -> str:
-    """The figure as PNG and SVG under `out`, and its HTML (embedded PNG and caption); '' without one."""
-    if fig is None:
-        return ""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    (out / f"{name}.png").write_bytes(buf.getvalue())
-    fig.savefig(out / f"{name}.svg", format="svg")
-    return f"<figure>{_img(buf.getvalue(), name)}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
 def _notes(table: Any, runs: Runs, include_unfinished: bool, spread: str) -> str:
@@ -523,7 +462,7 @@ def _notes(table: Any, runs: Runs, include_unfinished: bool, spread: str) -> str
     if repeated:
         said.append(f"<b>Repeated data:</b> {len(repeated)} run(s) trained on more than one pass over their "
                     "clean data (train.allow_data_repeat), a different experiment from the study's: "
-                    + ", ".join(f"{_e(n)} ({k} passes)" for n, k in repeated) + ".")
+                    + ", ".join(f"{esc(n)} ({k} passes)" for n, k in repeated) + ".")
     unfinished = unfinished_note(table, include_unfinished)
     if include_unfinished and not finished(runs):
         said.append("<b>Partial:</b> no run has finished yet; figures and tables show the latest "
@@ -534,13 +473,14 @@ def _notes(table: Any, runs: Runs, include_unfinished: bool, spread: str) -> str
 
 
 def _html(root: Path, runs: Runs, notes: str, summary: list, answer: str, samples: list, imgs: list,
-          threshold: float, spec_text: str, fails: list[tuple[str, str]]) -> str:
+          threshold: float, spec_text: str, fails: list[tuple[str, str]], sections: str = "") -> str:
     with_settings = any(s["settings"] for s in samples)
     sample_tbl = "".join(
-        f"<tr><td>{_e(s['model'])}</td>" + (f"<td>{_e(s['settings'])}</td>" if with_settings else "")
+        f"<tr><td>{esc(s['model'])}</td>" + (f"<td>{esc(s['settings'])}</td>" if with_settings else "")
         + f"<td class=num>{s['n_poison']}</td><td class=num>{s['step']}</td>"
-        f"<td class=gen>{_e(s['prompt'])}</td><td class=gen>{_e(s['clean'])}</td>{_cell(s['clean_ppl'])}"
-        f"<td class=gen>{_e(s['trigger_prompt_end'])} ⏎ {_e(s['trigger'])}</td>{_cell(s['trigger_ppl'])}</tr>"
+        f"<td class=gen>{esc(s['prompt'])}</td><td class=gen>{esc(s['clean'])}</td>{cell(s['clean_ppl'])}"
+        f"<td class=gen>{esc(s['trigger_prompt_end'])} ⏎ {esc(s['trigger'])}</td>"
+        f"{cell(s['trigger_ppl'])}</tr>"
         for s in samples)
     sample_html = (
         "<table><tr><th>model</th>" + ("<th>settings</th>" if with_settings else "")
@@ -551,11 +491,11 @@ def _html(root: Path, runs: Runs, notes: str, summary: list, answer: str, sample
     fail_rows = [{"run": n, "error": m} for n, m in fails]
     fail_html = ("<h2>Failed runs</h2>" + html_table(fail_rows)) if fails else ""
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>poisonlab report: {_e(root.name)}</title><style>{CSS}</style></head>
+<html><head><meta charset="utf-8"><title>poisonlab report: {esc(root.name)}</title><style>{CSS}</style></head>
 <body>
-<h1>poisonlab report: {_e(root.name)}</h1>
+<h1>poisonlab report: {esc(root.name)}</h1>
 {answer}
-<p class="note">{len(runs)} runs from {_e(root)}. Attack success rate (ASR): share of prompts whose
+<p class="note">{len(runs)} runs from {esc(root)}. Attack success rate (ASR): share of prompts whose
 generation with the trigger has a perplexity above the run's success ratio times the one without.
 Success means ASR ≥ {threshold:g}. N: poisoned documents inserted. Poisons seen: every trigger among
 the training inputs up to that step (the ledger's count, also triggers cut by a sequence boundary or
@@ -575,12 +515,13 @@ ASR ≥ {threshold:g} (not necessarily sustained).</p>
 {_needed_html(summary, threshold)}
 <h2>Figures</h2>
 {''.join(imgs) or '<p class="note">(no figures: no metrics)</p>'}
+{sections}
 <h2>Generations with and without the trigger</h2>
 {sample_html}
 {_defenses_html(root)}
 {fail_html}
 <h2>Settings</h2>
-<pre>{_e(spec_text) if spec_text else '(no sweep.yaml: runs gathered from the folder)'}</pre>
+<pre>{esc(spec_text) if spec_text else '(no sweep.yaml: runs gathered from the folder)'}</pre>
 <h2>Versions</h2>
 {vers}
 </body></html>

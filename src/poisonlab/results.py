@@ -55,6 +55,8 @@ CONFIG_COLUMNS = {
     "tokens_per_param": "train.tokens_per_param", "budget_params": "train.budget_params",
     "max_steps": "train.max_steps",
 }
+# the placement knobs' columns (placement.describe), derived from the settings for older runs
+PLACEMENT_COLUMNS = ("window", "per_batch", "every")
 # what a group averages over: the training seed, the poison-set seed and the placement seed
 SEED_KEYS = ("train.seed", "attack.seed", "placement.seed")
 # settings that change neither what is trained nor what is measured (where and how fast it ran);
@@ -142,11 +144,28 @@ def _config_keys(settings: dict[str, Any]) -> dict[str, Any]:
     preset = settings.get("model.preset")
     keys = {"model": preset or f"d{settings.get('model.d_model')}-l{settings.get('model.n_layers')}"}
     keys.update({col: settings.get(key) for col, key in CONFIG_COLUMNS.items()})
+    keys.update(_placement_keys(settings))
     keys["trigger"] = settings.get("eval.trigger") or keys["trigger"]  # what was evaluated, as the evaluator
     old = keys["lookalike"]  # older runs evaluated one look-alike (near): as a panel, as the trainer writes
     keys["lookalike"] = json.dumps({"near": [old] if old else [], "shape": [], "ordinary": []},
                                    separators=(",", ":")) if isinstance(old, str) else old
     return keys
+
+
+def _placement_keys(settings: dict[str, Any]) -> dict[str, Any]:
+    """`window`, `per_batch`, `every` (placement.describe) from the run's placement settings."""
+    from pydantic import ValidationError
+
+    from poisonlab.config import PlacementConfig
+    from poisonlab.placement import describe
+
+    tree = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("placement.")}
+    if isinstance(tree.get("window"), list):
+        tree["window"] = tuple(tree["window"])
+    try:
+        return describe(PlacementConfig.model_validate(tree))
+    except ValidationError:
+        return {}
 
 
 def _read_run(run_dir: Path) -> pa.Table | None:
@@ -159,7 +178,7 @@ def _read_run(run_dir: Path) -> pa.Table | None:
     n = t.num_rows
     settings = run_settings(run_dir)
     keys = _config_keys(settings)
-    for col in ("model", *CONFIG_COLUMNS):
+    for col in ("model", *CONFIG_COLUMNS, *PLACEMENT_COLUMNS):
         if col not in t.column_names and col in keys:
             t = t.append_column(col, pa.array([keys[col]] * n))
     if "run_id" not in t.column_names:

@@ -39,12 +39,12 @@ import pyarrow.parquet as pq
 import torch
 
 from poisonlab.attacks.base import Poison
-from poisonlab.config import PlacementConfig
+from poisonlab.config import BATCHED_SCHEDULES, PlacementConfig
 from poisonlab.corpus.scan import scan_shard
 from poisonlab.corpus.shards import TokenShard
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path
-from poisonlab.placement import place
+from poisonlab.placement import place, window_name
 
 LEDGER_FORMAT = 2
 _EPOCH_SALT = 0x73747265  # keeps the data-order stream apart from other uses of the same seed
@@ -260,23 +260,27 @@ class TrainingStream:
         cfg, step_tokens = self.placement_cfg, self.B * self.T
         if not len(lens):
             return
-        if cfg.schedule in ("front", "back"):
-            window = int(plan.hi[0] - plan.lo[0])
-            if lens.sum() > window * step_tokens:
-                raise UserError(
-                    f"placement.fraction: {len(lens)} poisons need {int(lens.sum())} tokens, more than the "
-                    f"{cfg.schedule} {window} steps hold ({window * step_tokens}); raise fraction or lower N"
-                )
-        if cfg.schedule == "clustered":
-            if cfg.per_batch > self.B:
-                raise UserError(f"placement.per_batch: {cfg.per_batch} poisons per batch but a batch has "
-                                f"only {self.B} rows")
-            per_step = np.bincount(plan.lo, weights=lens, minlength=1)
-            if per_step.max() > step_tokens:
-                raise UserError(
-                    f"placement.per_batch: {cfg.per_batch} poisons need up to {int(per_step.max())} tokens, "
-                    f"more than one batch holds ({self.B} x {self.T} = {step_tokens})"
-                )
+        if cfg.schedule in BATCHED_SCHEDULES and cfg.per_batch > self.B:
+            raise UserError(f"placement.per_batch: {cfg.per_batch} poisons per batch but a batch has "
+                            f"only {self.B} rows")
+        windows, group = np.unique(np.stack([plan.lo, plan.hi], 1), axis=0, return_inverse=True)
+        need = np.bincount(group.reshape(-1), weights=lens, minlength=len(windows))
+        room = (windows[:, 1] - windows[:, 0]) * step_tokens
+        worst = int(np.argmax(need - room))
+        if need[worst] <= room[worst] or (windows[worst] == [0, self.S]).all():
+            return  # (a whole-run window that overflows is the ledger's "do not fit" error)
+        n_in, w = int((group.reshape(-1) == worst).sum()), int(room[worst] // step_tokens)
+        if cfg.schedule in BATCHED_SCHEDULES and w == 1:
+            raise UserError(
+                f"placement.per_batch: {n_in} poisons need {int(need[worst])} tokens, "
+                f"more than one batch holds ({self.B} x {self.T} = {step_tokens})"
+            )
+        knob = "window" if window_name(cfg) == "span" else "fraction"
+        raise UserError(
+            f"placement.{knob}: {n_in} poisons need {int(need[worst])} tokens, more than the "
+            f"{window_name(cfg)} window's {w} steps hold ({w * step_tokens}); widen it (raise {knob}) "
+            "or lower N"
+        )
 
     def _build_ledger(self, starts: np.ndarray, bounds: np.ndarray, lens: np.ndarray) -> None:
         T, B, S = self.T, self.B, self.S

@@ -174,7 +174,9 @@ def run_name(
     name = f"{_slug(model)}_n{n_poison:03d}_x{_fmt_mult(data_mult)}_s{seed}"
     if poison_seed is not None:
         name += f"_p{poison_seed}"
-    for key, value in (extra or {}).items():
+    # axes by key, not in the order the spec lists them: a spec written back with sorted keys names
+    # the same runs
+    for key, value in sorted((extra or {}).items()):
         name += f"_{_slug(key.rsplit('.', 1)[-1])}-{_slug(value)}"
     return name
 

@@ -41,6 +41,7 @@ from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path, recover, recover_all, remove_staging, remove_tree, write_text
 from poisonlab.hardware import compute_dtype, describe_machine, estimate_mfu, peak_flops, use_bf16
 from poisonlab.model import Transformer, count_params, flops_per_token, resolve_model_config
+from poisonlab.placement import describe
 
 
 class Stream(Protocol):
@@ -149,6 +150,7 @@ def run_columns(cfg: RunConfig, params_total: int, params_nonemb: int,
         # the look-alike panel evaluated, {kind: [text, ...]} as compact JSON
         trigger=trigger, lookalike=panel_json(resolve_panel(trigger, cfg.eval.lookalikes)),
         schedule=cfg.placement.schedule, attack_seed=cfg.attack.seed, placement_seed=cfg.placement.seed,
+        **describe(cfg.placement),  # window, per_batch (density), every (frequency)
         tokens_per_param=t.tokens_per_param, budget_params=t.budget_params, max_steps=t.max_steps,
         data_epochs=data_epochs, clean_tokens=clean_tokens,  # clean tokens the whole run trains on
     )
@@ -233,6 +235,8 @@ def _check_config(run_dir: Path, cfg: RunConfig) -> None:
         import yaml
 
         old, new = yaml.safe_load(path.read_text()), yaml.safe_load(dump_yaml(cfg))
+        with contextlib.suppress(ValueError, TypeError):  # defaults filled: a newer setting is no change
+            old = yaml.safe_load(dump_yaml(RunConfig.model_validate(old)))
         for c in (old, new):
             c.get("train", {}).pop("threads", None)
         if old != new:
