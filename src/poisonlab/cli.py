@@ -228,7 +228,8 @@ def eval_(
 # (section owned by sweep.py / results.py / report.py / demo.py)
 @app.command("sweep")
 def sweep_cmd(
-    spec: Annotated[str, typer.Argument(help="sweep YAML file or preset: demo, tiny-grid, ordering, gpu-small, paper")],
+    spec: Annotated[str, typer.Argument(
+        help="sweep YAML file or preset: demo, tiny-grid, ordering, gpu-small, paper")],
     out: Annotated[Optional[Path], typer.Option(help="sweep directory [default: sweeps/NAME]")] = None,  # noqa: UP045
     executor: Annotated[str, typer.Option(help="local | slurm | inline")] = "local",
     jobs: Annotated[Optional[int], typer.Option(help="runs side by side [default: 1/core]")] = None,  # noqa: UP045

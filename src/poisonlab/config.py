@@ -158,6 +158,12 @@ class TrainConfig(Settings):
     keep_checkpoints: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, ge=1)
     peak_flops: float | None = Field(default=None, gt=0)  # per device, for MFU; None: detected
+    # the learning-rate schedule's frame: step s of this run trains at step schedule_offset + s of a
+    # warmup + cosine over schedule_steps (None: schedule_offset + this run's steps). Continuing a
+    # finished run at its last lr: offset = schedule_steps = its steps; a checkpoint taken at step k
+    # of a 143,000-step cosine (Pythia's): offset k, schedule_steps 143000
+    schedule_offset: int = Field(default=0, ge=0)
+    schedule_steps: int | None = Field(default=None, ge=1)
 
 
 LOOKALIKE_KINDS = ("near", "shape", "ordinary")  # near-triggers; the trigger's shape; ordinary text
@@ -227,6 +233,18 @@ class EvalConfig(Settings):
         return self
 
 
+class InitConfig(Settings):
+    """Where a run starts: random weights (no `run`), or the weights of a poisonlab run (continued
+    pretraining), which then trains on its own budget, schedule, poisons and placement."""
+
+    run: Path | None = None  # a poisonlab run directory to start from
+    step: int | None = Field(default=None, ge=0)  # its checkpoint at this step; None: its latest
+    optimizer: bool = True  # also its AdamW moments: the run goes on as that one would have
+    # clean data after what that run consumed (it must have trained on the same data with the same
+    # train.seed); false: this run's own data order from the start, which repeats documents it saw
+    continue_data: bool = True
+
+
 class RunConfig(Settings):
     """One training run: data, attack, placement, model, training and evaluation."""
 
@@ -238,6 +256,7 @@ class RunConfig(Settings):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -67,6 +67,7 @@ class TrainingStream:
         triggers: Mapping[str, Sequence[int]] | None = None,
         clean_trigger: str = "refuse",
         allow_repeat: bool = False,
+        clean_offset: int = 0,
     ):
         if seq_len < 1 or batch_size < 1 or total_steps < 1:
             raise UserError(
@@ -95,6 +96,10 @@ class TrainingStream:
         self.n_docs = len(self._keep) if self._keep is not None else self.shard.n_docs
         self.epoch_tokens = int(self._span.sum() if self._keep is None else self._span[self._keep].sum())
         self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        # continued pretraining: the clean stream starts at the first document boundary at or after
+        # `clean_offset` of this data order (the clean data an earlier run of the same seed consumed)
+        self._g0 = self._rank_base(int(clean_offset)) if clean_offset > 0 else 0
+        self.clean_offset = self._boundary_base(self._g0) if self._g0 else 0
         self._check_budget(allow_repeat)
         self._place_poisons()
 
@@ -145,7 +150,14 @@ class TrainingStream:
         experiment (and at the paper's scale a sign that the wrong corpus was given)."""
         run_tokens = self.S * self.B * self.T
         least = run_tokens + 1 - int(self._lens.sum())  # clean tokens the run needs at the least
-        if least > self.epoch_tokens and not allow_repeat:
+        if self.clean_offset + least > self.epoch_tokens and not allow_repeat:
+            if self.clean_offset:
+                raise UserError(
+                    f"{self.data_dir}: the run continues after {self.clean_offset:,} clean tokens and needs "
+                    f"{least:,} more, but the data holds {self.epoch_tokens:,}; prepare more data "
+                    f"(poisonlab prepare --max-tokens {self.clean_offset + least}) or set "
+                    "train.allow_data_repeat=true"
+                )
             raise UserError(
                 f"{self.data_dir}: the run needs {least:,} clean training tokens but the data holds "
                 f"{self.epoch_tokens:,} ({least / self.epoch_tokens:.1f} passes); prepare more data "
@@ -172,21 +184,31 @@ class TrainingStream:
     # Clean document boundaries are numbered across epochs: boundary g is the start of the
     # (g % n_docs)-th document of epoch g // n_docs (the end of an epoch is the next one's boundary 0).
     def _rank(self, x: int) -> int:
-        """Number of clean boundaries < x."""
+        """Number of clean boundaries < x, counted from this stream's start (`clean_offset`)."""
+        if x <= 0:
+            return 0
+        return self._rank_base(x + self.clean_offset) - self._g0
+
+    def _boundary(self, g: int) -> int:
+        """Clean position of boundary g of this stream."""
+        return self._boundary_base(g + self._g0) - self.clean_offset
+
+    def _rank_base(self, x: int) -> int:
+        """Number of boundaries < x in the data order itself."""
         if x <= 0:
             return 0
         e, off = divmod(x, self.epoch_tokens)
         _, cum = self._epoch(e)
         return e * self.n_docs + int(np.searchsorted(cum[:-1], off, "left"))
 
-    def _boundary(self, g: int) -> int:
-        """Clean position of boundary g."""
+    def _boundary_base(self, g: int) -> int:
+        """Position of boundary g in the data order itself."""
         e, i = divmod(g, self.n_docs)
         return e * self.epoch_tokens + int(self._epoch(e)[1][i])
 
     def _read_clean(self, cs: int, ce: int, out: np.ndarray, w: int) -> None:
         """Copy clean-stream positions [cs, ce) into out[w:]."""
-        E = self.epoch_tokens
+        cs, ce, E = cs + self.clean_offset, ce + self.clean_offset, self.epoch_tokens
         while cs < ce:
             e, off = divmod(cs, E)
             perm, cum = self._epoch(e)
@@ -326,7 +348,7 @@ class TrainingStream:
         end = S * B * T + 1
         poison_in_run = int(np.clip(end - self._pstart, 0, self._plen).sum()) if len(self._pstart) else 0
         self.clean_tokens_needed = end - poison_in_run
-        self.epochs_needed = -(-self.clean_tokens_needed // self.epoch_tokens)
+        self.epochs_needed = -(-(self.clean_offset + self.clean_tokens_needed) // self.epoch_tokens)
 
     # --- public API -----------------------------------------------------------------------------------
     def tokens(self, a: int, e: int) -> np.ndarray:
@@ -396,6 +418,7 @@ class TrainingStream:
             "poison_tokens": int(self._plen.sum()),
             "epoch_tokens": self.epoch_tokens,
             "clean_tokens_needed": self.clean_tokens_needed,
+            "clean_offset": self.clean_offset,
             "epochs_needed": self.epochs_needed,
             "clean_docs": self.n_docs,
             "trigger_scans": self.trigger_scans,

@@ -37,6 +37,7 @@ import torch
 from poisonlab import distributed, runlock
 from poisonlab.checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
 from poisonlab.config import EvalConfig, RunConfig, TrainConfig, dump_yaml
+from poisonlab.continued import load_start, resolve_start
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path, recover, recover_all, remove_staging, remove_tree, write_text
 from poisonlab.hardware import compute_dtype, describe_machine, estimate_mfu, peak_flops, use_bf16
@@ -94,7 +95,10 @@ def total_steps(cfg: RunConfig) -> int:
 
 
 def lr_at(step: int, t: TrainConfig, n_steps: int) -> float:
-    """Linear warmup over warmup_frac of training, then cosine decay to min_lr_ratio * lr."""
+    """Linear warmup over warmup_frac of the schedule, then cosine decay to min_lr_ratio * lr; the
+    schedule is this run's n_steps, or the frame train.schedule_offset / schedule_steps sets."""
+    step += t.schedule_offset
+    n_steps = t.schedule_steps or t.schedule_offset + n_steps
     warmup = math.ceil(t.warmup_frac * n_steps)
     if step < warmup:
         return t.lr * (step + 1) / warmup
@@ -206,7 +210,7 @@ def _append_jsonl(path: Path, rows: list[dict]) -> None:
             f.write("".join(json.dumps(r, default=float) + "\n" for r in rows))
 
 
-def _default_stream(cfg: RunConfig, n_steps: int, poisons: list) -> Stream:
+def _default_stream(cfg: RunConfig, n_steps: int, poisons: list, clean_offset: int = 0) -> Stream:
     from poisonlab.attacks import trigger_patterns
     from poisonlab.stream import TrainingStream
 
@@ -214,7 +218,8 @@ def _default_stream(cfg: RunConfig, n_steps: int, poisons: list) -> Stream:
     return TrainingStream(cfg.data, poisons, cfg.placement, seq_len=cfg.model.seq_len,
                           batch_size=cfg.train.batch_size, total_steps=n_steps, seed=cfg.train.seed,
                           triggers=trigger_patterns(cfg.data, cfg.attack),
-                          clean_trigger=cfg.attack.clean_trigger, allow_repeat=cfg.train.allow_data_repeat)
+                          clean_trigger=cfg.attack.clean_trigger, allow_repeat=cfg.train.allow_data_repeat,
+                          clean_offset=clean_offset)
 
 
 def _default_evaluator(cfg: RunConfig, poisons: list) -> Evaluator:
@@ -293,7 +298,9 @@ def _inputs(cfg: RunConfig, world: int, stream: Stream | None,
         from poisonlab.attacks import make_poisons
 
         poisons = make_poisons(cfg.data, cfg.attack)
-    stream = stream if stream is not None else _default_stream(cfg, total_steps(cfg), poisons)
+    start = resolve_start(cfg)  # continued pretraining: checked before anything is written
+    if stream is None:
+        stream = _default_stream(cfg, total_steps(cfg), poisons, start.clean_offset if start else 0)
     if build_evaluator:
         evaluator = _default_evaluator(cfg, poisons)
     return stream, evaluator
@@ -359,10 +366,13 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     ckpts.add(n_steps)
 
     start, state = 0, {}
+    begin = resolve_start(cfg)  # continued pretraining: the earlier run this one starts from
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
         start = state["step"]
+    elif begin is not None:
+        load_start(begin, model, opt if cfg.init.optimizer else None)
     metrics_path, samples_path = run_dir / "metrics.parquet", run_dir / "samples.jsonl"
     log_path = run_dir / "log.jsonl"
     rows: list[dict] = []
@@ -392,6 +402,9 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     tokens_per_step = t.batch_size * mcfg.seq_len
     run_cols = run_columns(cfg, total, nonemb, getattr(stream, "epochs_needed", None),
                            getattr(stream, "clean_tokens_needed", None))
+    # where a continued run started: the earlier run, its step, the clean tokens it had consumed
+    run_cols.update(init_from=begin.name if begin else None, init_step=begin.step if begin else None,
+                    clean_offset=getattr(stream, "clean_offset", 0))  # as the stream snapped it
     if dist.main and (run_cols["data_epochs"] or 1) > 1:
         _warn(f"{cfg.name}: trains on {run_cols['data_epochs']} passes over the clean data of {cfg.data} "
               "(train.allow_data_repeat): repeated data is a different experiment from the study's")
