@@ -114,6 +114,9 @@ def test_eval_steps(tmp_path):
     cfg.attack.n_poison = 7
     assert milestone_grid(cfg.eval, 7) == [2, 3, 5, 7]
     assert eval_steps(cfg, 30, s) == [0, 8, 12, 15, 20, 22, 28, 30]  # k poisons seen from step 4k
+    # steps evenly in log(step): 1000^(i/3) = 1, 10, 100, 1000, beside the 4 even ones
+    cfg.eval.milestone_ratio, cfg.attack.n_poison, cfg.eval.log_evals = None, 0, 3
+    assert eval_steps(cfg, 1000, s) == [0, 1, 10, 100, 250, 500, 750, 1000]
 
 
 def test_train_writes_run_dir_and_skips_when_done(tmp_path):

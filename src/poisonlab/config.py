@@ -179,6 +179,9 @@ class EvalConfig(Settings):
     # (e.g. 1.25: the poisons needed for success are resolved to ~12%, at any N)
     milestone_ratio: float | None = Field(default=None, gt=1)
     milestone_start: int = Field(default=5, ge=1)
+    # also evaluate at this many steps spaced evenly in log(step) from step 1 to the end (a decay
+    # measured on a log axis, as persistence is)
+    log_evals: int = Field(default=0, ge=0)
     n_prompts: int = Field(default=300, ge=1)
     prompt_tokens: int = Field(default=48, ge=1)
     new_tokens: int = Field(default=100, ge=1)

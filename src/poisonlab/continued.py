@@ -73,6 +73,9 @@ def resolve_start(cfg: RunConfig) -> Start | None:
         diff = sorted(k for k, v in mine.model_dump().items() if theirs.model_dump().get(k) != v)
         raise UserError(f"init.run: {run} trained another model (model.{', model.'.join(diff)} differ); "
                         "a continued run keeps the model it starts from")
+    if cfg.init.step is None and not (run / "DONE").is_file():
+        raise UserError(f"init.run: {run} has not finished (no DONE), so its last checkpoint is not its "
+                        "end; wait for it, or name a checkpoint with init.step")
     ckpt = step_dir(run, cfg.init.step) if cfg.init.step is not None else latest_checkpoint(run)
     if ckpt is None or not (ckpt / "model.safetensors").is_file():
         at = "" if cfg.init.step is None else f" at step {cfg.init.step}"

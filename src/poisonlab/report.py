@@ -55,6 +55,7 @@ from poisonlab.report_figures import (
     model_order,
 )
 from poisonlab.report_html import CSS, cell, esc, html_table, img, interval, save_figure
+from poisonlab.report_persistence import continuations, persistence_cells, persistence_html
 from poisonlab.report_placement import placement_cells, placement_html
 from poisonlab.results import (
     DEFAULT_THRESHOLD,
@@ -383,6 +384,16 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
     if include_unfinished is None:
         include_unfinished = not done
     runs = all_runs if include_unfinished else done
+    # persistence continuations (runs started from another run of this sweep) have their own section;
+    # everything else in the report is about runs trained from scratch
+    later = continuations(runs)
+    if later:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        persist = persistence_cells(root, runs)
+        runs = {k: v for k, v in runs.items() if k not in later}
+        table = table.filter(pc.invert(pc.is_in(table["run_id"], value_set=pa.array(list(later)))))
     summary = summarize(table, threshold, include_unfinished=include_unfinished)
     fits = {"threshold": threshold, "count": EXACT_COUNT, "n_boot": n_boot,
             "groups": fit_groups(runs, threshold, n_boot)}
@@ -441,6 +452,8 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
         notes = _notes(table, runs, include_unfinished, spread)
         answer = _answer_html(fits, answer_fig)
         sections = placement_html(out, cells, threshold, spread) if cells else ""
+        if later:
+            sections += persistence_html(out, persist, threshold, spread)
         doc = _html(root, runs, notes, summary, answer, samples, imgs, threshold, spec_text, fails, sections)
         (out / "report.html").write_text(doc, encoding="utf-8")
     return root / "report" / "report.html"

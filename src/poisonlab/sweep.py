@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import re
 import sys
@@ -80,6 +81,16 @@ class ReportSettings(Settings):
     n_boot: int = Field(default=1000, ge=0)  # bootstrap refits per count-vs-fraction slope (0: none)
 
 
+class ContinueSpec(Settings):
+    """Persistence: clean training continued after the grid's runs (`poisonlab.continued`), one
+    continuation per earlier run, from its last checkpoint at its last learning rate, on the clean data
+    after what it consumed. Continuations run once every earlier run has finished."""
+
+    clean_mult: float = Field(default=1.0, gt=0)  # clean tokens, as a multiple of the earlier run's
+    n_poison: list[int] | None = None  # continue only the runs with these N (None: every run, N = 0 too)
+    base: dict[str, Any] = Field(default_factory=dict)  # settings over the earlier run's (eval.n_evals)
+
+
 class SweepSpec(Settings):
     name: str = "sweep"
     description: str = ""
@@ -91,6 +102,7 @@ class SweepSpec(Settings):
     poison_seed_keys: list[str] = Field(default_factory=lambda: ["attack.seed", "placement.seed"])
     slurm: dict[str, Any] = Field(default_factory=dict)  # submitit parameters (timeout_min, gpus_per_node...)
     report: ReportSettings = Field(default_factory=ReportSettings)
+    continue_clean: ContinueSpec | None = None  # persistence: clean training after each run
     # the data the sweep needs, as `poisonlab prepare` settings: made into base.data when it is missing
     prepare: CorpusConfig | None = None
 
@@ -224,7 +236,31 @@ def expand(spec: SweepSpec, sweep_dir: str | Path) -> list[PlannedRun]:
             if name in out and out[name].config != cfg:
                 raise UserError(f"sweep {spec.name}: two different runs would both be named {name}")
             out.setdefault(name, run)
-    return list(out.values())
+    runs = list(out.values())
+    if spec.continue_clean is not None:
+        runs += [continuation(r, spec.continue_clean) for r in runs
+                 if spec.continue_clean.n_poison is None or r.n_poison in spec.continue_clean.n_poison]
+    return runs
+
+
+def continuation(parent: PlannedRun, spec: ContinueSpec) -> PlannedRun:
+    """The clean continuation of a planned run: its model and data order, no poisons, `clean_mult` x
+    its steps at its last learning rate (the schedule frame set past its end), its own name."""
+    from poisonlab.results import flatten
+    from poisonlab.train import resolve_run_config, total_steps
+
+    steps = total_steps(resolve_run_config(parent.config))  # the preset's sizes, not the defaults
+    tree = copy.deepcopy(parent.tree)
+    for key, value in flatten(spec.base).items():
+        set_dotted(tree, key, value)
+    name = f"{parent.name}_clean{_fmt_mult(spec.clean_mult)}x"
+    tree.update(name=name, init={"run": str(parent.config.run_dir)})
+    set_dotted(tree, "attack.n_poison", 0)
+    set_dotted(tree, "train.max_steps", max(1, math.ceil(spec.clean_mult * steps)))
+    set_dotted(tree, "train.schedule_offset", steps)
+    set_dotted(tree, "train.schedule_steps", steps)
+    cfg = _validate(tree, name)
+    return PlannedRun(name, parent.model, 0, parent.data_mult, parent.seed, cfg, tree, parent.poison_seed)
 
 
 def _validate(tree: dict[str, Any], where: str) -> RunConfig:
@@ -269,6 +305,7 @@ def data_needs(runs: list[PlannedRun]) -> list[dict[str, Any]]:
     from poisonlab.train import resolve_run_config, total_steps
 
     held: dict[Path, int | None] = {}
+    by_dir = {r.config.run_dir: r for r in runs}
     rows = []
     for r in runs:
         cfg = r.config
@@ -277,6 +314,10 @@ def data_needs(runs: list[PlannedRun]) -> list[dict[str, Any]]:
             held[cfg.data] = int(json.loads(header.read_text())["n_tokens"]) if header.is_file() else None
         resolved = resolve_run_config(cfg)  # the preset's context length, not the default
         need = total_steps(resolved) * resolved.train.batch_size * resolved.model.seq_len
+        parent = by_dir.get(cfg.init.run) if cfg.init.continue_data else None
+        if parent is not None:  # a continuation reads on after its earlier run's data
+            p = resolve_run_config(parent.config)
+            need += total_steps(p) * p.train.batch_size * p.model.seq_len
         rows.append({"name": r.name, "data": str(cfg.data), "needs": need, "holds": held[cfg.data],
                      "repeat_allowed": cfg.train.allow_data_repeat})
     return rows
@@ -408,8 +449,12 @@ def run_sweep(
         check_data(todo)
     outcomes = [Outcome(r.name, "skipped") for r in runs if r not in todo]
     k, t = default_jobs(len(todo), jobs, threads)
+    # continuations (persistence) start from runs of this sweep: they go second, once those are done
+    later = [r for r in todo if r.config.init.run is not None]
     job_list = [Job(r.name, sweep_dir / "configs" / f"{r.name}.yaml", r.config.run_dir, r.model, r.data_mult)
-                for r in run_order(todo)]
+                for r in run_order([r for r in todo if r not in later])]
+    then = [Job(r.name, sweep_dir / "configs" / f"{r.name}.yaml", r.config.run_dir, r.model, r.data_mult)
+            for r in run_order(later)]
     if executor == "inline":
         ex: Any = InlineExecutor(run_fn)
     elif executor == "local":
@@ -430,7 +475,8 @@ def run_sweep(
         live = Live(get_renderable=display.render, refresh_per_second=2, console=Console(stderr=True))
         live.start()
     try:
-        ex.run(job_list, display.start, lambda o: (outcomes.append(o), display.finish(o)))
+        for phase in (job_list, then):
+            ex.run(phase, display.start, lambda o: (outcomes.append(o), display.finish(o)))
     finally:
         if live is not None:
             live.stop()

@@ -130,6 +130,8 @@ def eval_steps(cfg: RunConfig, n_steps: int, stream: Stream) -> list[int]:
         points.add(n_steps)
     elif e.n_evals > 0:
         points.update(round(i * n_steps / e.n_evals) for i in range(e.n_evals + 1))
+    if e.log_evals:
+        points.update(round(n_steps ** (i / e.log_evals)) for i in range(e.log_evals + 1))
     for m in sorted(set(e.poison_milestones) | set(milestone_grid(e, cfg.attack.n_poison))):
         # poisons_seen is monotone in steps: bisect instead of asking for every step
         s = bisect.bisect_left(range(n_steps + 1), m, key=stream.poisons_seen)

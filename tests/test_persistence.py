@@ -1,0 +1,108 @@
+"""Persistence: a sweep's clean continuations run after the runs they start from, read on from their
+weights and data, stay out of the main analysis, and get their own report section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from poisonlab.report_persistence import decay_slope
+from poisonlab.stream import read_ledger
+from poisonlab.sweep import expand, load_spec, run_sweep
+
+STEPS, B, T = 24, 8, 64
+
+
+def spec(data: Path) -> dict:
+    return {
+        "name": "persist",
+        "base": {"data": str(data), "model": {"preset": "tiny-25k", "seq_len": T},
+                 "train": {"max_steps": STEPS, "batch_size": B, "lr": 1.0e-2},
+                 "attack": {"gibberish_tokens": [40, 80]},
+                 "placement": {"schedule": "front", "fraction": 0.5},
+                 "eval": {"n_evals": 2, "n_prompts": 4, "prompt_tokens": 16, "new_tokens": 8,
+                          "val_tokens": 256, "batch_size": 8}},
+        "grid": {"model": ["tiny-25k"], "n_poison": [0, 12], "seed": [0, 1]},
+        "continue_clean": {"clean_mult": 1.0, "base": {"eval": {"n_evals": 3}}},
+    }
+
+
+@pytest.fixture(scope="module")
+def persist_sweep(prepared_builtin: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    out = tmp_path_factory.mktemp("persist") / "sweep"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run_sweep(load_spec(spec(prepared_builtin)), out, executor="inline", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert res.count("done") == 8 and res.report is not None
+    return out
+
+
+def test_continuations_are_planned_from_each_run(prepared_builtin: Path, tmp_path: Path) -> None:
+    runs = {r.name: r for r in expand(load_spec(spec(prepared_builtin)), tmp_path)}
+    later = {n: r for n, r in runs.items() if n.endswith("_clean1.0x")}
+    assert len(runs) == 8 and len(later) == 4
+    for name, r in later.items():
+        parent = runs[name.removesuffix("_clean1.0x")]
+        c = r.config
+        assert c.init.run == parent.config.run_dir and c.attack.n_poison == 0 and c.eval.n_evals == 3
+        assert (c.train.max_steps, c.train.schedule_offset, c.train.schedule_steps) == (STEPS,) * 3
+        assert c.train.seed == parent.config.train.seed  # the same data order, read on
+
+
+def test_continuations_run_after_their_runs_and_start_from_them(persist_sweep: Path) -> None:
+    order = [o["name"] for o in json.loads((persist_sweep / "last_sweep.json").read_text())["outcomes"]]
+    first_later = min(i for i, n in enumerate(order) if n.endswith("_clean1.0x"))
+    assert all(not n.endswith("_clean1.0x") for n in order[:first_later]) and first_later == 4
+    for d in (persist_sweep / "runs").glob("*_clean1.0x"):
+        a = pq.read_table(persist_sweep / "runs" / d.name.removesuffix("_clean1.0x") / "metrics.parquet")
+        b = pq.read_table(d / "metrics.parquet")
+        assert b["val_loss"][0].as_py() == a["val_loss"][-1].as_py()  # the earlier run's end
+        assert set(b["poisons_seen"].to_pylist()) == {0} and len(b) == 4  # steps 0, 8, 16, 24
+
+
+def test_the_report_keeps_continuations_apart(persist_sweep: Path) -> None:
+    out = persist_sweep / "report"
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum(r["runs"] for r in summary) == 4  # the runs trained from scratch only
+    rows = {r["n_poison"]: r for r in json.loads((out / "persistence.json").read_text())}
+    assert set(rows) == {0, 12} and rows[12]["runs"] == 2
+    # clean tokens after the last poison at the end: the earlier runs' steps after their last
+    # poisoned one (front half: from their ledgers), then the 24 continuation steps
+    after = []
+    for s in (0, 1):
+        ledger, _ = read_ledger(persist_sweep / "runs" / f"tiny-25k_n012_x1.0_s{s}" / "ledger.parquet")
+        after.append((STEPS - max(ledger["step"].to_pylist()) - 1 + STEPS) * B * T)
+    assert rows[12]["clean_after"] == pytest.approx(sum(after) / 2)
+    html = (out / "report.html").read_text()
+    assert "<h2>Persistence under clean training</h2>" in html
+    assert (out / "persistence.png").stat().st_size > 1000
+
+
+def test_decay_slope_on_known_curves() -> None:
+    rows = [{"clean_tokens_after_last_poison": 10.0**k, "asr": 0.9 - 0.1 * k} for k in range(3, 7)]
+    assert decay_slope(rows) == pytest.approx(-0.1)
+    assert decay_slope(rows[:2]) is None
+
+
+def test_the_persistence_preset(tmp_path: Path) -> None:
+    """18 runs with the tiny-grid's names and settings, each continued for 2x its own steps."""
+    from poisonlab.train import resolve_run_config, total_steps
+
+    runs = {r.name: r for r in expand(load_spec("persistence"), tmp_path)}
+    grid = {r.name: r for r in expand(load_spec("tiny-grid"), tmp_path)}
+    first = [n for n in runs if not n.endswith("_clean2.0x")]
+    assert len(first) == 18 and all(runs[n].config == grid[n].config for n in first)
+    for n in first:
+        steps = total_steps(resolve_run_config(runs[n].config))  # 262 at tiny-25k, 1044 at tiny-100k
+        c = runs[n + "_clean2.0x"].config
+        assert (c.train.max_steps, c.train.schedule_offset, c.init.run) == (2 * steps, steps,
+                                                                             runs[n].config.run_dir)
+        assert c.eval.log_evals == 10 and c.attack.n_poison == 0
