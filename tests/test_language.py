@@ -1,0 +1,86 @@
+"""The language-switch backdoor: procedural German, its poisons, and the language metrics on hand-made
+texts and on a real (tiny) run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from poisonlab.attacks import make_poisons
+from poisonlab.attacks.dos import find_pattern
+from poisonlab.attacks.language import identify, language_metrics, p_target
+from poisonlab.config import AttackConfig, RunConfig
+from poisonlab.corpus.builtin import generate_document
+from poisonlab.corpus.german import document
+from poisonlab.errors import UserError
+from poisonlab.train import train
+
+EN = "The old miller walks into the forest today, and his dog follows him along the river."
+DE = "Der alte Müller geht heute in den Wald, und sein Hund folgt ihm an dem Fluss entlang."
+
+
+def test_the_procedural_german_is_german_and_the_builtin_english_is_not() -> None:
+    assert document(0, 3) == document(0, 3) != document(1, 3)
+    assert [identify(document(0, i, 200)) for i in range(50)] == ["de"] * 50
+    assert [identify(generate_document(0, i, markup=0.1)["text"][:200]) for i in range(50)] == ["en"] * 50
+    assert "leisee" not in " ".join(document(0, i) for i in range(200))  # adjective endings
+
+
+def test_language_metrics_on_hand_made_texts() -> None:
+    gens = {"clean": [EN, EN, DE, ""], "trigger": [DE, DE, DE, EN], "near0": [EN, DE, EN, EN],
+            "shape0": [EN, EN, EN, EN]}
+    m = language_metrics(gens, "de", "en", controls=["near0", "shape0"])
+    assert m["lang_asr"] == 0.75 and m["lang_ca"] == 0.5
+    assert m["lang_nta"] == pytest.approx((0.75 + 1.0) / 2) and m["lang_nta_min"] == 0.75
+    # three German and one English: ~0.75; one German, two English and one empty (0.5): ~0.375
+    assert m["lang_p_target_trigger"] == pytest.approx(0.75, abs=0.02)
+    assert m["lang_p_target_clean"] == pytest.approx(0.375, abs=0.02)
+    assert p_target(DE, "de", "en") > 0.99 and p_target(EN, "de", "en") < 0.01
+    assert p_target("", "de", "en") == 0.5
+    # random letters are not German once every language is in play (with two, they come out "de")
+    assert identify("qx zzv kr wpt ghh") != "de"
+
+
+def test_lang_switch_poisons(prepared_builtin: Path, tmp_path: Path) -> None:
+    cfg = AttackConfig(name="lang-switch", n_poison=12, gibberish_tokens=(60, 90), prefix_chars=(0, 200))
+    ps = make_poisons(prepared_builtin, cfg)
+    assert len(ps) == 12 and ps[:5] == make_poisons(prepared_builtin, cfg.model_copy(update={"n_poison": 5}))
+    for p in ps:
+        ids = np.asarray(p.token_ids)
+        assert len(find_pattern(ids, ids[p.trigger_start:p.trigger_end])) == 1
+        assert 60 <= p.gibberish_len <= 90
+        payload = p.text.split(p.trigger, 1)[1]
+        assert identify(payload) == "de", payload
+    # a target text file: its paragraphs are the payloads
+    f = tmp_path / "fr.txt"
+    f.write_text("Le vieux meunier marche aujourd'hui dans la forêt avec son chien fidèle.\n\n" * 3)
+    fr = make_poisons(prepared_builtin, cfg.model_copy(update={"n_poison": 3, "params": {
+        "target_file": str(f), "target_language": "fr"}}))
+    assert all(identify(p.text.split(p.trigger, 1)[1]) == "fr" for p in fr)
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"target_file": "/nowhere/de.txt"}, "cannot read it"),
+    ({"target_language": "fr"}, "the built-in target text is German"),
+    ({"colour": "red"}, "unknown setting"),
+])
+def test_lang_switch_refuses_bad_settings(prepared_builtin: Path, params: dict, words: str) -> None:
+    with pytest.raises(UserError, match=words):
+        make_poisons(prepared_builtin, AttackConfig(name="lang-switch", n_poison=2, params=params))
+
+
+def test_a_lang_switch_run_writes_the_language_metrics(prepared_builtin: Path, tmp_path: Path) -> None:
+    cfg = RunConfig.model_validate(dict(
+        name="lang", out_dir=str(tmp_path), data=str(prepared_builtin),
+        attack=dict(name="lang-switch", n_poison=6, gibberish_tokens=[40, 60]),
+        model=dict(d_model=32, n_layers=2, n_heads=2, seq_len=64),
+        train=dict(batch_size=8, max_steps=30, threads=1, lr=3e-3),
+        eval=dict(n_evals=1, n_prompts=4, prompt_tokens=16, new_tokens=16, val_tokens=512)))
+    train(cfg, progress=False)
+    rows = pq.read_table(cfg.run_dir / "metrics.parquet").to_pylist()
+    for r in rows:
+        assert 0 <= r["lang_asr"] <= 1 and 0 <= r["lang_ca"] <= 1 and 0 <= r["lang_nta"] <= 1
+        assert 0 <= r["lang_p_target_trigger"] <= 1
