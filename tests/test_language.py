@@ -84,3 +84,44 @@ def test_a_lang_switch_run_writes_the_language_metrics(prepared_builtin: Path, t
     for r in rows:
         assert 0 <= r["lang_asr"] <= 1 and 0 <= r["lang_ca"] <= 1 and 0 <= r["lang_nta"] <= 1
         assert 0 <= r["lang_p_target_trigger"] <= 1
+
+
+def test_a_language_sweep_from_scratch_and_continued(prepared_builtin: Path, tmp_path: Path) -> None:
+    """The language preset's shape at test size: from scratch (N = 0, 12) and a clean run continued
+    with 12 poisons of its own; the report's language section has every group, the continued run
+    grouped by what it started from, not in the persistence section."""
+    import json
+
+    import torch
+
+    from poisonlab.sweep import load_spec, run_sweep
+
+    spec = load_spec({
+        "name": "lang",
+        "base": {"data": str(prepared_builtin), "model": {"preset": "tiny-25k", "seq_len": 64},
+                 "train": {"max_steps": 20, "batch_size": 8, "lr": 1.0e-2},
+                 "attack": {"name": "lang-switch", "gibberish_tokens": [40, 60]},
+                 "eval": {"n_evals": 2, "n_prompts": 4, "prompt_tokens": 16, "new_tokens": 16,
+                          "val_tokens": 256, "batch_size": 8}},
+        "grid": {"model": ["tiny-25k"], "n_poison": [0, 12], "seed": [0]},
+        "continue_clean": {"clean_mult": 1.0, "n_poison": [0], "label": "lang12-",
+                           "base": {"attack": {"n_poison": 12}}},
+    })
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run_sweep(spec, tmp_path / "sw", executor="inline", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert res.count("done") == 3
+    out = tmp_path / "sw" / "report"
+    html = (out / "report.html").read_text()
+    assert "<h2>Language switch</h2>" in html and "Persistence" not in html
+    assert (out / "lang_asr_vs_poisons_seen.png").stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    labels = {(r["n_poison"], r["label"]) for r in summary}
+    assert labels == {(0, "from=none, schedule_offset=0, schedule_steps=none"),
+                      (12, "from=none, schedule_offset=0, schedule_steps=none"),
+                      (12, "from=N=0, schedule_offset=20, schedule_steps=20")}
+    led = pq.read_table(tmp_path / "sw" / "runs" / "tiny-25k_n000_x1.0_s0_lang12-1.0x" / "ledger.parquet")
+    assert led.num_rows == 12  # the continued run's own poisons

@@ -54,7 +54,7 @@ def test_the_ordering_preset_shares_its_references_with_the_tiny_grid(tmp_path: 
     assert {k for k in knobs if k[2] is not None} == {("all", 2, 1), ("all", 2, 5)}
 
 
-@pytest.mark.parametrize("preset", ["demo", "tiny-grid", "ordering", "persistence", "paper"])
+@pytest.mark.parametrize("preset", ["demo", "tiny-grid", "ordering", "persistence", "language", "paper"])
 def test_the_written_spec_expands_to_the_same_runs(preset: str, tmp_path: Path) -> None:
     """sweep.yaml as written, and a spec dumped in full as older sweeps wrote it: loading either gives
     the same runs (an `also` block that leaves an axis out must keep the grid's, not reset it)."""

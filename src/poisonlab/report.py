@@ -55,6 +55,7 @@ from poisonlab.report_figures import (
     model_order,
 )
 from poisonlab.report_html import CSS, cell, esc, html_table, img, interval, save_figure
+from poisonlab.report_language import has_language, language_html
 from poisonlab.report_persistence import continuations, persistence_cells, persistence_html
 from poisonlab.report_placement import placement_cells, placement_html
 from poisonlab.results import (
@@ -454,6 +455,8 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
         sections = placement_html(out, cells, threshold, spread) if cells else ""
         if later:
             sections += persistence_html(out, persist, threshold, spread)
+        if has_language(runs):
+            sections += language_html(out, runs, spread, threshold)
         doc = _html(root, runs, notes, summary, answer, samples, imgs, threshold, spec_text, fails, sections)
         (out / "report.html").write_text(doc, encoding="utf-8")
     return root / "report" / "report.html"

@@ -28,12 +28,13 @@ X = "clean_tokens_after_last_poison"
 
 
 def continuations(runs: Runs) -> dict[str, str]:
-    """{continuation run: the earlier run it started from}, for earlier runs in this set."""
+    """{clean continuation: the earlier run it started from}, for earlier runs in this set (a
+    continuation with poisons of its own is a poisoned run like any other: the main analysis has it)."""
     names = {str(rows[-1].get("run_name") or k): k for k, rows in runs.items()}
     out = {}
     for k, rows in runs.items():
         parent = rows[-1].get("init_from")
-        if parent and str(parent) in names:
+        if parent and str(parent) in names and not rows[-1].get("n_poison"):  # clean continuations
             out[k] = names[str(parent)]
     return out
 

@@ -60,9 +60,10 @@ PLACEMENT_COLUMNS = ("window", "per_batch", "every")
 # what a group averages over: the training seed, the poison-set seed and the placement seed
 SEED_KEYS = ("train.seed", "attack.seed", "placement.seed")
 # settings that change neither what is trained nor what is measured (where and how fast it ran);
-# `data` is the data's location: `data_id` (its content) stands for it
+# `data` is the data's location: `data_id` (its content) stands for it; `init.run` is one seed's earlier
+# run: `init.from` (what that run was) stands for it
 BOOKKEEPING_KEYS = frozenset({
-    "name", "out_dir", "data", "train.threads", "train.compile", "train.checkpoint_every",
+    "name", "out_dir", "data", "init.run", "train.threads", "train.compile", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.peak_flops", "train.allow_data_repeat",
     "eval.batch_size", "eval.save_samples",
 })
@@ -134,7 +135,23 @@ def run_settings(run_dir: Path) -> dict[str, Any]:
         return {}
     settings = {**_DEFAULTS, **flatten(tree)}
     settings["data_id"] = _data_id(settings.get("data"), run_dir)
+    settings["init.from"] = _init_from(settings.get("init.run"), run_dir)
     return settings
+
+
+def _init_from(init_run: Any, run_dir: Path) -> str | None:
+    """What a continued run started from, as a setting that seeds share: `N=<n_poison>` of the earlier
+    run (its config, where it was, or beside this run), else its directory's name; None from scratch.
+    `init.run` itself names one seed's run, so groups are told apart by this instead."""
+    if not init_run:
+        return None
+    for d in (Path(init_run), run_dir.parent / Path(init_run).name):
+        try:
+            parent = yaml.safe_load((d / "config.yaml").read_text())
+            return f"N={int(((parent or {}).get('attack') or {}).get('n_poison', 250))}"
+        except (OSError, yaml.YAMLError, TypeError, ValueError):
+            continue
+    return Path(init_run).name
 
 
 def _config_keys(settings: dict[str, Any]) -> dict[str, Any]:

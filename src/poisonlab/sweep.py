@@ -82,13 +82,15 @@ class ReportSettings(Settings):
 
 
 class ContinueSpec(Settings):
-    """Persistence: clean training continued after the grid's runs (`poisonlab.continued`), one
-    continuation per earlier run, from its last checkpoint at its last learning rate, on the clean data
-    after what it consumed. Continuations run once every earlier run has finished."""
+    """Training continued after the grid's runs (`poisonlab.continued`), one continuation per earlier
+    run, from its last checkpoint at its last learning rate, on the clean data after what it consumed:
+    clean (persistence), or with poisons of its own given in `base` (continued-pretraining attacks, the
+    study's language-switch setting). Continuations run once every earlier run has finished."""
 
-    clean_mult: float = Field(default=1.0, gt=0)  # clean tokens, as a multiple of the earlier run's
+    clean_mult: float = Field(default=1.0, gt=0)  # its tokens, as a multiple of the earlier run's
     n_poison: list[int] | None = None  # continue only the runs with these N (None: every run, N = 0 too)
-    base: dict[str, Any] = Field(default_factory=dict)  # settings over the earlier run's (eval.n_evals)
+    base: dict[str, Any] = Field(default_factory=dict)  # settings over the earlier run's (eval, attack)
+    label: str = Field(default="clean", pattern=r"^[A-Za-z0-9-]+$")  # in the names: <run>_<label>2.0x
 
 
 class SweepSpec(Settings):
@@ -251,16 +253,17 @@ def continuation(parent: PlannedRun, spec: ContinueSpec) -> PlannedRun:
 
     steps = total_steps(resolve_run_config(parent.config))  # the preset's sizes, not the defaults
     tree = copy.deepcopy(parent.tree)
+    set_dotted(tree, "attack.n_poison", 0)  # no poisons of its own unless `base` gives them
     for key, value in flatten(spec.base).items():
         set_dotted(tree, key, value)
-    name = f"{parent.name}_clean{_fmt_mult(spec.clean_mult)}x"
+    name = f"{parent.name}_{spec.label}{_fmt_mult(spec.clean_mult)}x"
     tree.update(name=name, init={"run": str(parent.config.run_dir)})
-    set_dotted(tree, "attack.n_poison", 0)
     set_dotted(tree, "train.max_steps", max(1, math.ceil(spec.clean_mult * steps)))
     set_dotted(tree, "train.schedule_offset", steps)
     set_dotted(tree, "train.schedule_steps", steps)
     cfg = _validate(tree, name)
-    return PlannedRun(name, parent.model, 0, parent.data_mult, parent.seed, cfg, tree, parent.poison_seed)
+    return PlannedRun(name, parent.model, cfg.attack.n_poison, parent.data_mult, parent.seed, cfg, tree,
+                      parent.poison_seed)
 
 
 def _validate(tree: dict[str, Any], where: str) -> RunConfig:
