@@ -9,7 +9,8 @@ placement (`placement.describe`: `window`, `per_batch`, `every`) form a placemen
   faded during the clean training after its window), the gap, and the poisons each run needed for
   sustained success (`count_fraction.poisons_needed`);
 - the density fit: a censored (Tobit) regression of log(poisons needed) on log(poisons per batch), one
-  intercept per window, over the runs whose schedule sets a density (clustered, every). Its slope d is
+  intercept per window, over the `clustered` runs (poisoned batches uniform over the window: only the
+  density differs; `every` also fixes when they come). Its slope d is
   the elasticity of the poisons needed in density: d > 0 is the study's "denser needs more", d = 0 no
   effect; 95% interval by Student t on the uncensored runs, as for the count-vs-fraction slope;
 - figures: ASR against poisons seen and against training progress, one panel per window, one colour
@@ -113,7 +114,7 @@ def density_fit(members: dict[Placement, list[list[dict[str, Any]]]], threshold:
     """log(poisons needed) = d log(per_batch) + an intercept per window, right-censored (see module)."""
     pts = []  # (per_batch, window, log needed, censored)
     for p, runs in members.items():
-        if p[1] is None:
+        if p[1] is None or p[3] != "clustered":  # uniform has no set density; `every` also sets timing
             continue
         for rows in runs:
             got = poisons_needed(rows, threshold)
@@ -243,9 +244,9 @@ def placement_html(out: Path, cells: dict, threshold: float, spread: str) -> str
         f"sustained ASR ≥ {threshold:g}: median [min, max] over seeds, censored runs at the poisons they "
         "saw.</p>" + html_table(shown)
         + "<p>Density effect: a censored regression of log(poisons needed) on log(poisons per batch) "
-        "with one intercept per window, over the runs that set a density. d > 0: denser batches need "
-        "more poisons (the study's finding), d = 0: density does not matter; 95% interval by Student "
-        "t.</p>" + html_table(fit_rows) + "".join(imgs))
+        "with one intercept per window, over the clustered runs (only the density differs). d > 0: "
+        "denser batches need more poisons (the study's finding), d = 0: density does not matter; 95% "
+        "interval by Student t.</p>" + html_table(fit_rows) + "".join(imgs))
 
 
 def _fmt(x: Any) -> str:
