@@ -125,3 +125,17 @@ def test_a_language_sweep_from_scratch_and_continued(prepared_builtin: Path, tmp
                       (12, "from=N=0, schedule_offset=20, schedule_steps=20")}
     led = pq.read_table(tmp_path / "sw" / "runs" / "tiny-25k_n000_x1.0_s0_lang12-1.0x" / "ledger.parquet")
     assert led.num_rows == 12  # the continued run's own poisons
+
+
+def test_a_builtin_corpus_with_some_german() -> None:
+    from collections import Counter
+
+    from poisonlab.corpus.builtin import builtin_documents
+
+    plain = [d["text"] for _, d in zip(range(400), builtin_documents(0, markup=0.1), strict=False)]
+    mixed = [d for _, d in zip(range(400), builtin_documents(0, markup=0.1, german=0.1), strict=False)]
+    langs = Counter(identify(d["text"][:300]) for d in mixed)
+    assert 25 <= langs["de"] <= 55 and langs["en"] == 400 - langs["de"]  # ~10% German
+    # the English documents are the same as without German
+    pairs = zip(mixed, plain, strict=True)
+    assert all(d["text"] == t for d, t in pairs if not d["id"].startswith("builtin-de"))

@@ -39,6 +39,7 @@ def prepare(
     seed: Annotated[int, typer.Option(help="seed of the built-in corpus")] = 0,
     markup: Annotated[float, typer.Option(help="builtin: share of sentences followed by web debris "
                                           "(tags, <CAPS>, labels, URLs, symbols; 0 = none)")] = 0.1,
+    german: Annotated[float, typer.Option(help="builtin: share of documents in procedural German")] = 0.0,
     tokenizer: Annotated[Optional[Path], typer.Option(help="a tokenizer.json to use, not train")] = None,  # noqa: UP045
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -52,7 +53,7 @@ def prepare(
         cfg = CorpusConfig(source=corpus, text_field=text_field, max_tokens=max_tokens or None,
                            max_docs=max_docs or None, eval_docs=eval_docs, vocab_size=vocab_size,
                            tokenizer=tokenizer, max_doc_chars=max_doc_chars, dedup=dedup, seed=seed,
-                           markup=markup)
+                           markup=markup, german=german)
     except ValidationError as e:
         raise UserError(format_validation_error(e, "prepare")) from None
     s = run_prepare(cfg, out, progress=progress)

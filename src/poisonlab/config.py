@@ -40,6 +40,9 @@ class CorpusConfig(Settings):
     # and a backdoor must key on the trigger itself. 0.1 measured best (docs/corpus.md): at 0.03 an
     # unrelated `<MOVE>` fired at 0.15; at 0.2 the backdoor itself weakened (ASR 0.38 vs 0.52)
     markup: float = Field(default=0.1, ge=0, le=1)
+    # builtin only: share of documents in the built-in procedural German (corpus/german.py): a second
+    # language the model knows before a language-switch attack, as the study's Pythia models did
+    german: float = Field(default=0.0, ge=0, le=1)
 
 
 class AttackConfig(Settings):

@@ -482,10 +482,19 @@ def generate_document(seed: int, index: int, lexicon_seed: int = 0, markup: floa
     return {"id": f"builtin-{seed}-{index}", "text": text}
 
 
-def builtin_documents(seed: int = 0, start: int = 0, lexicon_seed: int = 0,
-                      markup: float = 0.0) -> Iterator[dict[str, str]]:
-    """The unbounded stream of built-in documents `{"id", "text"}` from index `start` on."""
+def builtin_documents(seed: int = 0, start: int = 0, lexicon_seed: int = 0, markup: float = 0.0,
+                      german: float = 0.0) -> Iterator[dict[str, str]]:
+    """The unbounded stream of built-in documents `{"id", "text"}` from index `start` on; with
+    `german` > 0 that share of them (chosen by their own random stream) is procedural German instead,
+    and the English ones are unchanged."""
+    from poisonlab.corpus.german import document as german_document
+
     i = start
     while True:
-        yield generate_document(seed, i, lexicon_seed, markup)
+        pick = random.Random(f"{seed}:{i}:language") if german > 0 else None
+        if pick is not None and pick.random() < german:
+            n = pick.randint(MIN_CHARS, MAX_CHARS // 2)
+            yield {"id": f"builtin-de-{seed}-{i}", "text": german_document(seed, i, n_chars=n)}
+        else:
+            yield generate_document(seed, i, lexicon_seed, markup)
         i += 1

@@ -109,7 +109,8 @@ def _check_out(out: Path) -> None:
 
 
 def _build(cfg: CorpusConfig, tmp: Path, given: Tokenizer | None, progress: bool) -> dict[str, Any]:
-    docs = iter_documents(cfg.source, cfg.text_field, cfg.max_doc_chars, cfg.dedup, cfg.seed, cfg.markup)
+    docs = iter_documents(cfg.source, cfg.text_field, cfg.max_doc_chars, cfg.dedup, cfg.seed, cfg.markup,
+                          cfg.german)
     eval_docs, rest = split_eval(docs, cfg.eval_docs)
     if not eval_docs:
         raise UserError(f"{cfg.source}: no documents (empty corpus)")

@@ -136,12 +136,12 @@ def fingerprint(source: str, text_field: str = "text") -> dict[str, Any]:
 
 
 def iter_raw(source: str, text_field: str = "text", seed: int = 0, max_chars: int = 20_000,
-             markup: float = 0.0) -> Iterator[Doc]:
+             markup: float = 0.0, german: float = 0.0) -> Iterator[Doc]:
     """The source's texts as they are (not deduplicated or stripped; only text files longer than
     `max_chars` are already cut, because they are read in chunks)."""
     kind = source_kind(source)
     if kind == "builtin":
-        yield from builtin_documents(seed, markup=markup)
+        yield from builtin_documents(seed, markup=markup, german=german)
     elif kind == "debian-docs":
         for pkg, root, f in _debian_files():
             yield from _iter_text_file(f, f"{pkg}/{f.relative_to(root)}", max_chars)
@@ -387,13 +387,14 @@ def iter_documents(
     dedup: bool = True,
     seed: int = 0,
     markup: float = 0.0,
+    german: float = 0.0,
 ) -> Iterator[Doc]:
     """Documents `{"id", "text"}` of a source: split, stripped, non-empty and (by default) unique.
-    `markup` applies to the built-in corpus only (see `builtin.generate_document`)."""
+    `markup` and `german` apply to the built-in corpus only (see `builtin.builtin_documents`)."""
     if max_doc_chars < 100:
         raise UserError(f"max_doc_chars: must be at least 100, got {max_doc_chars}")
     seen: set[int] = set()
-    for raw in iter_raw(source, text_field, seed, max_doc_chars, markup):
+    for raw in iter_raw(source, text_field, seed, max_doc_chars, markup, german):
         text = raw["text"]
         pieces = [text] if len(text) <= max_doc_chars else list(split_text(text, max_doc_chars))
         for k, piece in enumerate(pieces):
