@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from poisonlab.count_fraction import _tobit, poisons_needed
-from poisonlab.report_figures import EXACT_COUNT, _draw, _new_figure, aggregate
+from poisonlab.report_figures import EXACT_COUNT, LINESTYLES, _draw, _new_figure, aggregate
 from poisonlab.report_html import html_table, interval, save_figure
 from poisonlab.results import Runs, experiment_keys, settings_label, settings_of, short_names
 
@@ -46,7 +46,7 @@ def placement_of(row: dict[str, Any]) -> Placement:
 def placement_label(p: Placement) -> str:
     window, per_batch, every, _ = p
     what = ("random boundaries" if per_batch is None else f"{per_batch} per batch"
-            + (f", every {every} steps" if every is not None else ""))
+            + (f", every {_steps(every)}" if every is not None else ""))
     return what if window == "all" else f"{what}, window {window}"
 
 
@@ -161,7 +161,8 @@ def density_reading(fit: dict[str, Any]) -> str:
 
 def fig_placement(members: dict[Placement, list[list[dict[str, Any]]]], xcol: str, xlabel: str,
                   title: str, spread: str, threshold: float) -> Any | None:
-    """One panel per window, one colour per density (grey: random boundaries), dashed: periodic."""
+    """One panel per window, one colour per density (grey: random boundaries), a line style per period
+    of the `every` schedule (solid: not periodic)."""
     by_window: dict[str, list[Placement]] = defaultdict(list)
     for p in members:
         by_window[p[0]].append(p)
@@ -169,6 +170,8 @@ def fig_placement(members: dict[Placement, list[list[dict[str, Any]]]], xcol: st
         return None
     densities = sorted({p[1] for p in members if p[1] is not None})
     colours = {**DENSITY_COLOURS, **{d: f"C{i % 10}" for i, d in enumerate(densities)}}
+    periods = sorted({p[2] for p in members if p[2] is not None})
+    styles = {None: "-", **{k: LINESTYLES[1 + i % (len(LINESTYLES) - 1)] for i, k in enumerate(periods)}}
     windows = sorted(by_window, key=_window_order)
     fig, axes = _new_figure(len(windows))
     seen: dict[str, Any] = {}
@@ -178,8 +181,8 @@ def fig_placement(members: dict[Placement, list[list[dict[str, Any]]]], xcol: st
             if c is None:
                 continue
             what = "random boundaries" if p[1] is None else f"{p[1]} per batch"
-            label = what + (f", every {p[2]} steps" if p[2] is not None else "")
-            _draw(ax, c, colours[p[1]], "--" if p[2] is not None else "-", label)
+            label = what + (f", every {_steps(p[2])}" if p[2] is not None else "")
+            _draw(ax, c, colours[p[1]], styles[p[2]], label)
         ax.axhline(threshold, color="grey", lw=0.8, ls=":")
         ax.set_ylim(-0.03, 1.03)
         ax.set_title("whole run" if w == "all" else f"window {w}")
@@ -203,7 +206,7 @@ def placement_figures(cells: dict[Cell, dict[Placement, list]], spread: str,
         suffix = "" if len(cells) == 1 else f"_{i}"
         cap = (f"{tag}: ASR per placement, one panel per window of training, colour per density "
                f"(poisons per poisoned batch; grey: each poison at its own random document boundary), "
-               f"dashed: one poisoned batch every k steps. Mean over seeds, band {band}.")
+               f"dashed / dotted: one poisoned batch every k steps. Mean over seeds, band {band}.")
         out.append((f"placement_vs_poisons_seen{suffix}", f"Against {EXACT_COUNT}. " + cap,
                     fig_placement(members, "poisons_seen", EXACT_COUNT, f"Placement: {tag}", spread,
                                   threshold)))
@@ -255,3 +258,7 @@ def _fmt(x: Any) -> str:
 
 def _fmt(x: Any) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def _steps(k: int) -> str:
+    return "step" if k == 1 else f"{k} steps"
