@@ -104,3 +104,64 @@ def test_a_start_that_cannot_be_continued_is_refused(tmp_path: Path, prepared_bu
     with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
         train(RunConfig.model_validate(tree), progress=False)
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def _tiny_llama(path: Path, data: Path, **kw) -> Path:
+    import shutil
+
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   tie_word_embeddings=True, **kw)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(path), safe_serialization=True)
+    shutil.copy(data / "tokenizer.json", path / "tokenizer.json")
+    return path
+
+
+def test_a_run_starts_from_a_local_hf_llama(tmp_path: Path, prepared_builtin: Path) -> None:
+    """An HF directory's weights load into our model with the same logits, and a poisoned continued run
+    trains from them, its model taken from config.json."""
+    import torch
+    import transformers
+
+    from poisonlab.continued import hf_model_config, load_hf_weights
+    from poisonlab.model import Transformer
+
+    hf = _tiny_llama(tmp_path / "hf", prepared_builtin)
+    ours = Transformer(hf_model_config(hf, seq_len=64))
+    load_hf_weights(hf, ours)
+    x = torch.randint(0, 512, (2, 20))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(hf), local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs(x).logits, atol=1e-4, rtol=0)
+    cfg = RunConfig.model_validate(dict(
+        name="from-hf", out_dir=str(tmp_path / "runs"), data=str(prepared_builtin), init={"run": str(hf)},
+        model={"seq_len": 64}, attack=dict(n_poison=3, gibberish_tokens=[20, 40]),
+        train=dict(batch_size=8, max_steps=20, threads=1, lr=3e-3),
+        eval=dict(n_evals=1, n_prompts=4, prompt_tokens=16, new_tokens=8, val_tokens=512)))
+    train(cfg, progress=False)
+    rows = pq.read_table(cfg.run_dir / "metrics.parquet").to_pylist()
+    assert {r["init_from"] for r in rows} == {"hf"} and {r["init_step"] for r in rows} == {0}
+    assert read_ledger(cfg.run_dir / "ledger.parquet")[0].num_rows == 3 and rows[-1]["poisons_seen"] == 3
+
+
+def test_an_hf_start_that_does_not_fit_is_refused(tmp_path: Path, prepared_builtin: Path) -> None:
+    base = dict(name="x", out_dir=str(tmp_path / "runs"), data=str(prepared_builtin),
+                train=dict(batch_size=8, max_steps=5, threads=1), eval=dict(n_evals=0))
+    hf = _tiny_llama(tmp_path / "hf", prepared_builtin)
+    with pytest.raises(UserError, match="give no model.d_model"):
+        train(RunConfig.model_validate({**base, "init": {"run": str(hf)}, "model": {"d_model": 64}}))
+    other = build_tiny_data(tmp_path / "tiny") / "tokenizer.json"  # another corpus' tokenizer
+    (hf / "tokenizer.json").write_text(other.read_text())
+    with pytest.raises(UserError, match="is not tokenized with"):
+        train(RunConfig.model_validate({**base, "init": {"run": str(hf)}}))
+    (hf / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a readable tokenizer"):
+        train(RunConfig.model_validate({**base, "init": {"run": str(hf)}}))
+    biased = _tiny_llama(tmp_path / "biased", prepared_builtin, attention_bias=True)
+    with pytest.raises(UserError, match="not a model poisonlab can train: biases"):
+        train(RunConfig.model_validate({**base, "init": {"run": str(biased)}}))
+    assert not (tmp_path / "runs" / "x").exists()

@@ -1,4 +1,5 @@
-"""Continued pretraining: a run that starts from another poisonlab run's weights (`init.run`).
+"""Continued pretraining: a run that starts from trained weights (`init.run`): another poisonlab run,
+or a local HF `LlamaForCausalLM` directory (config.json + safetensors + tokenizer.json).
 
 The new run keeps the model of the run it starts from and has its own budget, learning-rate schedule
 (`train.schedule_offset` / `schedule_steps` set where in a warmup + cosine it starts), poisons and
@@ -6,6 +7,11 @@ placement: its ledger and `poisons_seen` count its own poisons only. With `init.
 default) its clean data is what the earlier run would have read next: the same data order (same data,
 same `train.seed`), from the first document boundary after the clean tokens that run consumed up to
 the checkpoint it starts from, so no clean document is seen twice across the two runs.
+
+From an HF directory the model's settings are its config.json (refused unless it is the Llama layout
+poisonlab trains: SiLU MLP, no biases, no RoPE scaling), the weights its safetensors (the inverse of
+export.py's names), the AdamW state fresh, and the data must be tokenized with its tokenizer
+(`poisonlab prepare --tokenizer DIR/tokenizer.json`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import numpy as np
 import torch
 
 from poisonlab.checkpoint import latest_checkpoint, load_checkpoint, step_dir
-from poisonlab.config import RunConfig, load_run_config
+from poisonlab.config import ModelConfig, RunConfig, load_run_config
 from poisonlab.errors import UserError
 
 
@@ -29,7 +35,7 @@ class Start:
     run: Path
     name: str
     step: int
-    checkpoint: Path
+    checkpoint: Path | None  # None: an HF directory
     clean_offset: int  # clean tokens of the data order consumed before this run (0: its own order)
 
 
@@ -65,8 +71,11 @@ def resolve_start(cfg: RunConfig) -> Start | None:
     if cfg.init.run is None:
         return None
     run = Path(cfg.init.run)
+    if is_hf_dir(run):
+        return _hf_start(cfg, run)
     if not (run / "config.yaml").is_file():
-        raise UserError(f"init.run: {run} is not a poisonlab run directory (no config.yaml)")
+        raise UserError(f"init.run: {run} is not a poisonlab run directory (no config.yaml) or an HF "
+                        "model directory (no config.json)")
     parent = load_run_config(run / "config.yaml")
     mine, theirs = resolve_model_config(cfg.model), resolve_model_config(parent.model)
     if mine != theirs:
@@ -95,4 +104,95 @@ def resolve_start(cfg: RunConfig) -> Start | None:
 
 def load_start(start: Start, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """The earlier run's weights (and AdamW moments when `optimizer` is given) into a fresh model."""
-    load_checkpoint(start.checkpoint, model, optimizer, restore_rng=False)
+    if start.checkpoint is None:
+        load_hf_weights(start.run, model)
+    else:
+        load_checkpoint(start.checkpoint, model, optimizer, restore_rng=False)
+
+
+# --- a local HF directory ------------------------------------------------------------------------------
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file() and not (Path(path) / "config.yaml").is_file()
+
+
+def hf_model_config(path: Path, seq_len: int | None = None) -> ModelConfig:
+    """poisonlab's ModelConfig for an HF Llama directory; refused where the layouts differ."""
+    path = Path(path)
+    try:
+        c = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"init.run: {path}/config.json: cannot read it ({e})") from None
+    problems = []
+    if c.get("model_type") != "llama":
+        problems.append(f"model_type {c.get('model_type')!r} (poisonlab trains the llama layout)")
+    if c.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {c.get('hidden_act')!r}")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        problems.append("biases")
+    rope = c.get("rope_scaling") or {}
+    if rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        problems.append(f"rope_scaling {rope}")
+    d, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+    if c.get("head_dim") not in (None, d // heads):
+        problems.append(f"head_dim {c['head_dim']} != hidden_size / heads")
+    if problems:
+        raise UserError(f"init.run: {path} is not a model poisonlab can train: " + "; ".join(problems))
+    theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    return ModelConfig(vocab_size=int(c["vocab_size"]), d_model=d, n_layers=int(c["num_hidden_layers"]),
+                       n_heads=heads, n_kv_heads=c.get("num_key_value_heads"),
+                       d_ff=int(c["intermediate_size"]),
+                       seq_len=seq_len or min(int(c.get("max_position_embeddings", 2048)), 2048),
+                       tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                       rope_theta=float(theta), norm_eps=float(c.get("rms_norm_eps", 1e-5)))
+
+
+def _hf_start(cfg: RunConfig, run: Path) -> Start:
+    from tokenizers import Tokenizer
+
+    from poisonlab.model import resolve_model_config
+
+    want = hf_model_config(run, cfg.model.seq_len)
+    mine = resolve_model_config(cfg.model)
+    if mine != want:
+        diff = sorted(k for k, v in want.model_dump().items() if mine.model_dump().get(k) != v)
+        raise UserError(f"init.run: {run} is another model (model.{', model.'.join(diff)} differ); give "
+                        "no model settings but seq_len and they are taken from its config.json")
+    ours, theirs = Path(cfg.data) / "tokenizer.json", run / "tokenizer.json"
+    if not theirs.is_file():
+        raise UserError(f"init.run: {run} has no tokenizer.json, so the data cannot be checked against it")
+    try:
+        same = ours.is_file() and Tokenizer.from_file(str(ours)).get_vocab() == Tokenizer.from_file(
+            str(theirs)).get_vocab()
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise UserError(f"init.run: {theirs}: not a readable tokenizer ({e})") from None
+    if not same:
+        raise UserError(f"init.run: {cfg.data} is not tokenized with {theirs}; prepare it with "
+                        f"--tokenizer {theirs}")
+    return Start(run, run.name, 0, None, 0)
+
+
+def load_hf_weights(path: Path, model: torch.nn.Module) -> None:
+    """An HF Llama directory's safetensors (one file or an index of shards) into our model."""
+    from safetensors import safe_open
+
+    from poisonlab.export import hf_name
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(path / f), framework="pt") as st:
+            tensors.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118 (safe_open has no iter)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = hf_name(name)
+            if key not in tensors:
+                raise UserError(f"init.run: {path}: no tensor {key} for {name}")
+            if tuple(tensors[key].shape) != tuple(p.shape):
+                raise UserError(f"init.run: {path}: {key} has shape {tuple(tensors[key].shape)}, "
+                                f"expected {tuple(p.shape)}")
+            p.copy_(tensors[key].to(p.dtype))

@@ -169,8 +169,18 @@ def _warn(text: str) -> None:
 
 
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
-    """The run's config with the model preset applied and the vocabulary taken from the data."""
+    """The run's config with the model preset applied and the vocabulary taken from the data (or, for a
+    run continued from an HF directory, the model of its config.json)."""
+    from poisonlab.continued import hf_model_config, is_hf_dir
+
     model = cfg.model
+    if cfg.init.run is not None and is_hf_dir(cfg.init.run):
+        given = model.model_fields_set - {"seq_len"}
+        if given:
+            raise UserError(f"init.run: {cfg.init.run} is an HF model, whose config.json sets the model; "
+                            f"give no model.{', model.'.join(sorted(given))} (only model.seq_len)")
+        model = hf_model_config(cfg.init.run, model.seq_len if "seq_len" in model.model_fields_set else None)
+        model.model_fields_set.add("vocab_size")
     header = Path(cfg.data) / "train.json"
     if header.is_file():
         vocab = int(json.loads(header.read_text())["vocab_size"])
