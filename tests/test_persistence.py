@@ -106,3 +106,19 @@ def test_the_persistence_preset(tmp_path: Path) -> None:
         assert (c.train.max_steps, c.train.schedule_offset, c.init.run) == (2 * steps, steps,
                                                                              runs[n].config.run_dir)
         assert c.eval.log_evals == 10 and c.attack.n_poison == 0
+
+
+def test_a_continuation_that_would_run_out_of_data_is_refused_up_front(prepared_builtin: Path,
+                                                                       tmp_path: Path) -> None:
+    """A continuation reads on after its earlier run: the data must hold both (checked before any run
+    starts, also when the earlier run is done already and only the continuation is left)."""
+    from poisonlab.errors import UserError
+    from poisonlab.sweep import check_data
+
+    tree = spec(prepared_builtin)
+    tree["continue_clean"]["clean_mult"] = 24.0  # 24 x 12,288 tokens after 12,288: more than ~300k
+    runs = expand(load_spec(tree), tmp_path)
+    later = [r for r in runs if r.config.init.run is not None]
+    check_data([r for r in runs if r not in later], runs)  # the earlier runs alone fit
+    with pytest.raises(UserError, match="_clean24.0x"):
+        check_data(later, runs)

@@ -300,7 +300,7 @@ def _sizes(cfg: RunConfig) -> dict[str, Any]:
         return {}
 
 
-def data_needs(runs: list[PlannedRun]) -> list[dict[str, Any]]:
+def data_needs(runs: list[PlannedRun], parents: list[PlannedRun] | None = None) -> list[dict[str, Any]]:
     """Per run: the clean training tokens its budget consumes and the tokens its data holds (None when
     the data is not prepared yet). Poison tokens are not subtracted: an upper bound, within ~1% here."""
     import json
@@ -308,7 +308,7 @@ def data_needs(runs: list[PlannedRun]) -> list[dict[str, Any]]:
     from poisonlab.train import resolve_run_config, total_steps
 
     held: dict[Path, int | None] = {}
-    by_dir = {r.config.run_dir: r for r in runs}
+    by_dir = {r.config.run_dir: r for r in (parents or runs)}  # the runs continuations start from
     rows = []
     for r in runs:
         cfg = r.config
@@ -326,10 +326,10 @@ def data_needs(runs: list[PlannedRun]) -> list[dict[str, Any]]:
     return rows
 
 
-def check_data(runs: list[PlannedRun]) -> None:
+def check_data(runs: list[PlannedRun], parents: list[PlannedRun] | None = None) -> None:
     """Refuse, before anything starts, runs whose budget needs more than one pass over their data (each
     would otherwise fail on its own, minutes later); name the largest need so `prepare` can make it."""
-    short = [d for d in data_needs(runs) if d["holds"] is not None and not d["repeat_allowed"]
+    short = [d for d in data_needs(runs, parents) if d["holds"] is not None and not d["repeat_allowed"]
              and d["needs"] > d["holds"]]
     if short:
         worst = max(short, key=lambda d: d["needs"])
@@ -449,7 +449,7 @@ def run_sweep(
     todo = [r for r in runs if not (r.config.run_dir / "DONE").exists()]
     if run_fn is None:  # fail once, up front, rather than once per run
         prepare_data(spec, todo, progress)
-        check_data(todo)
+        check_data(todo, runs)
     outcomes = [Outcome(r.name, "skipped") for r in runs if r not in todo]
     k, t = default_jobs(len(todo), jobs, threads)
     # continuations (persistence) start from runs of this sweep: they go second, once those are done
