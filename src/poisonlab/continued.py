@@ -40,9 +40,12 @@ class Start:
 
 
 def _content_hash(data: Path, run: Path) -> str | None:
-    for d in (data, run / data, run.parent / data, run.parent.parent / data):
+    """The data's content hash from its header, looked for where `results.data_headers` looks."""
+    from poisonlab.results import data_headers
+
+    for header in data_headers(data, run):
         try:
-            return json.loads((d / "train.json").read_text()).get("content_hash")
+            return json.loads(header.read_text()).get("content_hash")
         except (OSError, ValueError):
             continue
     return None

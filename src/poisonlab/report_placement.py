@@ -180,8 +180,7 @@ def fig_placement(members: dict[Placement, list[list[dict[str, Any]]]], xcol: st
             c = aggregate(members[p], xcol, "asr", spread)
             if c is None:
                 continue
-            what = "random boundaries" if p[1] is None else f"{p[1]} per batch"
-            label = what + (f", every {_steps(p[2])}" if p[2] is not None else "")
+            label = placement_label(("all", *p[1:]))  # the panel names the window
             _draw(ax, c, colours[p[1]], styles[p[2]], label)
         ax.axhline(threshold, color="grey", lw=0.8, ls=":")
         ax.set_ylim(-0.03, 1.03)

@@ -37,7 +37,7 @@ import torch
 from poisonlab import distributed, runlock
 from poisonlab.checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
 from poisonlab.config import EvalConfig, RunConfig, TrainConfig, dump_yaml
-from poisonlab.continued import load_start, resolve_start
+from poisonlab.continued import Start, load_start, resolve_start
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path, recover, recover_all, remove_staging, remove_tree, write_text
 from poisonlab.hardware import compute_dtype, describe_machine, estimate_mfu, peak_flops, use_bf16
@@ -286,20 +286,22 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
         torch.set_num_threads(t.threads)
     dist = distributed.init_distributed()
     try:
-        stream, evaluator = _inputs(cfg, dist.world, stream, evaluator)  # nothing is written before this
+        # nothing is written before this
+        stream, evaluator, begin = _inputs(cfg, dist.world, stream, evaluator)
         with _run_lock(run_dir, dist):
             if _open_run_dir(cfg, run_dir, dist, resume=resume):
                 _train(cfg, run_dir, dist, resume=resume, evaluator=evaluator, stream=stream,
-                       progress=progress)
+                       progress=progress, begin=begin)
     finally:
         distributed.close_distributed(dist)
     return run_dir
 
 
 def _inputs(cfg: RunConfig, world: int, stream: Stream | None,
-            evaluator: Evaluator | None) -> tuple[Stream, Evaluator | None]:
-    """The stream and the evaluator (the defaults unless given). Building them checks the data, the
-    poisons, the budget and the evaluation settings: a UserError here comes before any file is written."""
+            evaluator: Evaluator | None) -> tuple[Stream, Evaluator | None, Start | None]:
+    """The stream, the evaluator (the defaults unless given) and where a continued run starts. Building
+    them checks the data, the poisons, the budget, the evaluation settings and the earlier run: a
+    UserError here comes before any file is written."""
     t = cfg.train
     if t.batch_size % (world * t.grad_accum):
         raise UserError(f"train.batch_size {t.batch_size} must divide by processes x grad_accum "
@@ -315,7 +317,7 @@ def _inputs(cfg: RunConfig, world: int, stream: Stream | None,
         stream = _default_stream(cfg, total_steps(cfg), poisons, start.clean_offset if start else 0)
     if build_evaluator:
         evaluator = _default_evaluator(cfg, poisons)
-    return stream, evaluator
+    return stream, evaluator, start
 
 
 @contextlib.contextmanager
@@ -357,7 +359,7 @@ def _open_run_dir(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resu
 
 
 def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: bool,
-           evaluator: Evaluator | None, stream: Stream, progress: bool) -> None:
+           evaluator: Evaluator | None, stream: Stream, progress: bool, begin: Start | None) -> None:
     t, mcfg = cfg.train, cfg.model
     n_steps = total_steps(cfg)
 
@@ -378,7 +380,6 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     ckpts.add(n_steps)
 
     start, state = 0, {}
-    begin = resolve_start(cfg)  # continued pretraining: the earlier run this one starts from
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
