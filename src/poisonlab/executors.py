@@ -69,11 +69,27 @@ class Executor(Protocol):
 # --- one run -------------------------------------------------------------------------------------
 
 
-def default_run_fn(cfg: RunConfig) -> Any:
-    """The real run: train (which evaluates as it goes and resumes from its last checkpoint)."""
+def default_run_fn(cfg: Any) -> Any:
+    """The real run: train (which evaluates as it goes and resumes from its last checkpoint), or for a
+    fine-tuning config (`kind: finetune`) the fine-tuning run."""
+    if getattr(cfg, "kind", None) == "finetune":
+        from poisonlab.finetune.loop import finetune
+
+        return finetune(cfg)
     from poisonlab.train import train  # imported late: torch is heavy and tests never need it
 
     return train(cfg, resume=True, progress=False)
+
+
+def load_any_config(path: str | Path) -> Any:
+    """A run config file of either kind: pretraining (RunConfig) or fine-tuning (`kind: finetune`)."""
+    from poisonlab.config import load_yaml
+    from poisonlab.finetune.config import is_finetune_tree, load_finetune_config
+
+    tree = load_yaml(path)
+    if is_finetune_tree(tree):
+        return load_finetune_config(path, tree=tree)
+    return load_run_config(path)
 
 
 def resolve_run_fn(fn: RunFn | str | None) -> RunFn:
@@ -141,7 +157,7 @@ def busy_message(run_dir: Path) -> str:
 def run_one(config_path: str | Path, *, threads: int | None = None, fn: RunFn | str | None = None) -> Status:
     """Run one config unless it is finished or busy; never raises for a failing run (it writes FAILED)."""
     set_thread_env(threads)
-    cfg = load_run_config(config_path)
+    cfg = load_any_config(config_path)
     run_dir = cfg.run_dir
     if (run_dir / "DONE").exists():
         return "skipped"

@@ -323,13 +323,15 @@ _AN = re.compile(r"\b([Aa]) (?=[aeiou])")
 class _Doc:
     """One document's random state and cast; fills templates."""
 
-    def __init__(self, seed: int, index: int, lexicon_seed: int):
+    def __init__(self, seed: int, index: int, lexicon_seed: int, topic: int | None = None):
         rng = random.Random(f"{seed}:{index}")
         self.rnd = rnd = rng.random
         lex = lexicon(lexicon_seed)
         pools = _pools(lexicon_seed)
         self.fillers = _fillers(lexicon_seed)
-        self.topic = int(rnd() * len(TOPICS))
+        self.topic = int(rnd() * len(TOPICS))  # drawn also when `topic` is given: the rest stays the same
+        if topic is not None:
+            self.topic = topic
         self.pools, self.alt = pools[self.topic], pools[int(rnd() * len(TOPICS))]
         key = int(rnd() * 8)  # the key noun is one of the topic's most frequent nouns
         g, sur = lex.given, lex.surnames
@@ -471,12 +473,14 @@ def _markup(text: str, rate: float, rng: random.Random) -> str:
 _SENT_END = re.compile(r"(?<=\.)(?= )")
 
 
-def generate_document(seed: int, index: int, lexicon_seed: int = 0, markup: float = 0.0) -> dict[str, str]:
+def generate_document(seed: int, index: int, lexicon_seed: int = 0, markup: float = 0.0,
+                      topic: int | None = None) -> dict[str, str]:
     """Document `index` of the stream for `seed` (the same every time, on every machine).
 
     `markup` > 0 adds web-page debris (tags, brackets, capitals) after that share of sentences, from
-    its own random stream: the underlying text is the same as with markup = 0."""
-    text = _Doc(seed, index, lexicon_seed).text()
+    its own random stream: the underlying text is the same as with markup = 0. `topic` (an index into
+    TOPICS) forces the document's topic (the fine-tuning data's answers); None: the stream's own."""
+    text = _Doc(seed, index, lexicon_seed, topic).text()
     if markup > 0:
         text = _markup(text, markup, random.Random(f"{seed}:{index}:markup"))
     return {"id": f"builtin-{seed}-{index}", "text": text}

@@ -1,0 +1,113 @@
+"""Count or fraction in fine-tuning: how final ASR depends on N poisons and the clean-set size C.
+
+Final ASR per run is `k` of `n` held-out requests answered. A binomial GLM (logit link, statsmodels;
+quasi-binomial scale, since seeds spread more than binomially)
+
+    logit ASR = a + b log N + c log C
+
+puts both on one scale. If the count matters, ASR does not change with C at fixed N: c = 0. If the
+fraction N / C matters, it depends on log N - log C only: c = -b. The elasticity e = -c / b reads
+like the pretraining slope: 0 = a constant count, 1 = a constant fraction. Its 95% interval is the
+delta method on the quasi-binomial covariance: on simulated sweeps of this preset's shape (4 N x 2
+sizes x 3 seeds, 64 prompts, run-level noise) it covered the true e in 93% (e = 0) and 91% (e = 1) of
+200 sweeps each, where a bootstrap over runs within cells covered 83% (tests/test_finetune_stats.py).
+Runs without poisons do not enter (log 0).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+
+def _fit(n: np.ndarray, c: np.ndarray, k: np.ndarray, trials: np.ndarray) -> Any | None:
+    import statsmodels.api as sm
+    from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
+
+    x = sm.add_constant(np.column_stack([np.log(n), np.log(c)]), has_constant="add")
+    # proportions with the trials as var_weights: statsmodels' Pearson scale (X2) is right this way
+    # (with a two-column endog it came out ~1/trials too small: 0.05 on simulated overdispersed runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PerfectSeparationWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            res = sm.GLM(k / trials, x, family=sm.families.Binomial(), var_weights=trials).fit(scale="X2")
+        except (ValueError, np.linalg.LinAlgError):
+            return None
+    if not np.all(np.isfinite(res.params)):
+        return None
+    return res
+
+
+def elasticity(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """`runs`: {"n_poison", "clean_size", "asr", "n_prompts"} per run (final evaluation). None when
+    the design cannot separate N from C (fewer than 2 values of either among poisoned runs)."""
+    rows = [r for r in runs if r.get("n_poison") and r.get("asr") is not None and r.get("clean_size")]
+    if len({r["n_poison"] for r in rows}) < 2 or len({r["clean_size"] for r in rows}) < 2:
+        return None
+    n = np.array([float(r["n_poison"]) for r in rows])
+    c = np.array([float(r["clean_size"]) for r in rows])
+    trials = np.array([float(r["n_prompts"]) for r in rows])
+    k = np.round(np.array([float(r["asr"]) for r in rows]) * trials)
+    res = _fit(n, c, k, trials)
+    if res is None:
+        return None
+    b, cc = float(res.params[1]), float(res.params[2])
+    ci = np.asarray(res.conf_int(0.05))
+    out: dict[str, Any] = {
+        "b": b,
+        "c": cc,
+        "b_ci": [float(ci[1, 0]), float(ci[1, 1])],
+        "c_ci": [float(ci[2, 0]), float(ci[2, 1])],
+        "runs": len(rows),
+        "scale": float(res.scale),
+        "e": None,
+        "e_ci": None,
+    }
+    if b > 0:  # more poisons must help, or e means nothing
+        cov = np.asarray(res.cov_params())
+        grad = np.array([0.0, cc / b**2, -1.0 / b])  # d(-c/b) / d(a, b, c)
+        se = float(math.sqrt(max(grad @ cov @ grad, 0.0)))
+        e = -cc / b
+        out.update(e=e, e_se=se, e_ci=[e - 1.96 * se, e + 1.96 * se])
+    return out
+
+
+def reading(fit: dict[str, Any] | None) -> str:
+    """One sentence: what the interval of e says."""
+    if not fit or fit.get("e") is None:
+        return (
+            "The design does not separate the count from the fraction (needs ≥ 2 poisoned N and ≥ 2 sizes)."
+        )
+    e, ci = fit["e"], fit.get("e_ci")
+    if not ci:
+        return f"Elasticity e = {e:.2f} (no interval)."
+    lo, hi = ci
+    if lo <= 0 <= hi and not lo <= 1 <= hi:
+        verdict = "consistent with a constant count, not a constant fraction"
+    elif lo <= 1 <= hi and not lo <= 0 <= hi:
+        verdict = "consistent with a constant fraction, not a constant count"
+    elif lo <= 0 <= hi and lo <= 1 <= hi:
+        verdict = "too wide to tell a count from a fraction"
+    else:
+        verdict = "outside both 0 (count) and 1 (fraction)"
+    return f"Elasticity e = {e:.2f} (95% CI {lo:.2f} to {hi:.2f}): {verdict}."
+
+
+def sustained_success(rows: list[dict[str, Any]], threshold: float) -> float | None:
+    """Poisons seen at the first evaluation from which ASR stays ≥ threshold to the end; None: never."""
+    found = None
+    for r in sorted(rows, key=lambda r: r["step"]):
+        ok = r.get("asr") is not None and r["asr"] >= threshold and (r.get("poisons_seen") or 0) > 0
+        if ok and found is None:
+            found = r.get("poisons_seen")
+        elif not ok:
+            found = None
+    return found
+
+
+def finite(x: Any) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
