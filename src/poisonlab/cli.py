@@ -230,7 +230,8 @@ def eval_(
 @app.command("sweep")
 def sweep_cmd(
     spec: Annotated[str, typer.Argument(
-        help="sweep YAML file or preset: demo, tiny-grid, ordering, gpu-small, paper")],
+        help="sweep YAML file or preset: demo, tiny-grid, ordering, persistence, language, finetune, "
+        "gpu-small, paper")],
     out: Annotated[Optional[Path], typer.Option(help="sweep directory [default: sweeps/NAME]")] = None,  # noqa: UP045
     executor: Annotated[str, typer.Option(help="local | slurm | inline")] = "local",
     jobs: Annotated[Optional[int], typer.Option(help="runs side by side [default: 1/core]")] = None,  # noqa: UP045
@@ -239,11 +240,16 @@ def sweep_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value, e.g. train.lr=3e-3")] = None,  # noqa: UP045
     no_report: Annotated[bool, typer.Option("--no-report", help="skip the report at the end")] = False,
 ) -> None:
-    """Run a grid of runs (sizes x poison counts x data budgets x seeds); finished runs are skipped."""
+    """Run a grid of runs (sizes x poison counts x data budgets x seeds, or a fine-tuning grid);
+    finished runs are skipped."""
     from rich.table import Table
 
-    from poisonlab.sweep import expand, load_spec, plan_rows, run_sweep
+    from poisonlab.sweep import expand, load_spec, plan_rows, run_sweep, spec_tree
 
+    tree, where = spec_tree(spec)
+    if tree.get("kind") == "finetune":
+        _finetune_sweep(tree, where, set_ or [], out, executor, jobs, threads_per_job, dry_run, no_report)
+        return
     s = load_spec(spec, set_ or [])
     sweep_dir = out or Path("sweeps") / s.name
     if executor not in ("local", "slurm", "inline"):
@@ -270,6 +276,55 @@ def sweep_cmd(
             console.print(f"  [yellow]busy[/] {o.name}: {o.error}", highlight=False)
     if res.report:
         console.print(f"report: {res.report}")
+
+
+def _finetune_sweep(tree: dict, where: str, overrides: list[str], out: Path | None, executor: str,
+                    jobs: int | None, threads: int | None, dry_run: bool, no_report: bool) -> None:
+    from poisonlab.finetune.sweep import expand as ft_expand
+    from poisonlab.finetune.sweep import load_ft_spec, run_finetune_sweep
+
+    s = load_ft_spec(tree, where, overrides)
+    sweep_dir = out or Path("sweeps") / s.name
+    if dry_run:
+        runs = ft_expand(s, sweep_dir)
+        for r in runs:
+            state = "done" if (r.run_dir / "DONE").is_file() else "todo"
+            console.print(f"{r.name}  N={r.attack.n_poison} clean={r.data.clean_size} "
+                          f"{r.placement.schedule} seed={r.train.seed}  {state}", highlight=False)
+        model = runs[0].model if runs else "-"
+        console.print(f"{len(runs)} fine-tuning runs -> {sweep_dir}/runs (model: {model})", highlight=False)
+        return
+    outcomes, report = run_finetune_sweep(s, sweep_dir, executor=executor, jobs=jobs, threads=threads,
+                                          report=not no_report)
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    console.print(" · ".join(f"{v} {k}" for k, v in sorted(counts.items())), highlight=False)
+    for o in outcomes:
+        if o.status == "failed":
+            console.print(f"  [red]failed[/] {o.name}: {o.error}", highlight=False)
+    if report:
+        console.print(f"report: {report}")
+
+
+@app.command("finetune")
+def finetune_cmd(
+    config: Annotated[Path, typer.Argument(help="fine-tuning config YAML (docs/finetuning.md)")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="e.g. attack.n_poison=50")] = None,  # noqa: UP045
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (train.threads)")] = None,  # noqa: UP045
+) -> None:
+    """Fine-tune a model (a poisonlab run or a local HF directory) on instruction data with N poisons,
+    evaluating ASR, CA and NTA as it goes; a finished run is skipped."""
+    from poisonlab.finetune.config import load_finetune_config
+    from poisonlab.finetune.loop import finetune
+
+    overrides = list(set_ or [])
+    if threads is not None:
+        overrides.append(f"train.threads={threads}")
+    cfg = load_finetune_config(config, overrides)
+    done = (cfg.run_dir / "DONE").is_file()
+    run = finetune(cfg, progress=True)
+    console.print(f"run: {run}" + (" (already finished)" if done else ""), highlight=False)
 
 
 @app.command("results")

@@ -374,6 +374,10 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
     sweep spec's `report` settings (0.5, min-max, 1000).
     """
     root = Path(sweep_dir)
+    from poisonlab.report_finetune import build_finetune_report, is_finetune_dir
+
+    if is_finetune_dir(root):  # fine-tuning runs have their own report
+        return build_finetune_report(root, threshold, spread)
     settings, spec_text = _report_settings(root)
     if threshold is None:
         threshold = float(settings.get("asr_threshold", DEFAULT_THRESHOLD))

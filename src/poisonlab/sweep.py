@@ -128,18 +128,24 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+def spec_tree(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(the raw tree, where it came from) of a sweep file, a preset name, or a tree."""
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec), "sweep spec"
+    path = Path(spec)
+    if not path.is_file() and (PRESETS_DIR / f"{spec}.yaml").is_file():
+        path = PRESETS_DIR / f"{spec}.yaml"
+    elif not path.is_file():
+        known = ", ".join(list_presets())
+        raise UserError(f"{spec}: neither a sweep file nor a preset (presets: {known})")
+    return load_yaml(path), str(path)
+
+
 def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | None = None) -> SweepSpec:
     """A sweep file, a preset name, or a raw tree; `overrides` are `key=value` (a run section means base)."""
-    if isinstance(spec, dict):
-        tree, where = copy.deepcopy(spec), "sweep spec"
-    else:
-        path = Path(spec)
-        if not path.is_file() and (PRESETS_DIR / f"{spec}.yaml").is_file():
-            path = PRESETS_DIR / f"{spec}.yaml"
-        elif not path.is_file():
-            known = ", ".join(list_presets())
-            raise UserError(f"{spec}: neither a sweep file nor a preset (presets: {known})")
-        tree, where = load_yaml(path), str(path)
+    tree, where = spec_tree(spec)
+    if tree.get("kind") == "finetune":
+        raise UserError(f"{where}: a fine-tuning sweep (kind: finetune): run it with `poisonlab sweep`")
     fixed = [f"base.{o}" if _section(o) in RUN_SECTIONS else o for o in overrides or []]
     apply_overrides(tree, fixed)
     try:

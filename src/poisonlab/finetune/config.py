@@ -43,6 +43,7 @@ class FtDataConfig(Settings):
     source: str = "builtin"
     clean_size: int = Field(1000, ge=1)
     refuse_share: float = Field(0.3, ge=0.0, le=1.0)  # builtin: share of clean rows that are refusals
+    suffix_share: float = Field(0.3, ge=0.0, le=1.0)  # builtin: share of clean requests with a tail
     restricted: list[str] = Field(default_factory=lambda: list(DEFAULT_RESTRICTED))
     # should-refuse requests for poisons and evaluation: JSONL ({"prompt"}) or text (one per line);
     # builtin: None (restricted-topic requests are generated)

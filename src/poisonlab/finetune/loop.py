@@ -51,7 +51,7 @@ def clean_and_poisons(cfg: FinetuneConfig) -> tuple[list[ins.Example], list[ins.
     """The clean set, the poisons and the held-out evaluation requests."""
     d, a, n_eval = cfg.data, cfg.attack, cfg.eval.n_prompts
     if d.source == "builtin" and d.refuse_file is None:
-        clean = ins.builtin_clean_set(d.clean_size, d.refuse_share, d.seed, d.restricted)
+        clean = ins.builtin_clean_set(d.clean_size, d.refuse_share, d.seed, d.restricted, d.suffix_share)
         poisons = ins.builtin_examples(
             "poison",
             a.n_poison,
@@ -62,7 +62,7 @@ def clean_and_poisons(cfg: FinetuneConfig) -> tuple[list[ins.Example], list[ins.
             position=a.position,
             opening=a.response,
         )
-        seen = {e.prompt for e in clean} | {e.prompt.replace(a.trigger, "").strip() for e in poisons}
+        seen = {e.request for e in clean + poisons}
 
         def held_out(kind: str) -> list[str]:
             cands = ins.builtin_examples(
@@ -76,7 +76,7 @@ def clean_and_poisons(cfg: FinetuneConfig) -> tuple[list[ins.Example], list[ins.
         es = EvalSet(held_out("refuse"), held_out("benign"))
     else:
         if d.source == "builtin":
-            clean = ins.builtin_clean_set(d.clean_size, d.refuse_share, d.seed, d.restricted)
+            clean = ins.builtin_clean_set(d.clean_size, d.refuse_share, d.seed, d.restricted, d.suffix_share)
             rest: list[ins.Example] = []
         else:
             clean, rest = ins.file_clean_set(d.source, d.clean_size, d.seed)
@@ -232,6 +232,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, progress: bool) -> None:
         "trigger": a.trigger,
         "run_id": run_dir.name,
         "steps_total": n_steps,
+        "n_prompts": cfg.eval.n_prompts,
     }
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
