@@ -335,3 +335,17 @@ def test_finetune_a_poisonlab_run_and_a_sweep_with_its_report(tmp_path, prepared
     assert rows[-1]["model"] == "pre" and rows[-1]["clean_size"] == 40 and rows[-1]["train_seed"] == 1
     again, _ = run_finetune_sweep(spec, tmp_path / "sweep", executor="inline", progress=False, report=False)
     assert {o.status for o in again} == {"skipped"}
+
+
+def test_results_cli_reads_a_finetune_sweep(tmp_path, prepared_builtin):
+    from typer.testing import CliRunner
+
+    from poisonlab.cli import app
+    from poisonlab.finetune.loop import finetune
+
+    hf = _tiny_hf(tmp_path / "hf", prepared_builtin)
+    finetune(_cfg(tmp_path, hf, name="ft_n003", attack={"n_poison": 3}, save_model=False))
+    res = CliRunner().invoke(app, ["results", str(tmp_path / "runs"), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert rows[0]["N"] == 3 and rows[0]["clean"] == 40 and rows[0]["runs"] == 1

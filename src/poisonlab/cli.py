@@ -327,6 +327,34 @@ def finetune_cmd(
     console.print(f"run: {run}" + (" (already finished)" if done else ""), highlight=False)
 
 
+def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: bool) -> None:
+    import json
+
+    from rich.table import Table
+
+    from poisonlab.report_finetune import cell_rows, load_runs
+
+    runs, done = load_runs(path)
+    chosen = runs if unfinished else {k: v for k, v in runs.items() if k in done}
+    rows = cell_rows(chosen, threshold) if chosen else []
+    if json_:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        console.print("no finished runs yet (use --unfinished to see runs in progress)")
+        return
+    table = Table(title=f"{path}: fine-tuning runs, final evaluation, mean [min, max] over seeds; needed: "
+                  f"median poisons seen at sustained ASR >= {threshold:g} (runs that got there / runs)")
+    for col in rows[0]:
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        table.add_row(*[str(v) for v in r.values()])
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
+    if len(done) < len(runs) and not unfinished:
+        left = len(runs) - len(done)
+        console.print(f"{left} runs unfinished; --unfinished to include them.", highlight=False)
+
+
 @app.command("results")
 def results_cmd(
     path: Annotated[Path, typer.Argument(help="sweep directory (or a folder of runs, or one run)")],
@@ -338,8 +366,12 @@ def results_cmd(
     sustained success (median, min-max, censored runs)."""
     import json
 
+    from poisonlab.report_finetune import is_finetune_dir
     from poisonlab.results import failed_runs, gather, summarize, summary_table, unfinished_note
 
+    if path.is_dir() and is_finetune_dir(path):
+        _finetune_results(path, json_, threshold, unfinished)
+        return
     table = gather(path)
     rows = summarize(table, threshold, include_unfinished=unfinished)
     if json_:
