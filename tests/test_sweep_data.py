@@ -14,7 +14,11 @@ from poisonlab.sweep import check_data, data_needs, expand, list_presets, load_s
 
 @pytest.mark.parametrize("preset", list_presets())
 def test_each_preset_prepares_enough_data_for_one_pass(preset, tmp_path):
-    spec = load_spec(preset)
+    from poisonlab.finetune.sweep import load_ft_spec, pretrain_spec
+    from poisonlab.sweep import spec_tree
+
+    tree, where = spec_tree(preset)  # a fine-tuning preset: its pretraining stage's data
+    spec = pretrain_spec(load_ft_spec(tree, where)) if tree.get("kind") == "finetune" else load_spec(preset)
     runs = expand(spec, tmp_path)
     need = max(d["needs"] for d in data_needs(runs))
     if spec.prepare is None:  # the paper preset: a corpus of the user's; its comment must say how big

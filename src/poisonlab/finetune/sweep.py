@@ -111,18 +111,20 @@ def run_name(n: int, clean: int, schedule: str, seed: int, poison_seed: int | No
     )
 
 
-def pretrain_dir(spec: FinetuneSweepSpec, sweep_dir: Path) -> Path:
-    from poisonlab.sweep import expand, load_spec
+def pretrain_spec(spec: FinetuneSweepSpec) -> Any:
+    """The pretraining stage as a one-run pretraining sweep (its data prepared and checked as any)."""
+    from poisonlab.sweep import load_spec
 
-    sub = load_spec(
-        {
-            "name": f"{spec.name}-pretrain",
-            "base": spec.pretrain or {},
-            "report": {"n_boot": 0},
-            **({"prepare": spec.prepare.model_dump()} if spec.prepare else {}),
-        }
-    )
-    (run,) = expand(sub, sweep_dir / "base" / "pretrain")
+    tree = {"name": f"{spec.name}-pretrain", "base": spec.pretrain or {}, "report": {"n_boot": 0}}
+    if spec.prepare is not None:
+        tree["prepare"] = spec.prepare.model_dump()
+    return load_spec(tree)
+
+
+def pretrain_dir(spec: FinetuneSweepSpec, sweep_dir: Path) -> Path:
+    from poisonlab.sweep import expand
+
+    (run,) = expand(pretrain_spec(spec), sweep_dir / "base" / "pretrain")
     return run.config.run_dir
 
 
@@ -228,17 +230,9 @@ def run_finetune_sweep(
     if executor not in ("local", "inline"):
         raise UserError(f"--executor {executor!r}: fine-tuning sweeps run local or inline")
     if spec.pretrain is not None:
-        from poisonlab.sweep import load_spec
         from poisonlab.sweep import run_sweep as run_pretrain
 
-        sub = load_spec(
-            {
-                "name": f"{spec.name}-pretrain",
-                "base": spec.pretrain,
-                "report": {"n_boot": 0},
-                **({"prepare": spec.prepare.model_dump()} if spec.prepare else {}),
-            }
-        )
+        sub = pretrain_spec(spec)
         res = run_pretrain(
             sub,
             sweep_dir / "base" / "pretrain",
