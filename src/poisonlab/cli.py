@@ -330,6 +330,7 @@ def finetune_cmd(
 def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: bool) -> None:
     import json
 
+    from rich.markup import escape
     from rich.table import Table
 
     from poisonlab.report_finetune import cell_rows, load_runs
@@ -343,12 +344,13 @@ def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: boo
     if not rows:
         console.print("no finished runs yet (use --unfinished to see runs in progress)")
         return
-    table = Table(title=f"{path}: fine-tuning runs, final evaluation, mean [min, max] over seeds; needed: "
-                  f"median poisons seen at sustained ASR >= {threshold:g} (runs that got there / runs)")
+    title = (f"{path}: fine-tuning runs, final evaluation, mean [min, max] over seeds; needed: median "
+             f"poisons seen at sustained ASR >= {threshold:g} (runs that got there / runs)")
+    table = Table(title=escape(title))
     for col in rows[0]:
         table.add_column(col, no_wrap=True)
     for r in rows:
-        table.add_row(*[str(v) for v in r.values()])
+        table.add_row(*[escape(str(v)) for v in r.values()])
     Console(width=None if sys.stdout.isatty() else 250).print(table)
     if len(done) < len(runs) and not unfinished:
         left = len(runs) - len(done)
