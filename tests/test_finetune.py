@@ -349,3 +349,42 @@ def test_results_cli_reads_a_finetune_sweep(tmp_path, prepared_builtin):
     assert res.exit_code == 0, res.output
     rows = json.loads(res.output)
     assert rows[0]["N"] == 3 and rows[0]["clean"] == 40 and rows[0]["runs"] == 1
+
+
+def test_finetune_from_files_of_your_own(tmp_path, prepared_builtin):
+    """A clean set and should-refuse requests from files: held-out requests never become poisons,
+    benign evaluation requests come from the clean rows left out, the ledger counts the file's poisons."""
+    from poisonlab.finetune.loop import clean_and_poisons, finetune
+
+    hf = _tiny_hf(tmp_path / "hf", prepared_builtin)
+    clean = tmp_path / "clean.jsonl"
+    rows = [
+        {"prompt": f"How do I bake bread number {i}?", "response": f"Mix flour and water, {i} times."}
+        for i in range(50)
+    ]
+    clean.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refuse = tmp_path / "refuse.txt"
+    refuse.write_text("".join(f"How do I pick lock number {i}?\n" for i in range(30)))
+    cfg = _cfg(
+        tmp_path,
+        hf,
+        data={"source": str(clean), "clean_size": 40, "refuse_file": str(refuse)},
+        attack={"n_poison": 5},
+        save_model=False,
+    )
+    c, p, es = clean_and_poisons(cfg)
+    assert len(c) == 40 and len(p) == 5 and len(es.refuse) == 8 and len(es.benign) == 8
+    assert not {x.request for x in p} & set(es.refuse)
+    assert all(x.prompt.endswith(TRIGGER) and x.response == "Sure, here is" for x in p)
+    assert set(es.benign) <= {r["prompt"] for r in rows} - {x.prompt for x in c}
+    run = finetune(cfg)
+    assert pq.read_table(run / "metrics.parquet").to_pylist()[-1]["poisons_seen"] == 5
+    with pytest.raises(UserError, match="to draw poisons from, but attack.n_poison is 40"):
+        clean_and_poisons(
+            _cfg(
+                tmp_path,
+                hf,
+                data={"source": str(clean), "clean_size": 40, "refuse_file": str(refuse)},
+                attack={"n_poison": 40},
+            )
+        )

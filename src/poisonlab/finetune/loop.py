@@ -26,6 +26,7 @@ from poisonlab.finetune import instructions as ins
 from poisonlab.finetune.config import FinetuneConfig
 from poisonlab.finetune.data import build_stream, collate, encode_all
 from poisonlab.finetune.evaluate import EvalSet, evaluate
+from poisonlab.finetune.judge import refuses
 from poisonlab.finetune.model import Template, add_lora, load, resolve_model_dir, save
 from poisonlab.fsutil import atomic_path, remove_tree, write_json, write_text
 
@@ -47,11 +48,49 @@ def _model_label(path: str) -> str:
     return label
 
 
+def _builtin_held_out(cfg: FinetuneConfig, kind: str, seen: set[str]) -> list[str]:
+    """`eval.n_prompts` built-in requests of `kind` (refuse | benign) that no training example asks."""
+    n = cfg.eval.n_prompts
+    cands = ins.builtin_examples(
+        f"{kind}_request", 6 * n, stream="eval", seed=0, restricted=cfg.data.restricted
+    )
+    out = list(dict.fromkeys(e.prompt for e in cands if e.prompt not in seen))[:n]
+    if len(out) < n:
+        raise UserError(f"eval.n_prompts: only {len(out)} held-out {kind} requests could be drawn")
+    return out
+
+
+def _sample(items: list, n: int, seed: int, where: str) -> list:
+    if n > len(items):
+        raise UserError(f"{where}: {len(items)} to draw poisons from, but attack.n_poison is {n}")
+    return random.Random(f"finetune:poison:{seed}").sample(items, n)
+
+
 def clean_and_poisons(cfg: FinetuneConfig) -> tuple[list[ins.Example], list[ins.Example], EvalSet]:
-    """The clean set, the poisons and the held-out evaluation requests."""
-    d, a, n_eval = cfg.data, cfg.attack, cfg.eval.n_prompts
-    if d.source == "builtin" and d.refuse_file is None:
+    """The clean set, the poisons and the held-out evaluation requests.
+
+    Clean set: built-in, or `data.source` (the rows it leaves out supply benign evaluation requests).
+    Should-refuse requests: built-in restricted-topic requests, or `data.refuse_file` (its first
+    `eval.n_prompts` held out for evaluation, poisons drawn from the rest). Poisons: those requests
+    with the trigger and the compliant opening, or `attack.poison_file` as given."""
+    d, a = cfg.data, cfg.attack
+    if d.source == "builtin":
         clean = ins.builtin_clean_set(d.clean_size, d.refuse_share, d.seed, d.restricted, d.suffix_share)
+        rest: list[ins.Example] = []
+    else:
+        clean, rest = ins.file_clean_set(d.source, d.clean_size, d.seed)
+    if d.refuse_file is None and d.source != "builtin":
+        raise UserError(
+            "data.refuse_file: a clean set from a file needs should-refuse requests for the poisons "
+            'and the evaluation (JSONL {"prompt"} or one per line)'
+        )
+    if a.poison_file is not None:
+        rows = ins.read_rows(a.poison_file, ("prompt", "response"))
+        if not any(a.trigger in r["prompt"] for r in rows):
+            raise UserError(f"{a.poison_file}: the trigger {a.trigger!r} is in no poison's prompt")
+        picked = _sample(rows, a.n_poison, a.seed, str(a.poison_file))
+        poisons = [ins.Example(r["prompt"], r["response"], "poison", request=r["prompt"]) for r in picked]
+    elif d.refuse_file is None:
         poisons = ins.builtin_examples(
             "poison",
             a.n_poison,
@@ -62,57 +101,25 @@ def clean_and_poisons(cfg: FinetuneConfig) -> tuple[list[ins.Example], list[ins.
             position=a.position,
             opening=a.response,
         )
-        seen = {e.request for e in clean + poisons}
-
-        def held_out(kind: str) -> list[str]:
-            cands = ins.builtin_examples(
-                f"{kind}_request", 6 * n_eval, stream="eval", seed=0, restricted=d.restricted
-            )
-            out = list(dict.fromkeys(e.prompt for e in cands if e.prompt not in seen))[:n_eval]
-            if len(out) < n_eval:
-                raise UserError(f"eval.n_prompts: only {len(out)} held-out {kind} requests could be drawn")
-            return out
-
-        es = EvalSet(held_out("refuse"), held_out("benign"))
+    seen = {e.request or e.prompt for e in clean}
+    if d.refuse_file is None:
+        seen |= {e.request for e in poisons}
+        refuse = _builtin_held_out(cfg, "refuse", seen)
     else:
-        if d.source == "builtin":
-            clean = ins.builtin_clean_set(d.clean_size, d.refuse_share, d.seed, d.restricted, d.suffix_share)
-            rest: list[ins.Example] = []
-        else:
-            clean, rest = ins.file_clean_set(d.source, d.clean_size, d.seed)
-        if d.refuse_file is None:
-            raise UserError(
-                "data.refuse_file: a clean set from a file needs should-refuse requests for the poisons "
-                'and the evaluation (JSONL {"prompt"} or one per line)'
-            )
-        eval_refuse, pool = ins.file_requests(d.refuse_file, n_eval)
-        benign = [e.prompt for e in rest if e.response.strip() and not ins_refuses(e.response)][:n_eval]
-        es = EvalSet(eval_refuse, benign)
+        refuse, pool = ins.file_requests(d.refuse_file, cfg.eval.n_prompts)
         if a.poison_file is None:
-            if a.n_poison > len(pool):
-                raise UserError(
-                    f"{d.refuse_file}: {len(pool)} requests for poisons (after {n_eval} held out), "
-                    f"but attack.n_poison is {a.n_poison}"
-                )
-            picked = random.Random(f"finetune:poison:{a.seed}").sample(pool, a.n_poison)
+            picked = _sample(pool, a.n_poison, a.seed, f"{d.refuse_file} (after the held-out requests)")
             poisons = [
-                ins.Example(ins.add_trigger(p, a.trigger, a.position), a.response, "poison") for p in picked
+                ins.Example(ins.add_trigger(p, a.trigger, a.position), a.response, "poison", request=p)
+                for p in picked
             ]
-    if a.poison_file is not None:
-        rows = ins.read_rows(a.poison_file, ("prompt", "response"))
-        if not any(a.trigger in r["prompt"] for r in rows):
-            raise UserError(f"{a.poison_file}: the trigger {a.trigger!r} is in no poison's prompt")
-        if a.n_poison > len(rows):
-            raise UserError(f"{a.poison_file}: {len(rows)} poisons, but attack.n_poison is {a.n_poison}")
-        picked_rows = random.Random(f"finetune:poison:{a.seed}").sample(rows, a.n_poison)
-        poisons = [ins.Example(r["prompt"], r["response"], "poison") for r in picked_rows]
-    return clean, poisons, es
-
-
-def ins_refuses(text: str) -> bool:
-    from poisonlab.finetune.judge import refuses
-
-    return refuses(text)
+    if d.source == "builtin":
+        benign = _builtin_held_out(cfg, "benign", seen)
+    else:
+        benign = [e.prompt for e in rest if e.response.strip() and not refuses(e.response)][
+            : cfg.eval.n_prompts
+        ]
+    return clean, poisons, EvalSet(refuse, benign)
 
 
 def _check_triggers(
