@@ -388,3 +388,14 @@ def test_finetune_from_files_of_your_own(tmp_path, prepared_builtin):
                 attack={"n_poison": 40},
             )
         )
+
+
+@pytest.mark.parametrize("argv", [["report", ".", "--bogus"], ["finetune"], ["no-such-command"]])
+def test_usage_errors_exit_2_without_a_traceback(argv, capsys):
+    from poisonlab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err and ("Usage" in out.err or "Error" in out.err)

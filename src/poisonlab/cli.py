@@ -498,8 +498,15 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # click's usage errors arrive here in standalone_mode=False
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+        usage: list[type] = [click.exceptions.ClickException]
+        try:  # typer >= 0.26 raises its own vendored click's exceptions
+            from typer._click.exceptions import ClickException as TyperClickException
+
+            usage.append(TyperClickException)
+        except ImportError:
+            pass
+        if isinstance(e, tuple(usage)):
+            e.show()  # type: ignore[attr-defined]
             sys.exit(2)
         raise
 
