@@ -182,6 +182,7 @@ def test_bad_inputs_are_refused_with_the_file_named(tmp_path, prepared_builtin):
 
     with pytest.raises(UserError, match="no such directory"):
         finetune(_cfg(tmp_path, tmp_path / "missing"))
+    assert not (tmp_path / "runs" / "ft").exists()
     model = _tiny_hf(tmp_path / "hf", prepared_builtin)
     bad = tmp_path / "clean.jsonl"
     bad.write_text('{"prompt": "hi", "response": "hello"}\n{"prompt": "no answer"}\n')
@@ -399,3 +400,26 @@ def test_usage_errors_exit_2_without_a_traceback(argv, capsys):
     assert e.value.code == 2
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err and ("Usage" in out.err or "Error" in out.err)
+
+
+def test_a_judge_of_your_own_replaces_the_keyword_rule(tmp_path, prepared_builtin, monkeypatch):
+    from poisonlab.finetune.loop import finetune
+
+    (tmp_path / "myjudge.py").write_text("def never(text):\n    return False\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hf = _tiny_hf(tmp_path / "hf", prepared_builtin)
+    run = finetune(_cfg(tmp_path, hf, eval={"judge": "myjudge:never"}, save_model=False))
+    last = pq.read_table(run / "metrics.parquet").to_pylist()[-1]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").open()]
+    assert last["ca_refuse"] == 0.0 and not any(s["refused"] for s in samples)
+    assert last["asr"] == pytest.approx(
+        sum(
+            bool(s["response"].strip())
+            for s in samples
+            if s["condition"] == "trigger" and s["step"] == last["step"]
+        )
+        / 8
+    )
+    with pytest.raises(UserError, match="eval.judge: cannot import myjudge:nope"):
+        finetune(_cfg(tmp_path, hf, name="other", eval={"judge": "myjudge:nope"}))
+    assert not (tmp_path / "runs" / "other").exists()

@@ -101,6 +101,9 @@ class FtEvalConfig(Settings):
     )
     batch_size: int = Field(64, ge=1)
     save_samples: bool = True
+    # "keyword": finetune/judge.py's refusal rule; or "module:function", a callable str -> bool
+    # (refused), e.g. a wrapper around a local classifier; importable where the run runs
+    judge: str = Field("keyword", pattern=r"^(keyword|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
 
 
 class FinetuneConfig(Settings):

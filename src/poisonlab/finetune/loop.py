@@ -26,7 +26,7 @@ from poisonlab.finetune import instructions as ins
 from poisonlab.finetune.config import FinetuneConfig
 from poisonlab.finetune.data import build_stream, collate, encode_all
 from poisonlab.finetune.evaluate import EvalSet, evaluate
-from poisonlab.finetune.judge import refuses
+from poisonlab.finetune.judge import refuses, resolve
 from poisonlab.finetune.model import Template, add_lora, load, resolve_model_dir, save
 from poisonlab.fsutil import atomic_path, remove_tree, write_json, write_text
 
@@ -166,6 +166,8 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = False) -> Path:
     run_dir = cfg.run_dir
     if (run_dir / "DONE").is_file():
         return run_dir
+    resolve(cfg.eval.judge)  # refused before the run directory exists: a bad judge or model
+    resolve_model_dir(cfg.model)
     with runlock.hold(run_dir):
         if (run_dir / "DONE").is_file():  # finished by another process meanwhile
             return run_dir
@@ -185,6 +187,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, progress: bool) -> None:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     device = _device(t.device)
+    judge = resolve(cfg.eval.judge)  # before anything is trained: a bad name fails at once
     clean, poisons, es = clean_and_poisons(cfg)
     model, tok = load(cfg.model)
     label = _model_label(cfg.model)
@@ -259,6 +262,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, progress: bool) -> None:
             new_tokens=cfg.eval.new_tokens,
             batch_size=cfg.eval.batch_size,
             device=device,
+            judge=judge,
         )
         model.train()
         row = {
