@@ -20,10 +20,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from poisonlab.errors import UserError
+from poisonlab.finetune.config import is_finetune_run
 from poisonlab.finetune.stats import elasticity, reading, sustained_success
 from poisonlab.fsutil import atomic_path
 from poisonlab.report_figures import LINESTYLES, aggregate
 from poisonlab.report_html import CSS, esc, html_table, interval, save_figure
+from poisonlab.report_language import mean_range
 
 Run = list[dict[str, Any]]
 CELL_COLUMNS = (
@@ -42,10 +44,7 @@ def is_finetune_dir(root: str | Path) -> bool:
     """Whether the folder of runs holds fine-tuning runs (their config says `kind: finetune`)."""
     root = Path(root)
     base = root / "runs" if (root / "runs").is_dir() else root
-    for cfg in sorted(base.glob("*/config.yaml"))[:5]:
-        if "kind: finetune" in cfg.read_text(encoding="utf-8", errors="replace"):
-            return True
-    return False
+    return any(is_finetune_run(cfg.parent) for cfg in sorted(base.glob("*/config.yaml"))[:5])
 
 
 def load_runs(root: Path) -> tuple[dict[str, Run], set[str]]:
@@ -61,11 +60,6 @@ def load_runs(root: Path) -> tuple[dict[str, Run], set[str]]:
     if not runs:
         raise UserError(f"{root}: no fine-tuning run has metrics yet")
     return runs, done
-
-
-def _stat(values: list[Any]) -> str:
-    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return "-" if not v else f"{np.mean(v):.2f} [{min(v):.2f}, {max(v):.2f}]"
 
 
 def cells(runs: dict[str, Run]) -> dict[tuple[str, int, int], list[Run]]:
@@ -89,7 +83,7 @@ def cell_rows(runs: dict[str, Run], threshold: float) -> list[dict[str, Any]]:
             "share": f"{n / (n + c):.3%}",
             "runs": len(members),
         }
-        row.update({col: _stat([f.get(col) for f in finals]) for col in CELL_COLUMNS})
+        row.update({col: mean_range([f.get(col) for f in finals]) for col in CELL_COLUMNS})
         row["needed"] = (
             f"{np.median(hit):.0f} ({len(hit)}/{len(members)})" if hit else f"- (0/{len(members)})"
         )

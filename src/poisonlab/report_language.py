@@ -25,7 +25,8 @@ def has_language(runs: Runs) -> bool:
     return any(r.get("lang_asr") is not None for rows in runs.values() for r in rows)
 
 
-def _spread(values: list[Any]) -> str:
+def mean_range(values: list[Any]) -> str:
+    """`mean [min, max]` of the finite values, '-' without any (the sections' cell format)."""
     v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
     return "-" if not v else f"{np.mean(v):.2f} [{min(v):.2f}, {max(v):.2f}]"
 
@@ -40,7 +41,7 @@ def language_rows(runs: Runs) -> list[dict[str, Any]]:
             continue
         row: dict[str, Any] = {"model": model, "data": f"{mult:g}x", "N": n,
                                "settings": settings_label(extra, names), "runs": len(members)}
-        row.update({c: _spread([f.get(c) for f in finals]) for c in COLUMNS})
+        row.update({c: mean_range([f.get(c) for f in finals]) for c in COLUMNS})
         out.append(row)
     return out
 

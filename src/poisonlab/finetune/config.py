@@ -138,6 +138,16 @@ def is_finetune_tree(tree: dict) -> bool:
     return isinstance(tree, dict) and tree.get("kind") == "finetune"
 
 
+def is_finetune_run(run_dir: str | Path) -> bool:
+    """Whether a run directory's config.yaml is a fine-tuning run's."""
+    import yaml
+
+    try:
+        return is_finetune_tree(yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8")))
+    except (OSError, yaml.YAMLError):
+        return False
+
+
 def load_finetune_config(
     path: str | Path | None = None, overrides: list[str] | None = None, tree: dict | None = None
 ) -> FinetuneConfig:

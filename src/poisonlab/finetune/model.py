@@ -29,8 +29,9 @@ def resolve_model_dir(path: str | Path) -> tuple[str, Path]:
     if (p / "config.json").is_file():
         return "hf", p
     if (p / "config.yaml").is_file():
-        head = (p / "config.yaml").read_text(encoding="utf-8", errors="replace")
-        if "kind: finetune" in head:
+        from poisonlab.finetune.config import is_finetune_run
+
+        if is_finetune_run(p):
             raise UserError(
                 f"model: {p} is a fine-tuning run without a saved model (save_model was off, "
                 "or it has not finished)"

@@ -107,7 +107,3 @@ def sustained_success(rows: list[dict[str, Any]], threshold: float) -> float | N
         elif not ok:
             found = None
     return found
-
-
-def finite(x: Any) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x))

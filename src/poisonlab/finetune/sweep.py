@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from poisonlab.config import CorpusConfig, Settings, apply_overrides, format_validation_error
+from poisonlab.config import CorpusConfig, Settings, apply_overrides, format_validation_error, set_dotted
 from poisonlab.errors import UserError
 from poisonlab.executors import InlineExecutor, Job, LocalExecutor, Outcome
 from poisonlab.finetune.config import FinetuneConfig
@@ -45,7 +45,6 @@ class FtGrid(Settings):
 class FtReport(Settings):
     asr_threshold: float = Field(default=0.5, gt=0, le=1)
     spread: str = "minmax"
-    n_boot: int = Field(default=1000, ge=0)
 
 
 class FinetuneSweepSpec(Settings):
@@ -76,26 +75,9 @@ def load_ft_spec(tree: dict[str, Any], where: str, overrides: list[str] | None =
         raise UserError(f"{where}: give the base model (`model: DIR`) or a `pretrain` stage")
     if spec.align is None and spec.pretrain is None and not Path(spec.model or "").exists():
         raise UserError(f"{where}: model: {spec.model}: no such directory")
-    if spec.align and _get(spec.align, "attack.n_poison") not in (None, 0):
+    if spec.align and (spec.align.get("attack") or {}).get("n_poison") not in (None, 0):
         raise UserError(f"{where}: align: the aligned base model is trained without poisons")
     return spec
-
-
-def _get(tree: dict[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for k in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(k)
-    return node
-
-
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-    node[keys[-1]] = value
 
 
 def _validate(tree: dict[str, Any], where: str) -> FinetuneConfig:
@@ -180,10 +162,10 @@ def expand(spec: FinetuneSweepSpec, sweep_dir: str | Path) -> list[FinetuneConfi
             ("attack.seed", s),
             ("placement.seed", s),
         ):
-            _set(tree, key, value)
+            set_dotted(tree, key, value)
         if p is not None:
-            _set(tree, "attack.seed", p)
-            _set(tree, "placement.seed", p)
+            set_dotted(tree, "attack.seed", p)
+            set_dotted(tree, "placement.seed", p)
         runs.append(_validate(tree, f"run {tree['name']}"))
     return runs
 
