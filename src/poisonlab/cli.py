@@ -307,6 +307,83 @@ def _finetune_sweep(tree: dict, where: str, overrides: list[str], out: Path | No
         console.print(f"report: {report}")
 
 
+@app.command("plan")
+def plan_cmd(
+    spec: Annotated[str, typer.Argument(help="sweep YAML, preset (e.g. paper) or run config YAML")],
+    gpu: Annotated[str, typer.Option(
+        help="h100-80gb | h100-pcie | h200 | a100-80gb | a100-40gb | l40s | rtx-4090")] = "h100-80gb",
+    gpus_per_node: Annotated[int, typer.Option(min=1, help="GPUs per node")] = 8,
+    nodes: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        min=1, help="nodes per run [default: the fewest that fit]")] = None,
+    mfu: Annotated[float, typer.Option(min=0.01, max=1.0, help="training MFU for GPU-hours")] = 0.4,
+    eval_mfu: Annotated[float, typer.Option(min=0.001, max=1.0, help="MFU of generation")] = 0.05,
+    set_: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--set", help="key=value, e.g. model.vocab_size=32768")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+) -> None:
+    """Memory per GPU, the layout that fits (DDP or FSDP, micro-batch x accumulation, nodes), tokens
+    and GPU-hours of every run of a sweep or of one run config, before anything is launched."""
+    import json
+
+    from poisonlab.config import load_run_config
+    from poisonlab.plan import get_gpu, plan_runs
+    from poisonlab.sweep import expand, load_spec, spec_tree
+
+    g = get_gpu(gpu)
+    path = Path(spec)
+    tree = spec_tree(spec)[0] if not path.is_file() or path.suffix in (".yaml", ".yml") else {}
+    if tree.get("kind") == "finetune":
+        raise UserError(f"{spec}: a fine-tuning sweep; `plan` covers pretraining runs")
+    if "base" in tree or "grid" in tree:
+        s = load_spec(spec, set_ or [])
+        cfgs, title = [r.config for r in expand(s, Path("sweeps") / s.name)], f"sweep {s.name}"
+    else:
+        cfgs, title = [load_run_config(spec, set_ or [])], f"run {spec}"
+    plans, totals = plan_runs(cfgs, g, gpus_per_node=gpus_per_node, nodes=nodes, mfu=mfu,
+                              eval_mfu=eval_mfu)
+    if as_json:
+        typer.echo(json.dumps({"runs": [p.row() for p in plans], "totals": totals}, indent=1))
+    else:
+        _print_plan(plans, totals, f"{title} on {g.name} x {gpus_per_node} per node")
+    if totals["fit"] < totals["runs"]:
+        sys.exit(1)  # (typer.Exit's code is dropped by main's standalone_mode=False)
+
+
+def _print_plan(plans: list, totals: dict, title: str) -> None:
+    from rich.table import Table
+
+    from poisonlab.plan import fmt_count
+
+    # runs that differ only in N or seeds have one plan: one row per distinct plan, with its count
+    groups: dict[tuple, list] = {}
+    for p in plans:
+        groups.setdefault((p.model, p.tokens, p.strategy, p.nodes, p.micro_batch, p.eval_batch), []).append(p)
+    table = Table(title=title)
+    for head in ("model", "runs", "tokens", "layout", "nodes", "micro x accum", "eval batch",
+                 "GiB/GPU", "GPU-h/run"):
+        table.add_column(head, justify="left" if head in ("model", "layout") else "right", no_wrap=True)
+    notes = []
+    for (model, tokens, *_), ps in groups.items():
+        p = ps[0]
+        layout = p.strategy if p.fits else "[red]no fit[/]"
+        table.add_row(f"{model} ({fmt_count(p.params)})", str(len(ps)), fmt_count(tokens), layout,
+                      str(p.nodes), f"{p.micro_batch} x {p.grad_accum}" if p.fits else "-", str(p.eval_batch),
+                      f"{p.memory['peak']:.1f}/{p.usable_gib:.0f}", f"{p.gpu_hours:,.1f}")
+        if p.note:
+            notes.append(f"  {model} at {fmt_count(tokens)} tokens: {p.note}")
+    Console(width=max(100, Console().width)).print(table)
+    for line in dict.fromkeys(notes):
+        console.print(line, highlight=False)
+    vocabs = sorted({p.vocab_size for p in plans})
+    console.print(f"vocabulary {', '.join(map(str, vocabs))} (the data's tokenizer, else model.vocab_size; "
+                  "--set model.vocab_size=V when the data is not prepared yet)", highlight=False)
+    fsdp = f" ({totals['need_fsdp']} of them only under FSDP)" if totals["need_fsdp"] else ""
+    console.print(f"{totals['fit']} of {totals['runs']} runs fit{fsdp}; "
+                  f"{fmt_count(totals['tokens'])} tokens; "
+                  f"{totals['gpu_hours']:,.0f} GPU-hours at MFU {totals['mfu']:.0%} (generation at "
+                  f"{totals['eval_mfu']:.0%}); largest run {totals['max_nodes']} node(s)", highlight=False)
+
+
 @app.command("finetune")
 def finetune_cmd(
     config: Annotated[Path, typer.Argument(help="fine-tuning config YAML (docs/finetuning.md)")],

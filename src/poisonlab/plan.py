@@ -1,0 +1,332 @@
+"""What a run needs before it is launched: memory per GPU, a layout that fits, tokens and GPU-hours.
+
+`plan_run(cfg, gpu, gpus_per_node, nodes)` answers, for one resolved run config:
+
+- memory per GPU, part by part: fp32 master weights, fp32 gradients, AdamW's two fp32 moments, the
+  buffers of the layout (DDP's gradient buckets and autocast's bf16 copy of the weights; FSDP's
+  unsharded blocks in flight), the activations autograd keeps for one micro-batch, the fused loss's
+  buffers, and the evaluation's weights + KV cache + logits;
+- the layout: DDP when the whole state fits on each GPU, else FSDP (states sharded over every GPU of
+  the run), else how many nodes FSDP needs; the largest micro-batch that fits and the gradient
+  accumulation that makes the global batch from it;
+- tokens, training FLOPs (model.flops_per_token) and GPU-hours at a stated MFU, and the evaluation's
+  generated tokens at a stated (lower: decoding is memory-bound) utilisation.
+
+The activation figures are bytes per token per layer of *this* model (poisonlab.model): fp32
+38 d + 17 d_ff, bf16 autocast 26 d + 12 d_ff, plus 12 d (fp32) / 10 d (bf16) per token outside the
+layers. They were counted with autograd's saved-tensor hooks over d_model 64-256 (within 5%), and
+tests/test_plan.py checks the whole training-step estimate against the peak of the CPU allocator's
+own events (torch.profiler) on tiny models, within 20%. Attention is counted as a fused kernel
+(SDPA: no T x T scores kept), which is what the trainer uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from poisonlab.config import ModelConfig, RunConfig
+from poisonlab.errors import UserError
+from poisonlab.model import _shape, count_params, flops_per_token, resolve_model_config
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float  # what the device reports as total memory
+    bf16_flops: float  # dense bf16 peak, FLOP/s (hardware.GPU_PEAKS, the datasheets' non-sparse column)
+
+
+# Memory as torch.cuda.get_device_properties reports it (80 GB of HBM is 79.6 GiB).
+GPUS: dict[str, GPU] = {
+    "h100-80gb": GPU("H100 SXM 80GB", 79.6, 989.5e12),
+    "h100-pcie": GPU("H100 PCIe 80GB", 79.6, 756.5e12),
+    "h200": GPU("H200 141GB", 139.8, 989.5e12),
+    "a100-80gb": GPU("A100 80GB", 79.2, 312e12),
+    "a100-40gb": GPU("A100 40GB", 39.4, 312e12),
+    "l40s": GPU("L40S 48GB", 44.4, 362e12),
+    "rtx-4090": GPU("RTX 4090 24GB", 23.6, 165.2e12),
+}
+# kept free on every GPU: the CUDA context, NCCL buffers and the caching allocator's fragmentation
+RESERVE_GIB = 2.0
+RESERVE_FRAC = 0.05
+
+
+def usable_bytes(gpu: GPU) -> float:
+    return gpu.memory_gib * GIB * (1 - RESERVE_FRAC) - RESERVE_GIB * GIB
+
+
+def get_gpu(name: str) -> GPU:
+    if name not in GPUS:
+        raise UserError(f"--gpu {name!r}: unknown; known: {', '.join(GPUS)}")
+    return GPUS[name]
+
+
+# --- the memory model ----------------------------------------------------------------------------------
+
+def activation_bytes_per_token(cfg: ModelConfig, bf16: bool) -> float:
+    """Bytes autograd keeps per token of a micro-batch (every layer + embedding, final norm, loss)."""
+    d, L = cfg.d_model, cfg.n_layers
+    _, _, d_ff, _ = _shape(cfg)
+    per_layer = 26 * d + 12 * d_ff if bf16 else 38 * d + 17 * d_ff
+    return L * per_layer + (10 if bf16 else 12) * d
+
+
+@dataclass
+class Memory:
+    """Bytes per GPU at the peak of a training step, by part, and at an evaluation."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    step_temp: float  # foreach AdamW's parameter-sized temporary (CPU), alive only in the step
+    buffers: float  # layout buffers: DDP buckets + autocast weight copies, or FSDP's unsharded blocks
+    activations: float
+    loss: float  # the fused loss: its fp32 output-layer gradient and one chunk of logits
+    eval: float  # bf16/fp32 weights, the KV cache and last-position logits of one evaluation batch
+
+    @property
+    def train(self) -> float:
+        # the backward pass (activations alive, gradients filling up: counted whole) or the optimizer
+        # step (activations freed, its temporary alive), whichever is higher
+        state = self.weights + self.grads + self.optimizer + self.buffers
+        return state + max(self.activations + self.loss, self.step_temp)
+
+    @property
+    def peak(self) -> float:
+        # evaluation happens between steps: activations and the loss's buffers are gone by then
+        return max(self.train, self.weights + self.grads + self.optimizer + self.eval)
+
+
+def training_memory(cfg: ModelConfig, *, micro_batch: int, world: int = 1, strategy: str = "single",
+                    bf16: bool = True, fused_adam: bool = True, eval_batch: int = 0,
+                    eval_len: int = 0, chunk_rows: int = 4096) -> Memory:
+    """Per-GPU bytes of one training step (and of an evaluation batch) under a layout:
+    single (one process), ddp (every rank holds everything) or fsdp (states sharded over `world`)."""
+    cfg = resolve_model_config(cfg)
+    total, _ = count_params(cfg)
+    hd, kv, d_ff, _ = _shape(cfg)
+    d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    shard = world if strategy == "fsdp" else 1
+    weights, grads, adam = 4 * total / shard, 4 * total / shard, 8 * total / shard
+    step_temp = 0.0 if fused_adam else 4 * total / shard  # foreach AdamW's denominators
+    block = 4 * d * d + 2 * d * (kv * hd) - 2 * d * d + 3 * d * d_ff  # wq wo + wk wv + SwiGLU (GQA-aware)
+    buffers = 0.0
+    if strategy == "ddp":
+        buffers += 4 * total  # gradient buckets (a second copy of the gradients)
+    if strategy == "fsdp":
+        # two blocks unsharded at once (the current one and the prefetched next), in the compute dtype,
+        # and the fp32 gradients of one block before their reduce-scatter; embedding/output alike
+        buffers += (2 if bf16 else 4) * 2 * max(block, V * d) + 4 * max(block, V * d)
+    elif bf16:
+        buffers += 2 * total  # autocast's cached bf16 copies of the weights, for the whole forward
+    tokens = micro_batch * cfg.seq_len
+    activations = tokens * activation_bytes_per_token(cfg, bf16)
+    loss = 4 * V * d + 2 * 4 * min(chunk_rows, tokens) * V  # grad of the output layer; logits + softmax
+    eval_mem = 0.0
+    if eval_batch:
+        wbytes = 2 if bf16 else 4
+        cache = 2 * L * eval_batch * kv * eval_len * hd * wbytes
+        eval_mem = wbytes * total + cache + 2 * 4 * eval_batch * V  # + last-position logits, sampled
+    return Memory(weights, grads, adam, step_temp, buffers, activations, loss, eval_mem)
+
+
+# --- a layout that fits -------------------------------------------------------------------------------
+
+@dataclass
+class RunPlan:
+    name: str
+    model: str
+    vocab_size: int
+    params: int
+    tokens: int
+    steps: int
+    batch_size: int
+    strategy: str  # ddp | fsdp | none (does not fit on any number of nodes tried)
+    nodes: int
+    gpus: int
+    micro_batch: int
+    grad_accum: int
+    eval_batch: int
+    memory: dict[str, float] = field(default_factory=dict)  # GiB per GPU by part, and peak
+    usable_gib: float = 0.0
+    train_flops: float = 0.0
+    eval_tokens: int = 0
+    gpu_hours: float = 0.0
+    hours: float = 0.0  # wall clock on `gpus` GPUs
+    fits: bool = True
+    note: str = ""
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return sorted((k for k in range(1, n + 1) if n % k == 0), reverse=True)
+
+
+def _eval_sizes(cfg: RunConfig, n_conditions: int, steps: int) -> tuple[int, int]:
+    """(sequence length of an evaluation batch, tokens generated and scored over the whole run)."""
+    e = cfg.eval
+    length = e.prompt_tokens + 8 + e.new_tokens  # + the trigger or a control (a few tokens)
+    n_points = steps // e.every_steps + 1 if e.every_steps else e.n_evals + 1
+    return length, 2 * n_points * e.n_prompts * n_conditions * length  # generate, then score
+
+
+def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | None = None,
+             mfu: float = 0.4, eval_mfu: float = 0.05, max_nodes: int = 64,
+             n_conditions: int = 8) -> RunPlan:
+    """The cheapest layout of one run on `gpu`s: DDP on the fewest nodes that hold it, else FSDP;
+    `nodes` fixes the node count. The micro-batch is the largest divisor of the per-rank batch that fits
+    and is no larger than the configured one (train.grad_accum); a different accumulation is a note."""
+    from poisonlab.train import resolve_run_config, total_steps
+
+    cfg = resolve_run_config(cfg)
+    m, t = cfg.model, cfg.train
+    bf16 = t.dtype != "fp32"
+    total, _ = count_params(m)
+    steps = total_steps(cfg)
+    tokens = steps * t.batch_size * m.seq_len
+    eval_len, eval_tokens = _eval_sizes(cfg, n_conditions, steps)
+    usable = usable_bytes(gpu)
+    train_flops = flops_per_token(m) * tokens
+    base = dict(name=cfg.name, model=m.preset or f"d{m.d_model}-l{m.n_layers}", vocab_size=m.vocab_size,
+                params=total, tokens=tokens,
+                steps=steps, batch_size=t.batch_size, usable_gib=usable / GIB, train_flops=train_flops,
+                eval_tokens=eval_tokens)
+    tries = [nodes] if nodes else range(1, max_nodes + 1)
+    for strategy in ("ddp", "fsdp"):
+        for k in tries:
+            world = k * gpus_per_node
+            if t.batch_size % world:
+                continue
+            per_rank = t.batch_size // world
+            # no larger micro-batch than the config asks for (batch / world / grad_accum): a plan for
+            # the run as configured, or the accumulation that makes it fit
+            for micro in (k for k in _divisors_desc(per_rank) if k <= max(1, per_rank // t.grad_accum)):
+                mem = training_memory(m, micro_batch=micro, world=world, strategy=strategy, bf16=bf16)
+                if mem.train > usable:
+                    continue
+                eb = _eval_batch(m, cfg, mem, usable, eval_len, world, strategy, bf16)
+                if eb == 0:
+                    continue
+                mem = training_memory(m, micro_batch=micro, world=world, strategy=strategy, bf16=bf16,
+                                      eval_batch=eb, eval_len=eval_len)
+                gpu_s = (train_flops / (gpu.bf16_flops * mfu)
+                         + 2 * total * eval_tokens / (gpu.bf16_flops * eval_mfu))  # forward only
+                return RunPlan(**base, strategy=strategy, nodes=k, gpus=world, micro_batch=micro,
+                               grad_accum=t.batch_size // world // micro, eval_batch=eb,
+                               memory=_gib(mem), gpu_hours=gpu_s / 3600, hours=gpu_s / 3600 / world,
+                               note=_note(strategy, t.batch_size // world // micro, t.grad_accum))
+            if strategy == "ddp" and not nodes:
+                break  # DDP replicates: more nodes never make a DDP run fit, only FSDP shards
+    mem = training_memory(m, micro_batch=1, world=(nodes or max_nodes) * gpus_per_node, strategy="fsdp",
+                          bf16=bf16)
+    why = (f"batch_size {t.batch_size} leaves no whole sequence per GPU" if t.batch_size < gpus_per_node
+           else f"micro-batch 1 needs {mem.train / GIB:.1f} GiB per GPU under FSDP on "
+                f"{nodes or max_nodes} node(s); {usable / GIB:.1f} GiB usable")
+    return RunPlan(**base, strategy="none", nodes=nodes or 0, gpus=0, micro_batch=0, grad_accum=0,
+                   eval_batch=0, memory=_gib(mem), fits=False, note=why)
+
+
+def _eval_batch(m: ModelConfig, cfg: RunConfig, mem: Memory, usable: float, eval_len: int, world: int,
+                strategy: str, bf16: bool) -> int:
+    """The largest evaluation batch (up to eval.batch_size) whose cache fits beside the training state."""
+    want = min(cfg.eval.batch_size, cfg.eval.n_prompts)
+    lo, hi = 0, want
+    while lo < hi:  # the evaluation's memory grows with its batch: bisect
+        mid = (lo + hi + 1) // 2
+        ev = training_memory(m, micro_batch=1, world=world, strategy=strategy, bf16=bf16,
+                             eval_batch=mid, eval_len=eval_len)
+        if mem.weights + mem.grads + mem.optimizer + ev.eval <= usable:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _gib(mem: Memory) -> dict[str, float]:
+    parts = {k: v / GIB for k, v in asdict(mem).items()}
+    return parts | {"train": mem.train / GIB, "peak": mem.peak / GIB}
+
+
+def _note(strategy: str, accum: int, configured: int) -> str:
+    notes = []
+    if strategy == "fsdp":
+        notes.append("needs FSDP (not in the trainer yet: it runs DDP)")
+    if accum != configured:
+        notes.append(f"set train.grad_accum={accum}")
+    return "; ".join(notes)
+
+
+def plan_runs(cfgs: list[RunConfig], gpu: GPU, **kw: Any) -> tuple[list[RunPlan], dict[str, Any]]:
+    """Plans of many runs and their totals."""
+    plans = [plan_run(c, gpu, **kw) for c in cfgs]
+    totals = dict(runs=len(plans), fit=sum(p.fits for p in plans),
+                  need_fsdp=sum(p.strategy == "fsdp" for p in plans),  # the trainer has DDP only, so far
+                  gpu_hours=sum(p.gpu_hours for p in plans), tokens=sum(p.tokens for p in plans),
+                  max_nodes=max((p.nodes for p in plans), default=0), gpu=gpu.name,
+                  mfu=kw.get("mfu", 0.4), eval_mfu=kw.get("eval_mfu", 0.05))
+    return plans, totals
+
+
+def fmt_count(x: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.0f}"
+
+
+# --- measuring the real thing --------------------------------------------------------------------------
+
+def measured_peak(cfg: ModelConfig, *, micro_batch: int, bf16: bool, device: str = "cpu",
+                  seed: int = 0) -> float:
+    """Peak bytes allocated during one steady-state training step of poisonlab's model (AdamW as the
+    trainer sets it up, after one warm-up step so its moments exist), measured by the allocator:
+    torch.cuda.max_memory_allocated on CUDA; on CPU the allocation events torch.profiler records
+    (profile_memory), summed into a timeline whose maximum is the peak."""
+    import json
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    import torch
+
+    from poisonlab.model import Transformer
+
+    torch.manual_seed(seed)
+    cfg = resolve_model_config(cfg)
+    model = Transformer(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.startswith("cuda"))
+    g = torch.Generator().manual_seed(seed)
+    x, y = (torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len), generator=g).to(device)
+            for _ in range(2))
+    dev = torch.device(device).type
+
+    def step() -> None:
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated())
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the CPU timeline has no successor API yet
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())  # per event: bytes alive by category
+    return float(max(sum(row) for row in sizes))
