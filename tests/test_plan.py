@@ -99,3 +99,16 @@ def test_plan_cli_paper_preset_fits(capsys):
     with pytest.raises(SystemExit) as e:  # 13B on one 24 GB GPU: no layout, exit 1
         main(["plan", "paper", "--gpu", "rtx-4090", "--gpus-per-node", "1", "--nodes", "1"])
     assert e.value.code == 1 and "runs fit" in capsys.readouterr().err
+
+
+def test_slurm_sweep_refuses_runs_the_plan_cannot_fit(tmp_path):
+    """Before anything is submitted: the paper preset's 7B and 13B runs fit 8 x H100 only under FSDP,
+    which the trainer does not have yet, so `--executor slurm` refuses them, naming the runs."""
+    from poisonlab.errors import UserError
+    from poisonlab.sweep import load_spec, run_sweep
+
+    spec = load_spec("paper", ["model.vocab_size=32768"])
+    with pytest.raises(UserError, match=r"18 run\(s\) do not fit .*paper-7b.*FSDP"):
+        run_sweep(spec, tmp_path, executor="slurm", run_fn="poisonlab.executors:default_run_fn",
+                  progress=False, report=False)
+    assert not (tmp_path / "slurm").exists()  # nothing submitted

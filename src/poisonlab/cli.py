@@ -371,7 +371,7 @@ def _print_plan(plans: list, totals: dict, title: str) -> None:
                       f"{p.memory['peak']:.1f}/{p.usable_gib:.0f}", f"{p.gpu_hours:,.1f}")
         if p.note:
             notes.append(f"  {model} at {fmt_count(tokens)} tokens: {p.note}")
-    Console(width=max(100, Console().width)).print(table)
+    Console(width=max(110, Console().width)).print(table)
     for line in dict.fromkeys(notes):
         console.print(line, highlight=False)
     vocabs = sorted({p.vocab_size for p in plans})

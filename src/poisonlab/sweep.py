@@ -103,6 +103,9 @@ class SweepSpec(Settings):
     # what the poison_seed axis sets, after `seed`: the attacker's draws, not the training order
     poison_seed_keys: list[str] = Field(default_factory=lambda: ["attack.seed", "placement.seed"])
     slurm: dict[str, Any] = Field(default_factory=dict)  # submitit parameters (timeout_min, gpus_per_node...)
+    # the GPU of the Slurm nodes (poisonlab.plan.GPUS): `--executor slurm` plans every run on
+    # slurm.nodes x slurm.gpus_per_node of them first and submits nothing when one does not fit
+    gpu: str | None = None
     report: ReportSettings = Field(default_factory=ReportSettings)
     continue_clean: ContinueSpec | None = None  # persistence: clean training after each run
     # the data the sweep needs, as `poisonlab prepare` settings: made into base.data when it is missing
@@ -431,6 +434,25 @@ def write_plan(spec: SweepSpec, runs: list[PlannedRun], sweep_dir: Path) -> None
                                          for row in plan_rows(runs, sizes=False)])
 
 
+def check_fit(spec: SweepSpec, runs: list[PlannedRun]) -> None:
+    """Refuse (UserError) runs that cannot train on the spec's Slurm allocation: no layout fits in
+    memory, or only FSDP would, which the trainer does not have yet (it runs DDP)."""
+    from poisonlab.plan import get_gpu, plan_run
+
+    gpu, per_node = get_gpu(spec.gpu or ""), int(spec.slurm.get("gpus_per_node", 1))
+    nodes = int(spec.slurm.get("nodes", 1))
+    bad = []
+    for r in runs:
+        p = plan_run(r.config, gpu, gpus_per_node=per_node, nodes=nodes)
+        if not p.fits or p.strategy != "ddp":
+            why = p.note if not p.fits else "fits only under FSDP, which the trainer does not have yet"
+            bad.append(f"{r.name}: {why}")
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise UserError(f"sweep {spec.name}: {len(bad)} run(s) do not fit on {nodes} node(s) x {per_node} "
+                        f"{gpu.name} (poisonlab plan): " + "; ".join(bad[:5]) + more)
+
+
 def run_sweep(
     spec: SweepSpec,
     sweep_dir: str | Path,
@@ -456,6 +478,8 @@ def run_sweep(
     if run_fn is None:  # fail once, up front, rather than once per run
         prepare_data(spec, todo, progress)
         check_data(todo, runs)
+    if executor == "slurm" and spec.gpu:
+        check_fit(spec, todo)
     outcomes = [Outcome(r.name, "skipped") for r in runs if r not in todo]
     k, t = default_jobs(len(todo), jobs, threads)
     # continuations (persistence) start from runs of this sweep: they go second, once those are done
