@@ -112,3 +112,19 @@ def test_slurm_sweep_refuses_runs_the_plan_cannot_fit(tmp_path):
         run_sweep(spec, tmp_path, executor="slurm", run_fn="poisonlab.executors:default_run_fn",
                   progress=False, report=False)
     assert not (tmp_path / "slurm").exists()  # nothing submitted
+
+
+def test_gpu_check_script_runs_on_cpu():
+    """benchmarks/gpu_check.py is for CUDA machines; its CPU path keeps it working between them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    args = ["--device", "cpu", "--presets", "tiny-25k", "--steps", "1", "--batch", "2", "--eval-batch", "2"]
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    train, ev = out["rows"]
+    assert train["preset"] == "tiny-25k" and train["tokens_per_s"] > 0 and train["plan_gib"] > 0
+    assert ev["eval_tokens_per_s"] > 0

@@ -1,0 +1,136 @@
+"""One script for a CUDA machine: training speed, MFU and memory of the small ladder, and evaluation speed.
+
+Per model size, for a fixed number of steps on synthetic tokens (the speed does not depend on the
+data): poisonlab's Transformer, AdamW as the trainer sets it up (fused on CUDA), bf16 autocast;
+with and without `torch.compile`. Prints tokens/s, MFU against the device's dense bf16 peak
+(`hardware.gpu_peak_flops`, the datasheet table; on CPU the GEMM probe measured in this run), peak
+memory (`torch.cuda.max_memory_allocated`) against `poisonlab.plan`'s estimate, and generated
+tokens/s of batched evaluation (`generation.generate`, KV cache, 64-token prompts + 100 new tokens).
+The first line names the machine; the last line is one JSON object.
+
+Multi-GPU: DDP is checked with torchrun (`tests/test_train_distributed.py` on CPU); FSDP is not in the
+trainer yet, so this script reports the GPU count and runs one GPU.
+
+    python benchmarks/gpu_check.py [--presets small-10m,small-25m,small-50m,small-85m] [--steps 30]
+        [--batch 16] [--no-compile]          # on a CUDA machine
+    python benchmarks/gpu_check.py --device cpu --presets tiny-25k --steps 2 --eval-batch 4   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from poisonlab import hardware
+from poisonlab.config import ModelConfig
+from poisonlab.generation import generate
+from poisonlab.model import Transformer, _chunk_rows, flops_per_token, resolve_model_config
+from poisonlab.plan import training_memory
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_speed(cfg: ModelConfig, dev: torch.device, batch: int, steps: int, compile_: bool,
+                bf16: bool) -> dict:
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=dev.type == "cuda")
+    fwd = torch.compile(model) if compile_ else model
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=g).to(dev) for _ in range(2))
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = fwd(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up (and compilation)
+        step()
+    sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(dev)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
+    return {"tokens_per_s": steps * batch * cfg.seq_len / dt, "peak_bytes": peak}
+
+
+def eval_speed(cfg: ModelConfig, dev: torch.device, batch: int, bf16: bool) -> float:
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dev).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (batch, 64))
+    noise = torch.rand(batch, 100)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        generate(model, prompt[:, :8], 4, noise[:, :4])  # warm-up
+        sync(dev)
+        t0 = time.perf_counter()
+        generate(model, prompt, 100, noise)
+        sync(dev)
+    return batch * 100 / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", default="small-10m,small-25m,small-50m,small-85m")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=16, help="sequences per step")
+    ap.add_argument("--vocab", type=int, default=2048, help="vocabulary (the gpu-small preset's)")
+    ap.add_argument("--eval-batch", type=int, default=128)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    info = hardware.describe_machine()
+    print(hardware.machine_line(info))
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        peak, row = hardware.gpu_peak_flops(name, "bf16")
+        print(f"device: {name}, {torch.cuda.device_count()} GPU(s); bf16 dense peak "
+              f"{(peak or 0) / 1e12:.0f} TFLOP/s ({row}); one GPU is used (FSDP is not in the trainer yet)")
+    else:
+        probe = "bf16" if hardware.cpu_has_amx() else "fp32"
+        peak = hardware.measure_gemm_flops(probe, 256)
+        print(f"device: CPU; reference: the GEMM probe, {peak / 1e9:.1f} GFLOP/s ({probe}, width 256, "
+              "measured now)")
+    variants = [False] if args.no_compile or dev.type != "cuda" else [False, True]
+    rows = []
+    for preset in args.presets.split(","):
+        cfg = resolve_model_config(ModelConfig(preset=preset, vocab_size=args.vocab))
+        bf16 = hardware.use_bf16("auto", dev, cfg.d_model)  # the trainer's own choice
+        fpt = flops_per_token(cfg)
+        est = training_memory(cfg, micro_batch=args.batch, bf16=bf16, fused_adam=dev.type == "cuda",
+                              chunk_rows=_chunk_rows(dev, cfg.vocab_size)).train
+        for comp in variants:
+            r = train_speed(cfg, dev, args.batch, args.steps, comp, bf16)
+            mfu = fpt * r["tokens_per_s"] / peak if peak else None
+            row = dict(preset=preset, compile=comp, dtype="bf16" if bf16 else "fp32",
+                       tokens_per_s=round(r["tokens_per_s"], 1), mfu=None if mfu is None else round(mfu, 4),
+                       peak_gib=None if r["peak_bytes"] is None else round(r["peak_bytes"] / 2**30, 3),
+                       plan_gib=round(est / 2**30, 3),
+                       plan_ratio=None if r["peak_bytes"] is None else round(est / r["peak_bytes"], 3))
+            rows.append(row)
+            mem = (f"peak {row['peak_gib']} GiB, plan {row['plan_gib']} GiB (x{row['plan_ratio']})"
+                   if row["peak_gib"] is not None else f"plan {row['plan_gib']} GiB")
+            print(f"{preset:10s} compile={comp!s:5s} {row['tokens_per_s']:>12,.0f} tok/s  "
+                  f"MFU {'-' if mfu is None else f'{mfu:.1%}'}  {mem}")
+        ev = eval_speed(cfg, dev, args.eval_batch, bf16)
+        rows.append(dict(preset=preset, eval_tokens_per_s=round(ev, 1), eval_batch=args.eval_batch))
+        print(f"{preset:10s} evaluation {ev:>12,.0f} generated tok/s (batch {args.eval_batch})")
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps({"machine": info, "device": str(dev), "peak_flops": peak, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
