@@ -79,6 +79,8 @@ def test_plan_respects_configured_accumulation_and_reports_misfits():
     h100 = get_gpu("h100-80gb")
     p = plan_run(_run("paper-600m", grad_accum=64), h100, gpus_per_node=8)
     assert (p.micro_batch, p.grad_accum) == (1, 64) and p.note == ""
+    one = plan_run(_run("small-10m"), h100, gpus_per_node=1)
+    assert one.strategy == "single" and one.memory["buffers"] > 0  # autocast's bf16 copies, no buckets
     none = plan_run(_run("paper-13b"), get_gpu("rtx-4090"), gpus_per_node=1, nodes=1)
     assert not none.fits and "micro-batch 1 needs" in none.note
 

@@ -368,7 +368,8 @@ def _print_plan(plans: list, totals: dict, title: str) -> None:
         layout = p.strategy if p.fits else "[red]no fit[/]"
         table.add_row(f"{model} ({fmt_count(p.params)})", str(len(ps)), fmt_count(tokens), layout,
                       str(p.nodes), f"{p.micro_batch} x {p.grad_accum}" if p.fits else "-", str(p.eval_batch),
-                      f"{p.memory['peak']:.1f}/{p.usable_gib:.0f}", f"{p.gpu_hours:,.1f}")
+                      f"{p.memory['peak']:.1f}/{p.usable_gib:.0f}",
+                      f"{p.gpu_hours:,.1f}" if p.gpu_hours >= 1 else f"{p.gpu_hours:.2g}")
         if p.note:
             notes.append(f"  {model} at {fmt_count(tokens)} tokens: {p.note}")
     Console(width=max(110, Console().width)).print(table)

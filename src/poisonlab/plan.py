@@ -144,7 +144,7 @@ class RunPlan:
     tokens: int
     steps: int
     batch_size: int
-    strategy: str  # ddp | fsdp | none (does not fit on any number of nodes tried)
+    strategy: str  # single (one GPU) | ddp | fsdp | none (does not fit on any number of nodes tried)
     nodes: int
     gpus: int
     micro_batch: int
@@ -200,23 +200,24 @@ def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | N
     for strategy in ("ddp", "fsdp"):
         for k in tries:
             world = k * gpus_per_node
-            if t.batch_size % world:
+            if t.batch_size % world or (strategy == "fsdp" and world == 1):
                 continue
+            layout = "single" if world == 1 else strategy  # one GPU: no DDP buckets, nothing to shard
             per_rank = t.batch_size // world
             # no larger micro-batch than the config asks for (batch / world / grad_accum): a plan for
             # the run as configured, or the accumulation that makes it fit
             for micro in (k for k in _divisors_desc(per_rank) if k <= max(1, per_rank // t.grad_accum)):
-                mem = training_memory(m, micro_batch=micro, world=world, strategy=strategy, bf16=bf16)
+                mem = training_memory(m, micro_batch=micro, world=world, strategy=layout, bf16=bf16)
                 if mem.train > usable:
                     continue
-                eb = _eval_batch(m, cfg, mem, usable, eval_len, world, strategy, bf16)
+                eb = _eval_batch(m, cfg, mem, usable, eval_len, world, layout, bf16)
                 if eb == 0:
                     continue
-                mem = training_memory(m, micro_batch=micro, world=world, strategy=strategy, bf16=bf16,
+                mem = training_memory(m, micro_batch=micro, world=world, strategy=layout, bf16=bf16,
                                       eval_batch=eb, eval_len=eval_len)
                 gpu_s = (train_flops / (gpu.bf16_flops * mfu)
                          + 2 * total * eval_tokens / (gpu.bf16_flops * eval_mfu))  # forward only
-                return RunPlan(**base, strategy=strategy, nodes=k, gpus=world, micro_batch=micro,
+                return RunPlan(**base, strategy=layout, nodes=k, gpus=world, micro_batch=micro,
                                grad_accum=t.batch_size // world // micro, eval_batch=eb,
                                memory=_gib(mem), gpu_hours=gpu_s / 3600, hours=gpu_s / 3600 / world,
                                note=_note(strategy, t.batch_size // world // micro, t.grad_accum))

@@ -444,7 +444,7 @@ def check_fit(spec: SweepSpec, runs: list[PlannedRun]) -> None:
     bad = []
     for r in runs:
         p = plan_run(r.config, gpu, gpus_per_node=per_node, nodes=nodes)
-        if not p.fits or p.strategy != "ddp":
+        if not p.fits or p.strategy == "fsdp":
             why = p.note if not p.fits else "fits only under FSDP, which the trainer does not have yet"
             bad.append(f"{r.name}: {why}")
     if bad:
