@@ -51,6 +51,12 @@ def _run(preset: str, **train) -> RunConfig:
                                               "batch_size": 300}})
 
 
+def test_every_gpu_has_a_datasheet_peak():
+    from poisonlab.plan import GPUS
+
+    assert all(g.bf16_flops > 1e14 for g in GPUS.values())
+
+
 def test_plan_layouts_follow_memory():
     """A 600M model replicates (DDP); 13B's 208 GB of fp32 state cannot, so FSDP shards it; a GPU too
     small for it needs more nodes; every plan's peak is under the usable memory, and micro-batch x

@@ -330,8 +330,7 @@ def plan_cmd(
     from poisonlab.sweep import expand, load_spec, spec_tree
 
     g = get_gpu(gpu)
-    path = Path(spec)
-    tree = spec_tree(spec)[0] if not path.is_file() or path.suffix in (".yaml", ".yml") else {}
+    tree, _ = spec_tree(spec)  # a sweep file, a preset or a run config: all YAML
     if tree.get("kind") == "finetune":
         raise UserError(f"{spec}: a fine-tuning sweep; `plan` covers pretraining runs")
     if "base" in tree or "grid" in tree:

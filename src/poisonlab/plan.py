@@ -34,20 +34,28 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class GPU:
-    name: str
+    name: str  # as torch.cuda.get_device_name reports it, so the peak comes from hardware.GPU_PEAKS
     memory_gib: float  # what the device reports as total memory
-    bf16_flops: float  # dense bf16 peak, FLOP/s (hardware.GPU_PEAKS, the datasheets' non-sparse column)
+
+    @property
+    def bf16_flops(self) -> float:
+        """Dense bf16 peak, FLOP/s: the datasheet row poisonlab.hardware matches this name to."""
+        from poisonlab.hardware import gpu_peak_flops
+
+        peak, _ = gpu_peak_flops(self.name, "bf16")
+        assert peak is not None, self.name  # every GPUS entry has a row (tests/test_plan.py)
+        return peak
 
 
 # Memory as torch.cuda.get_device_properties reports it (80 GB of HBM is 79.6 GiB).
 GPUS: dict[str, GPU] = {
-    "h100-80gb": GPU("H100 SXM 80GB", 79.6, 989.5e12),
-    "h100-pcie": GPU("H100 PCIe 80GB", 79.6, 756.5e12),
-    "h200": GPU("H200 141GB", 139.8, 989.5e12),
-    "a100-80gb": GPU("A100 80GB", 79.2, 312e12),
-    "a100-40gb": GPU("A100 40GB", 39.4, 312e12),
-    "l40s": GPU("L40S 48GB", 44.4, 362e12),
-    "rtx-4090": GPU("RTX 4090 24GB", 23.6, 165.2e12),
+    "h100-80gb": GPU("NVIDIA H100 80GB HBM3", 79.6),
+    "h100-pcie": GPU("NVIDIA H100 PCIe", 79.6),
+    "h200": GPU("NVIDIA H200", 139.8),
+    "a100-80gb": GPU("NVIDIA A100-SXM4-80GB", 79.2),
+    "a100-40gb": GPU("NVIDIA A100-SXM4-40GB", 39.4),
+    "l40s": GPU("NVIDIA L40S", 44.4),
+    "rtx-4090": GPU("NVIDIA GeForce RTX 4090", 23.6),
 }
 # kept free on every GPU: the CUDA context, NCCL buffers and the caching allocator's fragmentation
 RESERVE_GIB = 2.0
@@ -108,7 +116,7 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, world: int = 1, strat
     cfg = resolve_model_config(cfg)
     total, _ = count_params(cfg)
     hd, kv, d_ff, _ = _shape(cfg)
-    d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    d, V = cfg.d_model, cfg.vocab_size
     shard = world if strategy == "fsdp" else 1
     weights, grads, adam = 4 * total / shard, 4 * total / shard, 8 * total / shard
     step_temp = 0.0 if fused_adam else 4 * total / shard  # foreach AdamW's denominators
@@ -125,12 +133,19 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, world: int = 1, strat
     tokens = micro_batch * cfg.seq_len
     activations = tokens * activation_bytes_per_token(cfg, bf16)
     loss = 4 * V * d + 2 * 4 * min(chunk_rows, tokens) * V  # grad of the output layer; logits + softmax
-    eval_mem = 0.0
-    if eval_batch:
-        wbytes = 2 if bf16 else 4
-        cache = 2 * L * eval_batch * kv * eval_len * hd * wbytes
-        eval_mem = wbytes * total + cache + 2 * 4 * eval_batch * V  # + last-position logits, sampled
+    eval_mem = eval_memory(cfg, eval_batch, eval_len, bf16) if eval_batch else 0.0
     return Memory(weights, grads, adam, step_temp, buffers, activations, loss, eval_mem)
+
+
+def eval_memory(cfg: ModelConfig, batch: int, length: int, bf16: bool) -> float:
+    """Bytes of an evaluation batch: the weights in the compute dtype, the model's KV cache for
+    `length` positions, and the last position's logits and sampling buffer."""
+    cfg = resolve_model_config(cfg)
+    total, _ = count_params(cfg)
+    hd, kv, _, _ = _shape(cfg)
+    wbytes = 2 if bf16 else 4
+    cache = 2 * cfg.n_layers * batch * kv * length * hd * wbytes
+    return wbytes * total + cache + 2 * 4 * batch * cfg.vocab_size
 
 
 # --- a layout that fits -------------------------------------------------------------------------------
@@ -210,7 +225,7 @@ def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | N
                 mem = training_memory(m, micro_batch=micro, world=world, strategy=layout, bf16=bf16)
                 if mem.train > usable:
                     continue
-                eb = _eval_batch(m, cfg, mem, usable, eval_len, world, layout, bf16)
+                eb = _eval_batch(m, cfg, mem, usable, eval_len, bf16)
                 if eb == 0:
                     continue
                 mem = training_memory(m, micro_batch=micro, world=world, strategy=layout, bf16=bf16,
@@ -232,19 +247,14 @@ def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | N
                    eval_batch=0, memory=_gib(mem), fits=False, note=why)
 
 
-def _eval_batch(m: ModelConfig, cfg: RunConfig, mem: Memory, usable: float, eval_len: int, world: int,
-                strategy: str, bf16: bool) -> int:
+def _eval_batch(m: ModelConfig, cfg: RunConfig, mem: Memory, usable: float, eval_len: int,
+                bf16: bool) -> int:
     """The largest evaluation batch (up to eval.batch_size) whose cache fits beside the training state."""
-    want = min(cfg.eval.batch_size, cfg.eval.n_prompts)
-    lo, hi = 0, want
+    room = usable - (mem.weights + mem.grads + mem.optimizer)
+    lo, hi = 0, min(cfg.eval.batch_size, cfg.eval.n_prompts)
     while lo < hi:  # the evaluation's memory grows with its batch: bisect
         mid = (lo + hi + 1) // 2
-        ev = training_memory(m, micro_batch=1, world=world, strategy=strategy, bf16=bf16,
-                             eval_batch=mid, eval_len=eval_len)
-        if mem.weights + mem.grads + mem.optimizer + ev.eval <= usable:
-            lo = mid
-        else:
-            hi = mid - 1
+        lo, hi = (mid, hi) if eval_memory(m, mid, eval_len, bf16) <= room else (lo, mid - 1)
     return lo
 
 
