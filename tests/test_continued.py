@@ -17,8 +17,9 @@ from test_train import real_cfg  # noqa: E402
 from poisonlab.config import PlacementConfig, RunConfig, TrainConfig  # noqa: E402
 from poisonlab.continued import clean_tokens_consumed  # noqa: E402
 from poisonlab.errors import UserError  # noqa: E402
+from poisonlab.schedule import lr_at  # noqa: E402
 from poisonlab.stream import TrainingStream, read_ledger  # noqa: E402
-from poisonlab.train import lr_at, train  # noqa: E402
+from poisonlab.train import train  # noqa: E402
 
 
 def test_the_schedule_frame() -> None:

@@ -94,7 +94,8 @@ def test_decay_slope_on_known_curves() -> None:
 
 def test_the_persistence_preset(tmp_path: Path) -> None:
     """18 runs with the tiny-grid's names and settings, each continued for 2x its own steps."""
-    from poisonlab.train import resolve_run_config, total_steps
+    from poisonlab.schedule import total_steps
+    from poisonlab.train import resolve_run_config
 
     runs = {r.name: r for r in expand(load_spec("persistence"), tmp_path)}
     grid = {r.name: r for r in expand(load_spec("tiny-grid"), tmp_path)}

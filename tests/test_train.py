@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from poisonlab.checkpoint import latest_checkpoint, list_checkpoints
 from poisonlab.config import RunConfig
 from poisonlab.model import count_params, resolve_model_config
-from poisonlab.train import SyntheticStream, eval_steps, lr_at, milestone_grid, total_steps, train
+from poisonlab.schedule import eval_steps, lr_at, milestone_grid, total_steps
+from poisonlab.train import SyntheticStream, train
 
 FAKE = textwrap.dedent('''
     import time

@@ -196,7 +196,8 @@ def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | N
     """The cheapest layout of one run on `gpu`s: DDP on the fewest nodes that hold it, else FSDP;
     `nodes` fixes the node count. The micro-batch is the largest divisor of the per-rank batch that fits
     and is no larger than the configured one (train.grad_accum); a different accumulation is a note."""
-    from poisonlab.train import resolve_run_config, total_steps
+    from poisonlab.schedule import total_steps
+    from poisonlab.train import resolve_run_config
 
     cfg = resolve_run_config(cfg)
     m, t = cfg.model, cfg.train

@@ -258,7 +258,8 @@ def continuation(parent: PlannedRun, spec: ContinueSpec) -> PlannedRun:
     """The clean continuation of a planned run: its model and data order, no poisons, `clean_mult` x
     its steps at its last learning rate (the schedule frame set past its end), its own name."""
     from poisonlab.results import flatten
-    from poisonlab.train import resolve_run_config, total_steps
+    from poisonlab.schedule import total_steps
+    from poisonlab.train import resolve_run_config
 
     steps = total_steps(resolve_run_config(parent.config))  # the preset's sizes, not the defaults
     tree = copy.deepcopy(parent.tree)
@@ -314,7 +315,8 @@ def data_needs(runs: list[PlannedRun], parents: list[PlannedRun] | None = None) 
     the data is not prepared yet). Poison tokens are not subtracted: an upper bound, within ~1% here."""
     import json
 
-    from poisonlab.train import resolve_run_config, total_steps
+    from poisonlab.schedule import total_steps
+    from poisonlab.train import resolve_run_config
 
     held: dict[Path, int | None] = {}
     by_dir = {r.config.run_dir: r for r in (parents or runs)}  # the runs continuations start from

@@ -1,4 +1,6 @@
-"""The training loop: token budget, AdamW + warmup/cosine, evaluation hook, checkpoints, resume, logs.
+"""The training loop. Its parts live beside it: schedule.py (budget, lr, when to evaluate and
+checkpoint), rundir.py (lock, resume housekeeping, the record files), checkpoint.py, throughput.py
+(tokens/s, MFU, progress), distributed.py (DDP, per-rank rows); this file wires them together.
 
 `train(cfg)` runs one run into `cfg.out_dir/cfg.name` and returns that directory:
 
@@ -19,14 +21,9 @@ written before the config, data, poisons and evaluator have been checked.
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import functools
 import json
-import math
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -34,15 +31,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from poisonlab import distributed, runlock
-from poisonlab.checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
-from poisonlab.config import EvalConfig, RunConfig, TrainConfig, dump_yaml
+from poisonlab import distributed
+from poisonlab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from poisonlab.config import RunConfig, TrainConfig
 from poisonlab.continued import Start, load_start, resolve_start
 from poisonlab.errors import UserError
-from poisonlab.fsutil import atomic_path, recover, recover_all, remove_staging, remove_tree, write_text
-from poisonlab.hardware import compute_dtype, describe_machine, estimate_mfu, peak_flops, use_bf16
+from poisonlab.fsutil import recover, write_text
+from poisonlab.hardware import compute_dtype, describe_machine, peak_flops, use_bf16
 from poisonlab.model import Transformer, count_params, flops_per_token, resolve_model_config
 from poisonlab.placement import describe
+from poisonlab.rundir import RunRecords, check_config, open_run_dir, run_lock
+from poisonlab.schedule import checkpoint_steps, eval_steps, lr_at, total_steps
+from poisonlab.throughput import ProgressBar, Throughput
 
 
 class Stream(Protocol):
@@ -81,66 +81,7 @@ class SyntheticStream:
                        path)
 
 
-# --- budget, schedule, speed ----------------------------------------------------------------------------
-
-
-def total_steps(cfg: RunConfig) -> int:
-    """train.max_steps, else ceil(tokens_per_param * data_mult * params / tokens per step)."""
-    t = cfg.train
-    if t.max_steps is not None:
-        return t.max_steps
-    total, nonemb = count_params(cfg.model)
-    params = nonemb if t.budget_params == "nonemb" else total
-    return max(1, math.ceil(t.tokens_per_param * t.data_mult * params / (t.batch_size * cfg.model.seq_len)))
-
-
-def lr_at(step: int, t: TrainConfig, n_steps: int) -> float:
-    """Linear warmup over warmup_frac of the schedule, then cosine decay to min_lr_ratio * lr; the
-    schedule is this run's n_steps, or the frame train.schedule_offset / schedule_steps sets."""
-    step += t.schedule_offset
-    n_steps = t.schedule_steps or t.schedule_offset + n_steps
-    warmup = math.ceil(t.warmup_frac * n_steps)
-    if step < warmup:
-        return t.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, n_steps - warmup)
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-# --- evaluation and checkpoint schedule -------------------------------------------------------------
-
-
-def milestone_grid(e: EvalConfig, n_poison: int) -> list[int]:
-    """Poison counts start, start*r, start*r^2 ... (rounded up, distinct) up to n_poison, and n_poison."""
-    if e.milestone_ratio is None or n_poison < 1:
-        return []
-    out, m = [], float(e.milestone_start)
-    while m < n_poison:
-        out.append(math.ceil(m))
-        m *= e.milestone_ratio
-    return sorted(set(out) | {n_poison})
-
-
-def eval_steps(cfg: RunConfig, n_steps: int, stream: Stream) -> list[int]:
-    """Steps (optimizer steps done) at which to evaluate: evenly spaced incl. 0 and the end, or every
-    k steps, plus the first step at which poisons_seen reaches each milestone."""
-    e = cfg.eval
-    points: set[int] = set()
-    if e.every_steps:
-        points.update(range(0, n_steps + 1, e.every_steps))
-        points.add(n_steps)
-    elif e.n_evals > 0:
-        points.update(round(i * n_steps / e.n_evals) for i in range(e.n_evals + 1))
-    if e.log_evals:
-        points.update(round(n_steps ** (i / e.log_evals)) for i in range(e.log_evals + 1))
-    for m in sorted(set(e.poison_milestones) | set(milestone_grid(e, cfg.attack.n_poison))):
-        # poisons_seen is monotone in steps: bisect instead of asking for every step
-        s = bisect.bisect_left(range(n_steps + 1), m, key=stream.poisons_seen)
-        if s <= n_steps:
-            points.add(s)
-    return sorted(points)
-
-
-# --- the run directory -------------------------------------------------------------------------------
+# --- the run's columns and inputs -----------------------------------------------------------------------
 
 def run_columns(cfg: RunConfig, params_total: int, params_nonemb: int,
                 data_epochs: int | None, clean_tokens: int | None = None) -> dict:
@@ -198,30 +139,6 @@ def _model_name(cfg: RunConfig) -> str:
     return m.preset or f"d{m.d_model}-l{m.n_layers}"
 
 
-def _read_rows(path: Path, max_step: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [r for r in pq.read_table(path).to_pylist() if r["step"] <= max_step]
-
-
-def _truncate_jsonl(path: Path, max_step: int) -> None:
-    """Keep complete lines with step <= max_step (a killed run may leave a torn last line)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            if json.loads(line).get("step", -1) <= max_step:
-                keep.append(line + "\n")
-    write_text(path, "".join(keep))
-
-
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    if rows:
-        with open(path, "a") as f:
-            f.write("".join(json.dumps(r, default=float) + "\n" for r in rows))
-
-
 def _default_stream(cfg: RunConfig, n_steps: int, poisons: list, clean_offset: int = 0) -> Stream:
     from poisonlab.attacks import trigger_patterns
     from poisonlab.stream import TrainingStream
@@ -245,27 +162,6 @@ def _default_evaluator(cfg: RunConfig, poisons: list) -> Evaluator:
     return Ev(cfg.eval, cfg.data, cfg.eval.trigger or cfg.attack.trigger, behaviour=behaviour)
 
 
-def _check_config(run_dir: Path, cfg: RunConfig) -> None:
-    """A run dir may only be resumed with the config it was started with (threads may change)."""
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        import yaml
-
-        old, new = yaml.safe_load(path.read_text()), yaml.safe_load(dump_yaml(cfg))
-        with contextlib.suppress(ValueError, TypeError):  # defaults filled: a newer setting is no change
-            old = yaml.safe_load(dump_yaml(RunConfig.model_validate(old)))
-        for c in (old, new):
-            c.get("train", {}).pop("threads", None)
-        if old != new:
-            diff = sorted(f"{sec}.{k}" for sec in new if isinstance(new[sec], dict)
-                          for k in new[sec] if old.get(sec, {}).get(k) != new[sec][k])
-            raise UserError(f"{run_dir}: exists with a different config ({', '.join(diff) or 'top level'}); "
-                            "use another name or --no-resume")
-
-
-# --- the loop -----------------------------------------------------------------------------------------
-
-
 def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = None,
           stream: Stream | None = None, progress: bool = True) -> Path:
     """Train one run; return its directory. A finished run (DONE) is returned untouched.
@@ -278,7 +174,7 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
     cfg = resolve_run_config(cfg)
     run_dir = Path(cfg.run_dir)
     if resume:
-        _check_config(run_dir, cfg)  # before the DONE check: a changed config must not pass as done
+        check_config(run_dir, cfg)  # before the DONE check: a changed config must not pass as done
         if (run_dir / "DONE").is_file():
             return run_dir
     t = cfg.train
@@ -288,8 +184,8 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
     try:
         # nothing is written before this
         stream, evaluator, begin = _inputs(cfg, dist.world, stream, evaluator)
-        with _run_lock(run_dir, dist):
-            if _open_run_dir(cfg, run_dir, dist, resume=resume):
+        with run_lock(run_dir, dist):
+            if open_run_dir(cfg, run_dir, dist, resume=resume):
                 _train(cfg, run_dir, dist, resume=resume, evaluator=evaluator, stream=stream,
                        progress=progress, begin=begin)
     finally:
@@ -320,64 +216,14 @@ def _inputs(cfg: RunConfig, world: int, stream: Stream | None,
     return stream, evaluator, start
 
 
-@contextlib.contextmanager
-def _run_lock(run_dir: Path, dist: distributed.Dist) -> Iterator[None]:
-    """Rank 0 holds the run's lock for the block; every rank learns whether it got it, so that under
-    torchrun all ranks stop together when the run is busy (none is left waiting at a barrier)."""
-    with contextlib.ExitStack() as stack:
-        busy: runlock.RunBusy | None = None
-        if dist.main:
-            try:
-                stack.enter_context(runlock.hold(run_dir))
-            except runlock.RunBusy as e:
-                busy = e
-        if dist.mean(torch.tensor(float(busy is not None), device=dist.device)).item() > 0:
-            raise busy or runlock.RunBusy(run_dir, runlock.read_holder(run_dir))
-        yield
-
-
-def _open_run_dir(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: bool) -> bool:
-    """Under the lock: False if the run was finished meanwhile; else clear it (no resume), finish or
-    remove what killed writes left, and write config.yaml."""
-    if resume:  # again: another process may have finished it (or started it differently) meanwhile
-        _check_config(run_dir, cfg)
-        if (run_dir / "DONE").is_file():
-            return False
-    dist.barrier()  # every rank has looked before rank 0 changes anything
-    if dist.main:
-        if not resume:  # DONE first: a reset cut short must not pass as a finished run
-            for name in ("DONE", CKPT_DIR, "metrics.parquet", "samples.jsonl", "log.jsonl", "ledger.parquet",
-                         "config.yaml"):
-                p = run_dir / name
-                remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        recover_all(run_dir)
-        recover_all(run_dir / CKPT_DIR)
-        remove_staging(run_dir / CKPT_DIR)  # half-written checkpoints of a killed run; we hold the lock
-        write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    dist.barrier()
-    return True
-
-
 def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: bool,
            evaluator: Evaluator | None, stream: Stream, progress: bool, begin: Start | None) -> None:
     t, mcfg = cfg.train, cfg.model
     n_steps = total_steps(cfg)
-
-    # same seed on every rank: identical initial weights, as DDP requires
-    torch.manual_seed(t.seed)
-    model = Transformer(mcfg).to(dist.device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]  # matrices and embedding
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norm weights
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=t.lr, betas=t.betas, fused=dist.device.type == "cuda")
-
+    model, train_model, opt = _build(cfg, dist)
     evals = set(eval_steps(cfg, n_steps, stream)) if evaluator is not None else set()
-    if t.checkpoint_every:
-        ckpts = set(range(t.checkpoint_every, n_steps, t.checkpoint_every))
-    else:  # at every evaluation; without evaluations, at every tenth of the run
-        ckpts = evals - {0} if evals else {round(i * n_steps / 10) for i in range(1, 10)} - {0}
-    ckpts.add(n_steps)
+    ckpts = checkpoint_steps(t, n_steps, evals)
+    records = RunRecords(run_dir, main=dist.main)
 
     start, state = 0, {}
     ckpt = latest_checkpoint(run_dir) if resume else None
@@ -386,41 +232,15 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
         start = state["step"]
     elif begin is not None:
         load_start(begin, model, opt if cfg.init.optimizer else None)
-    metrics_path, samples_path = run_dir / "metrics.parquet", run_dir / "samples.jsonl"
-    log_path = run_dir / "log.jsonl"
-    rows: list[dict] = []
-    if dist.main:
-        rows = _read_rows(metrics_path, start - 1 if ckpt is None else start)
-        for p in (samples_path, log_path):
-            _truncate_jsonl(p, start - 1 if ckpt is None else start)
-        if ckpt is None:
-            with atomic_path(run_dir / "ledger.parquet") as tmp:
-                stream.write_ledger(tmp)
+    records.resume(start - 1 if ckpt is None else start)
+    if ckpt is None:
+        records.write_ledger(stream)
 
-    train_model = distributed.wrap(model, dist)
-    if t.compile:
-        train_model = torch.compile(train_model)
     bf16 = use_bf16(t.dtype, dist.device, mcfg.d_model)
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
-    total, nonemb = count_params(mcfg)
-    fpt = flops_per_token(mcfg)
-    # MFU's peak: the GPU datasheet for this dtype, a GEMM measured here on CPU, or train.peak_flops
-    peak_info = peak_flops(dist.device, compute_dtype(dist.device, bf16), width=mcfg.d_model,
-                           given=t.peak_flops)
-    if dist.main:
-        write_text(run_dir / "hardware.json",
-                   json.dumps(peak_info.record() | {"world": dist.world, **describe_machine()}) + "\n")
-    peak = peak_info.flops or 0.0
-    peak *= dist.world
     tokens_per_step = t.batch_size * mcfg.seq_len
-    run_cols = run_columns(cfg, total, nonemb, getattr(stream, "epochs_needed", None),
-                           getattr(stream, "clean_tokens_needed", None))
-    # where a continued run started: the earlier run, its step, the clean tokens it had consumed
-    run_cols.update(init_from=begin.name if begin else None, init_step=begin.step if begin else None,
-                    clean_offset=getattr(stream, "clean_offset", 0))  # as the stream snapped it
-    if dist.main and (run_cols["data_epochs"] or 1) > 1:
-        _warn(f"{cfg.name}: trains on {run_cols['data_epochs']} passes over the clean data of {cfg.data} "
-              "(train.allow_data_repeat): repeated data is a different experiment from the study's")
+    speed = Throughput(tokens_per_step, flops_per_token(mcfg), _peak_flops(cfg, run_dir, dist, bf16), start)
+    run_cols = _run_cols(cfg, stream, begin, dist)
 
     def evaluate(step: int) -> None:
         if dist.main:
@@ -433,94 +253,112 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
                         poisons_seen=stream.poisons_seen(step))
             if hasattr(stream, "poisons_seen_effective"):
                 cols["poisons_seen_effective"] = stream.poisons_seen_effective(step)
-            rows.append({**cols, **metrics})
-            with atomic_path(metrics_path) as tmp:
-                pq.write_table(pa.Table.from_pylist(rows), tmp)
-            _append_jsonl(samples_path, [{"run_id": cfg.name, "step": step, **s} for s in samples])
+            records.add_evaluation({**cols, **metrics},
+                                   [{"run_id": cfg.name, "step": step, **s} for s in samples])
         dist.barrier()
 
-    micro = t.grad_accum
     # the loss summed since the last log line, and that line's step: in the checkpoint, so that
     # log.jsonl after a resume reads exactly as without the interruption
     loss_sum = torch.tensor(state.get("loss_sum", 0.0), dtype=torch.float32, device=dist.device)
-    last_step = state.get("last_log_step", start)
+    last_log = state.get("last_log_step", start)
 
     def boundary(step: int, lr: float) -> None:
         # order matters for resume: evaluation rows at `step` exist before its checkpoint does
+        b0 = time.perf_counter()
         if step in evals:
             evaluate(step)
         if step in ckpts and dist.main:
             save_checkpoint(run_dir, step, model, opt, dict(total_steps=n_steps, lr=lr,
                             tokens_seen=step * tokens_per_step, poisons_seen=stream.poisons_seen(step),
-                            data_position=step, loss_sum=loss_sum.item(), last_log_step=last_step),
+                            data_position=step, loss_sum=loss_sum.item(), last_log_step=last_log),
                             keep=t.keep_checkpoints)
         dist.barrier()
+        speed.pause(time.perf_counter() - b0)
 
-    bar = _progress_bar(progress and dist.main, n_steps, start)
+    bar = ProgressBar(progress and dist.main, n_steps, start)
     if start == 0:
         boundary(0, lr_at(0, t, n_steps))
-    # tokens/s counts steps timed in this process and leaves out time spent evaluating and saving
-    last_t, timed_from, paused = time.perf_counter(), start, 0.0
     model.train()
     for step in range(start, n_steps):
         lr = lr_at(step, t, n_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = stream.batch(step)
-        x, y = dist.rows(x).to(dist.device), dist.rows(y).to(dist.device)
-        for i, (xb, yb) in enumerate(zip(x.chunk(micro), y.chunk(micro), strict=True)):
-            with distributed.no_sync(train_model, sync=i == micro - 1), autocast:
-                loss = train_model(xb, yb) / micro
-            loss.backward()
-            loss_sum += loss.detach()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _step(train_model, model, opt, dist.rows(x), dist.rows(y), t, dist, autocast, loss_sum)
         done = step + 1
-
+        text = None
         if done % t.log_every == 0 or done == n_steps:
-            mean_loss = dist.mean(loss_sum).item() / (done - last_step)
-            now = time.perf_counter()
-            tps = (done - max(last_step, timed_from)) * tokens_per_step / max(now - last_t - paused, 1e-9)
-            mfu = estimate_mfu(fpt, tps, peak)
-            entry = dict(step=done, loss=round(mean_loss, 6), lr=lr, tokens_per_s=round(tps, 1),
-                         mfu=None if mfu is None else round(mfu, 4), poisons_seen=stream.poisons_seen(done),
-                         tokens_seen=done * tokens_per_step)
-            if dist.main:
-                _append_jsonl(log_path, [entry])
-            mfu_text = f" | MFU {mfu:.0%}" if mfu else ""
-            bar.update(done, f"loss {mean_loss:.3f} | {tps:,.0f} tok/s{mfu_text}")
+            mean_loss = dist.mean(loss_sum).item() / (done - last_log)
+            tps, mfu = speed.lap(done)
+            records.add_log(dict(step=done, loss=round(mean_loss, 6), lr=lr, tokens_per_s=round(tps, 1),
+                                 mfu=None if mfu is None else round(mfu, 4),
+                                 poisons_seen=stream.poisons_seen(done), tokens_seen=done * tokens_per_step))
+            text = f"loss {mean_loss:.3f} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.0%}" if mfu else "")
             loss_sum.zero_()
-            last_step, last_t, paused = done, now, 0.0
-        else:
-            bar.update(done, None)
-        b0 = time.perf_counter()
+            last_log = done
+        bar.update(done, text)
         boundary(done, lr)
-        paused += time.perf_counter() - b0
     bar.close()
     if dist.main:
         write_text(run_dir / "DONE", json.dumps({"steps": n_steps, "time": time.time()}) + "\n")
     dist.barrier()
 
 
-class _progress_bar:
-    """A rich progress bar that can be switched off (and is, on ranks other than 0)."""
+def _build(cfg: RunConfig, dist: distributed.Dist
+           ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """(the model, the module that trains it (DDP or compiled), AdamW with decay on matrices only)."""
+    t = cfg.train
+    # same seed on every rank: identical initial weights, as DDP requires
+    torch.manual_seed(t.seed)
+    model = Transformer(cfg.model).to(dist.device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]  # matrices and embedding
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norm weights
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=t.lr, betas=t.betas, fused=dist.device.type == "cuda")
+    train_model = distributed.wrap(model, dist)
+    if t.compile:
+        train_model = torch.compile(train_model)
+    return model, train_model, opt
 
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.p = None
-        if enabled and os.environ.get("POISONLAB_NO_PROGRESS") is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                              TextColumn("{task.description}"), transient=False)
-            self.p.start()
-            self.task = self.p.add_task("", total=total, completed=start)
+def _step(train_model: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
+          x: torch.Tensor, y: torch.Tensor, t: TrainConfig, dist: distributed.Dist,
+          autocast: torch.autocast, loss_sum: torch.Tensor) -> None:
+    """One optimizer step on this rank's rows, accumulated over t.grad_accum micro-batches; adds the
+    step's loss (this rank's mean) to loss_sum, one micro-batch at a time."""
+    x, y = x.to(dist.device), y.to(dist.device)
+    micro = t.grad_accum
+    for i, (xb, yb) in enumerate(zip(x.chunk(micro), y.chunk(micro), strict=True)):
+        with distributed.no_sync(train_model, sync=i == micro - 1), autocast:
+            loss = train_model(xb, yb) / micro
+        loss.backward()
+        loss_sum += loss.detach()
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
-    def update(self, done: int, text: str | None) -> None:
-        if self.p is not None:
-            self.p.update(self.task, completed=done, **({} if text is None else {"description": text}))
 
-    def close(self) -> None:
-        if self.p is not None:
-            self.p.stop()
+def _peak_flops(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, bf16: bool) -> float:
+    """MFU's peak over all ranks: the GPU datasheet for this dtype, a GEMM measured here on CPU, or
+    train.peak_flops; recorded in hardware.json."""
+    info = peak_flops(dist.device, compute_dtype(dist.device, bf16), width=cfg.model.d_model,
+                      given=cfg.train.peak_flops)
+    if dist.main:
+        write_text(run_dir / "hardware.json",
+                   json.dumps(info.record() | {"world": dist.world, **describe_machine()}) + "\n")
+    return (info.flops or 0.0) * dist.world
+
+
+def _run_cols(cfg: RunConfig, stream: Stream, begin: Start | None, dist: distributed.Dist) -> dict:
+    total, nonemb = count_params(cfg.model)
+    cols = run_columns(cfg, total, nonemb, getattr(stream, "epochs_needed", None),
+                       getattr(stream, "clean_tokens_needed", None))
+    # where a continued run started: the earlier run, its step, the clean tokens it had consumed
+    cols.update(init_from=begin.name if begin else None, init_step=begin.step if begin else None,
+                clean_offset=getattr(stream, "clean_offset", 0))  # as the stream snapped it
+    if dist.main and (cols["data_epochs"] or 1) > 1:
+        _warn(f"{cfg.name}: trains on {cols['data_epochs']} passes over the clean data of {cfg.data} "
+              "(train.allow_data_repeat): repeated data is a different experiment from the study's")
+    return cols
