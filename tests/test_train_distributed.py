@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent('''
     from poisonlab.train import SyntheticStream, train
 
     class Eval:
-        def run(self, model, *, step, autocast_dtype=None):
+        def run(self, model, *, step, autocast_dtype=None, share=None):
             x = torch.arange(64).view(2, 32) % model.cfg.vocab_size
             return {"val_loss": model(x[:, :-1], x[:, 1:]).item()}, []
 

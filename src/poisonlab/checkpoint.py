@@ -5,6 +5,16 @@
         state.safetensors   optimizer moments and steps ("opt.<param name>.<key>"), RNG states ("rng.*")
         state.json          step, total steps, lr, tokens and poisons seen, data position, param groups
 
+A sharded (FSDP) run writes no file with everything in it: each rank writes the rows it holds,
+
+        model-00000-of-00004.safetensors   rank 0's rows of every parameter (FSDP shards dim 0)
+        state-00000-of-00004.safetensors   rank 0's rows of the AdamW moments, the step, RNG states
+        shards.json                        world size and, per tensor, its shape and each rank's rows
+
+and a load reads only the rows it needs from each file, so a checkpoint loads on any number of
+ranks (resume on another world size) and into a whole model (evaluation, HF export). No pickle:
+torch.distributed.checkpoint keeps its metadata in a pickled file, which is why it is not used here.
+
 The data position is the step itself: the training stream is a pure function of the step.
 """
 
@@ -15,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from poisonlab.fsutil import atomic_path, recover_all, remove_tree
 
 CKPT_DIR = "checkpoints"
+SHARD_INDEX = "shards.json"
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -48,68 +60,244 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
 
 
+def has_weights(ckpt: Path) -> bool:
+    """Whether a checkpoint directory holds weights (one model.safetensors, or shards)."""
+    return (Path(ckpt) / "model.safetensors").is_file() or (Path(ckpt) / SHARD_INDEX).is_file()
+
+
+# --- rows: a sharded tensor (DTensor, Shard(0)) holds rows start..stop of the whole ---------------------
+
+
+def shard_rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows of dim 0 that `rank` holds: torch.chunk's split, which FSDP2's Shard(0) uses."""
+    c = -(-n // world)
+    return min(rank * c, n), min((rank + 1) * c, n)
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int] | None]:
+    """(this rank's part, (first row, end row, rows of the whole)) of a tensor; None for a whole one."""
+    if not _is_sharded(t):
+        return t.detach(), None
+    from torch.distributed.tensor import Shard
+
+    if tuple(t.placements) != (Shard(0),):
+        raise ValueError(f"only dim-0 sharding is saved, got placements {t.placements}")
+    mesh = t.device_mesh
+    rows = shard_rows(t.shape[0], mesh.size(), mesh.get_local_rank())
+    local = t.to_local().detach()
+    if local.shape[0] != rows[1] - rows[0]:
+        raise ValueError(f"a shard has {local.shape[0]} rows where torch.chunk gives {rows}")
+    return local, (*rows, t.shape[0])
+
+
+class _Reader:
+    """Rows of the named tensors of one kind ("model" or "state") of a checkpoint: from its single
+    file, or from the per-rank shard files (each opened lazily, only the rows asked for read)."""
+
+    def __init__(self, ckpt: Path, kind: str):
+        index = ckpt / SHARD_INDEX
+        if index.is_file():
+            meta = json.loads(index.read_text())
+            self.world, self.entries = int(meta["world"]), meta["tensors"][kind]
+            self.files = [ckpt / shard_name(kind, r, self.world) for r in range(self.world)]
+        else:
+            self.world, self.files = 1, [ckpt / f"{kind}.safetensors"]
+            with safe_open(str(self.files[0]), "pt") as f:
+                keys = list(f.keys())
+                self.entries = {k: {"shape": list(f.get_slice(k).get_shape()), "rows": None} for k in keys}
+        self._open: dict[int, Any] = {}
+
+    def _file(self, r: int):
+        if r not in self._open:
+            self._open[r] = safe_open(str(self.files[r]), "pt")
+        return self._open[r]
+
+    def names(self) -> set[str]:
+        return set(self.entries)
+
+    def shape(self, name: str) -> list[int]:
+        return self.entries[name]["shape"]
+
+    def rows(self, name: str, start: int | None = None, stop: int | None = None,
+             rank: int | None = None) -> torch.Tensor:
+        """Rows start..stop (None: all) of the whole tensor; `rank` names a per-rank whole tensor
+        (RNG state) of the shard file of that rank."""
+        e = self.entries[name]
+        parts = e["rows"]
+        if parts is None:  # a whole tensor, in the first file (or in each rank's file, its own)
+            f = self._file(rank if rank is not None and rank < self.world else 0)
+            return f.get_tensor(name) if start is None else f.get_slice(name)[start:stop]
+        n = e["shape"][0]
+        start, stop = (0, n) if start is None else (start, stop)
+        pieces = [self._file(r).get_slice(name)[max(start, a) - a:min(stop, b) - a]
+                  for r, (a, b) in enumerate(parts) if max(start, a) < min(stop, b)]
+        if not pieces:  # a rank with no rows of a tensor smaller than the world
+            return self._file(0).get_slice(name)[0:0]
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def shard_name(kind: str, rank: int, world: int) -> str:
+    return f"{kind}-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def _rows_for(p: torch.Tensor) -> tuple[int | None, int | None]:
+    if not _is_sharded(p):
+        return None, None
+    mesh = p.device_mesh
+    return shard_rows(p.shape[0], mesh.size(), mesh.get_local_rank())
+
+
+def _as_param_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A tensor of p's rows as p's kind: a DTensor of p's mesh and placements, or the tensor."""
+    if not _is_sharded(p):
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load model.safetensors into a model (strictly: every parameter must be there)."""
-    tensors = load_file(str(path))
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(tensors))
-    extra = sorted(set(tensors) - set(params))
-    if missing or extra:
-        raise ValueError(f"{path}: weights do not match the model "
-                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[n])
+    """Load model.safetensors (or, when only shards are there, the shards beside it) into a model,
+    whole or sharded, each rank reading its rows only (strictly: every parameter must be there)."""
+    path = Path(path)
+    reader = _Reader(path.parent, "model")
+    try:
+        params = dict(model.named_parameters())
+        missing = sorted(set(params) - reader.names())
+        extra = sorted(reader.names() - set(params))
+        if missing or extra:
+            raise ValueError(f"{path}: weights do not match the model "
+                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for n, p in params.items():
+                if list(p.shape) != reader.shape(n):
+                    raise ValueError(f"{n}: shape {reader.shape(n)} in the checkpoint, {list(p.shape)} in "
+                                     "the model")
+                a, b = _rows_for(p)
+                target = p.to_local() if _is_sharded(p) else p
+                target.copy_(reader.rows(n, a, b))
+    finally:
+        reader.close()
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    info: dict[str, Any], keep: int) -> Path:
-    """Write checkpoints/step_<step> atomically, then delete all but the newest `keep`."""
+                    info: dict[str, Any], keep: int, dist: Any = None) -> Path:
+    """Write checkpoints/step_<step> atomically, then delete all but the newest `keep`. A sharded
+    model (FSDP) is written by every rank, its rows each (`dist`: the trainer's Dist, for the
+    barriers); otherwise by the caller alone."""
     names = {id(p): n for n, p in model.named_parameters()}
-    tensors: dict[str, torch.Tensor] = {}
+    weights = {n: _local(p) for n, p in model.named_parameters()}
+    state_t: dict[str, tuple[torch.Tensor, tuple[int, int, int] | None]] = {}
     for p, st in optimizer.state.items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{names[id(p)]}.{k}"] = v.detach().cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
+                state_t[f"opt.{names[id(p)]}.{k}"] = _local(v)
+    state_t["rng.torch"] = (torch.get_rng_state(), None)
     if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        state_t["rng.cuda"] = (torch.cuda.get_rng_state(), None)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     state = dict(info, step=step, param_groups=groups)
+    sharded = any(rows is not None for _, rows in weights.values())
     final = step_dir(run_dir, step)
-    with atomic_path(final) as tmp:
-        tmp.mkdir()
-        save_file(model_tensors(model), str(tmp / "model.safetensors"))
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
-    for old in list_checkpoints(run_dir)[:-keep]:
-        remove_tree(old)  # renamed away first: never listed half deleted
+    cpu = lambda d: {k: t.cpu().contiguous() for k, (t, _) in d.items()}
+    if not sharded:
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            save_file(cpu(weights), str(tmp / "model.safetensors"))
+            save_file(cpu(state_t), str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+    else:
+        _save_sharded(final, weights, state_t, state, dist)
+    if dist is None or dist.main:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            remove_tree(old)  # renamed away first: never listed half deleted
+    if dist is not None:
+        dist.barrier()
     return final
+
+
+def _save_sharded(final: Path, weights: dict, state_t: dict, state: dict, dist: Any) -> None:
+    """Every rank writes its rows into rank 0's staging directory; rank 0 adds the index and the
+    JSON state and renames the directory into place once all have written."""
+    import contextlib
+
+    rank, world = dist.rank, dist.world
+    cpu = lambda d: {k: t.cpu().contiguous() for k, (t, _) in d.items()}
+    with contextlib.ExitStack() as stack:
+        staged = ""
+        if dist.main:
+            tmp = stack.enter_context(atomic_path(final))
+            tmp.mkdir()
+            staged = str(tmp)
+        tmp = Path(dist.broadcast_text(staged))
+        save_file(cpu(weights), str(tmp / shard_name("model", rank, world)))
+        save_file(cpu(state_t), str(tmp / shard_name("state", rank, world)))
+        dist.barrier()
+        if dist.main:
+            def entries(d: dict) -> dict:
+                out = {}
+                for k, (t, rows) in d.items():
+                    if rows is None:
+                        out[k] = {"shape": list(t.shape), "rows": None}
+                    else:
+                        n = rows[2]
+                        out[k] = {"shape": [n, *t.shape[1:]],
+                                  "rows": [list(shard_rows(n, world, r)) for r in range(world)]}
+                return out
+
+            index = {"world": world, "tensors": {"model": entries(weights), "state": entries(state_t)}}
+            (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+            (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+    dist.barrier()
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     *, restore_rng: bool = True) -> dict[str, Any]:
-    """Restore weights (and optimizer state and RNG) from a checkpoint dir; return its state.json."""
+    """Restore weights (and optimizer state and RNG) from a checkpoint dir, whole or sharded, into a
+    whole or sharded model; return its state.json."""
     path = Path(path)
     load_weights(model, path / "model.safetensors")
     state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
-    if optimizer is not None:
-        # through load_state_dict, so that torch places each tensor (e.g. `step` for fused AdamW)
-        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-        by_name = {n: index[id(p)] for n, p in model.named_parameters()}
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in tensors.items():
-            if key.startswith("opt."):
-                pname, k = key[4:].rsplit(".", 1)
-                opt_state.setdefault(by_name[pname], {})[k] = v
-        sd = optimizer.state_dict()
-        optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
-    if restore_rng:
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
+    reader = _Reader(path, "state")
+    try:
+        if optimizer is not None:
+            # through load_state_dict, so that torch places each tensor (e.g. `step` for fused AdamW)
+            index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+            params = dict(model.named_parameters())
+            opt_state: dict[int, dict[str, torch.Tensor]] = {}
+            for key in sorted(reader.names()):
+                if key.startswith("opt."):
+                    pname, k = key[4:].rsplit(".", 1)
+                    p = params[pname]
+                    if reader.shape(key) == list(p.shape):  # moments: the parameter's rows
+                        v = _as_param_like(reader.rows(key, *_rows_for(p)), p)
+                    else:  # the step count
+                        v = reader.rows(key)
+                    opt_state.setdefault(index[id(p)], {})[k] = v
+            sd = optimizer.state_dict()
+            optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
+        if restore_rng:
+            rank = _rank_of(model)
+            torch.set_rng_state(reader.rows("rng.torch", rank=rank))
+            if "rng.cuda" in reader.names() and torch.cuda.is_available():
+                torch.cuda.set_rng_state(reader.rows("rng.cuda", rank=rank))
+    finally:
+        reader.close()
     return state
+
+
+def _rank_of(model: torch.nn.Module) -> int:
+    p = next(model.parameters())
+    return p.device_mesh.get_local_rank() if _is_sharded(p) else 0
 
 
 def load_model(run: Path, step: int | None = None, device: str | torch.device = "cpu"):
@@ -123,7 +311,7 @@ def load_model(run: Path, step: int | None = None, device: str | torch.device = 
         raise UserError(f"{run}: not a run directory (no config.yaml)")
     cfg = load_run_config(run / "config.yaml")
     ckpt = step_dir(run, step) if step is not None else latest_checkpoint(run)
-    if ckpt is None or not (ckpt / "model.safetensors").is_file():
+    if ckpt is None or not has_weights(ckpt):
         raise UserError(f"{run}: no checkpoint{'' if step is None else f' at step {step}'} to load")
     model = Transformer(cfg.model)
     load_weights(model, ckpt / "model.safetensors")

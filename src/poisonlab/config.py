@@ -155,6 +155,10 @@ class TrainConfig(Settings):
     allow_data_repeat: bool = False
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    # under torchrun: "ddp" replicates the model on every rank; "fsdp" shards weights, gradients and
+    # AdamW state over the ranks per block (FSDP2), for models whose state does not fit one device
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     threads: int | None = Field(default=None, ge=1)
     seed: int = 0
     checkpoint_every: int | None = Field(default=None, ge=1)  # None: at every evaluation

@@ -1,22 +1,34 @@
 """Everything distributed in one place, so the single-process path stays plain.
 
-Under `torchrun --nproc-per-node K` (WORLD_SIZE > 1) the trainer runs DDP: gloo on CPU, nccl on CUDA.
-Each rank takes its contiguous slice of rows of the global batch, and DDP averages gradients, so K
-processes compute the same update as one process on the whole global batch. Only rank 0 writes files.
-A sharded wrapper (FSDP) would replace `wrap` and the state-dict helpers in checkpoint.py; the
-trainer only talks to `Dist`.
+Under `torchrun --nproc-per-node K` (WORLD_SIZE > 1) the trainer runs DDP (train.parallel=ddp) or
+FSDP2 (train.parallel=fsdp): gloo on CPU, nccl on CUDA. Each rank takes its contiguous slice of rows
+of the global batch, and gradients are averaged over ranks, so K processes compute the update of one
+process on the whole global batch. Only rank 0 writes files, except a sharded checkpoint, whose rows
+each rank writes (checkpoint.py).
+
+FSDP: the model is built on the meta device (no memory), each block and then the root are sharded
+with `fully_shard` (weights, gradients and AdamW moments split by rows over the ranks), and each rank
+fills in its rows of the initial weights, which are those of the one-process model with the same seed
+(Transformer.initial_parameters). Under bf16 the all-gathered weights are bf16 and gradients are
+reduced in fp32 over fp32 master weights. Evaluation gathers a whole copy of the model on every rank
+(`replica`), in bf16 on a GPU when training in bf16, and each rank evaluates its share of the prompts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 from torch import nn
+
+from poisonlab.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,29 @@ class Dist:
         if self.enabled:
             tdist.barrier()
 
+    def broadcast_text(self, text: str, max_bytes: int = 4096) -> str:
+        """Rank 0's text on every rank (as bytes in a tensor: no pickling)."""
+        if not self.enabled:
+            return text
+        buf = torch.zeros(max_bytes + 1, dtype=torch.uint8, device=self.device)
+        if self.main:
+            raw = text.encode()
+            if len(raw) > max_bytes:
+                raise ValueError(f"text of {len(raw)} bytes to broadcast; at most {max_bytes}")
+            buf[0] = 1
+            buf[1:len(raw) + 1] = torch.tensor(list(raw), dtype=torch.uint8)
+        tdist.broadcast(buf, src=0)
+        return bytes(buf[1:].cpu().tolist()).rstrip(b"\0").decode()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's object, in rank order, on every rank (identity alone). Objects travel between
+        this run's own processes (torch pickles them in memory); nothing read from a file."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
+
 
 def init_distributed() -> Dist:
     """Join the process group when launched by torchrun; otherwise a one-process Dist."""
@@ -71,13 +106,121 @@ def close_distributed(d: Dist) -> None:
         tdist.destroy_process_group()
 
 
-def wrap(model: nn.Module, d: Dist) -> nn.Module:
-    """The module to train: DDP under torchrun, the model itself otherwise."""
+def build_model(cfg: ModelConfig, d: Dist, *, seed: int, parallel: str = "ddp", bf16: bool = False,
+                activation_checkpointing: bool = False) -> tuple[nn.Module, nn.Module]:
+    """(the model, the module to train): the model itself alone; DDP around it under torchrun; or,
+    with parallel="fsdp" under torchrun, one module that is both, sharded (see the module doc)."""
+    from poisonlab.model import Transformer
+
+    if parallel == "fsdp" and d.enabled:
+        model = _fsdp_model(cfg, d, seed=seed, bf16=bf16)
+        model.checkpoint_blocks = activation_checkpointing
+        return model, model
+    torch.manual_seed(seed)  # same seed on every rank: identical initial weights, as DDP requires
+    model = Transformer(cfg).to(d.device)
+    model.checkpoint_blocks = activation_checkpointing
     if not d.enabled:
-        return model
+        return model, model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return model, DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def _fsdp_model(cfg: ModelConfig, d: Dist, *, seed: int, bf16: bool) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from poisonlab.model import Transformer
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for block in model.layers:  # a block's weights are gathered just before it runs, freed after
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # the rest: embedding, final norm, output layer
+    model.to_empty(device=d.device)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in model.initial_parameters(seed):
+            p = params[name]
+            # every rank made the same whole value: each keeps its rows, no communication
+            rows = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(rows.to_local())
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def replica(model: nn.Module, d: Dist, dtype: torch.dtype | None = None) -> nn.Module:
+    """A whole, unsharded copy of a sharded model on this rank's device (every rank calls this: each
+    weight is all-gathered in turn), in `dtype` (None: the weights' own). A model that is not sharded
+    is returned as it is."""
+    if not is_sharded(model):
+        return model
+    from poisonlab.model import Transformer
+
+    with torch.device("meta"):
+        copy = Transformer(model.cfg)
+    copy.to_empty(device=d.device)
+    if dtype is not None:
+        copy.to(dtype)
+    if model.cfg.tie_embeddings:
+        copy.lm_head.weight = copy.tok_emb.weight
+    params = dict(copy.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            params[name].copy_(p.full_tensor())
+    return copy.eval()
+
+
+class Stopped(BaseException):  # noqa: N818 - not an error: the run stopped on request, checkpointed
+    """The run stopped at a step boundary on SIGUSR2, after writing a checkpoint there."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped on a signal at step {step}; a checkpoint was written there")
+        self.step = step
+
+
+class StopOnSignal:
+    """SIGUSR2, which Slurm (and submitit's local executor) sends a job before its time limit or a
+    preemption, asks the run to stop: the trainer asks `requested` after every step (ranks agree, so
+    all stop at the same step), checkpoints and raises Stopped; `forward` then hands the signal to the
+    handler installed before (submitit's: requeue the job, which resumes from that checkpoint), or,
+    without one, ends the process as the signal would have."""
+
+    def __init__(self, signum: int = signal.SIGUSR2):
+        self.signum, self.flag, self.previous = signum, False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signum, self._set)
+
+    def _set(self, signum: int, frame: Any) -> None:
+        self.flag = True
+
+    def requested(self, d: Dist) -> bool:
+        if not d.enabled:
+            return self.flag
+        return d.mean(torch.tensor(float(self.flag), device=d.device)).item() > 0  # any rank
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(self.signum, self.previous)
+
+    def forward(self) -> None:
+        """Deliver the signal to the previous handler (after close)."""
+        prev = self.previous
+        if callable(prev):
+            prev(self.signum, None)
+        elif prev == signal.SIG_DFL:
+            signal.raise_signal(self.signum)
 
 
 @contextlib.contextmanager

@@ -32,12 +32,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from poisonlab.checkpoint import has_weights, load_weights
 from poisonlab.config import LOOKALIKE_KINDS, EvalConfig
 from poisonlab.corpus.shards import TokenShard
 from poisonlab.corpus.tokenizer import load_tokenizer
@@ -375,11 +376,11 @@ class LoadedModel:
 
 
 def _find_checkpoint(run_dir: Path, checkpoint: int | None) -> Path:
-    from poisonlab.checkpoint import latest_checkpoint, list_checkpoints, step_dir
+    from poisonlab.checkpoint import has_weights, latest_checkpoint, list_checkpoints, step_dir
 
     if checkpoint is not None:
         f = step_dir(run_dir, checkpoint) / "model.safetensors"
-        if not f.is_file():
+        if not has_weights(f.parent):  # one file, or shards beside where it would be
             have = [p.name for p in list_checkpoints(run_dir)]
             raise UserError(f"{run_dir}: no checkpoint at step {checkpoint} "
                             f"(have: {', '.join(have) or 'none'})")
@@ -409,10 +410,9 @@ def load_model(path: str | Path, checkpoint: int | None = None, *, data_dir: Pat
     if not p.is_dir():
         raise UserError(f"{p}: no such directory (expected a run directory or a HF model directory)")
     run_dir, ckpt = p, None
-    if (p / "model.safetensors").is_file() and (p.parent.parent / "config.yaml").is_file():
+    if has_weights(p) and (p.parent.parent / "config.yaml").is_file():
         run_dir, ckpt = p.parent.parent, p / "model.safetensors"  # a checkpoint directory
     if (run_dir / "config.yaml").is_file():
-        from poisonlab.checkpoint import load_weights
         from poisonlab.model import Transformer, resolve_model_config
 
         run = load_run_config(run_dir / "config.yaml")
@@ -453,6 +453,15 @@ def load_model(path: str | Path, checkpoint: int | None = None, *, data_dir: Pat
 
 
 # --- the evaluator ---------------------------------------------------------------------------------
+
+
+class Share(Protocol):
+    """This process's part of an evaluation split over processes (distributed.Dist has it)."""
+
+    rank: int
+    world: int
+
+    def gather(self, obj: Any) -> list[Any]: ...
 
 
 class _Scorer(NamedTuple):
@@ -563,9 +572,10 @@ class Evaluator:
             self._scorer = _Scorer(LMAdapter(ref.model), None if same else ref.tokenizer, bos)
         return self._scorer
 
-    def _rescore(self, scorer: _Scorer, bodies: list[list[int]], gens: list[list[int]]) -> np.ndarray:
+    def _rescore(self, scorer: _Scorer, bodies: list[list[int]], gens: list[list[int]],
+                 share: Share | None = None) -> np.ndarray:
         """Perplexity of each generation under the reference scorer, given the prompts without BOS (the
-        scorer gets its own), re-tokenised if the tokenizers differ."""
+        scorer gets its own), re-tokenised if the tokenizers differ; batches shared as in _generate."""
         lm, stok = scorer.lm, scorer.tok
         if stok is not None:
             dec = lambda ids: self.tok.decode(ids, skip_special_tokens=False)
@@ -579,12 +589,15 @@ class Evaluator:
             if len(g):
                 groups.setdefault((len(p), len(g)), []).append(i)
         bs = self.cfg.batch_size
-        for (lp, _), idx in groups.items():
-            for s in range(0, len(idx), bs):
-                rows = idx[s : s + bs]
-                ids = torch.tensor([prompts[i] + gens[i] for i in rows], dtype=torch.long)
-                nll = score(lm, ids, lp)
-                out[rows] = torch.exp(nll.mean(1)).numpy()
+        batches = [(lp, idx[s : s + bs]) for (lp, _), idx in groups.items() for s in range(0, len(idx), bs)]
+        mine: list[tuple[list[int], list[float]]] = []
+        for lp, rows in batches if share is None else batches[share.rank :: share.world]:
+            ids = torch.tensor([prompts[i] + gens[i] for i in rows], dtype=torch.long)
+            nll = score(lm, ids, lp)
+            mine.append((rows, torch.exp(nll.mean(1)).tolist()))
+        for part in [mine] if share is None else share.gather(mine):
+            for rows, values in part:
+                out[rows] = values
         return out
 
     def val_loss(self, lm: LMAdapter) -> float:
@@ -606,12 +619,15 @@ class Evaluator:
         return total / (n_rows * ctx)
 
     def run(self, model: torch.nn.Module, *, step: int | None = None,
-            autocast_dtype: torch.dtype | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            autocast_dtype: torch.dtype | None = None, share: Share | None = None
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Evaluate `model` on its device: (metrics row, sample records for samples.jsonl).
 
         `autocast_dtype` (the trainer passes torch.bfloat16 when it trains under bf16 autocast) runs the
         evaluation, reference scorer included, under the same autocast; None runs it in the weights'
-        dtype, with exactly the operations of a plain forward pass.
+        dtype, with exactly the operations of a plain forward pass. `share` (the trainer's Dist under
+        torchrun; every rank calls run with its own copy of the model) splits the generation and
+        scoring batches over the ranks; every rank returns the whole result.
         """
         model = _unwrap(model)
         lm = LMAdapter(model)
@@ -622,14 +638,16 @@ class Evaluator:
         model.eval()
         try:
             with torch.inference_mode(), autocast:
-                return self._run(lm, step)
+                return self._run(lm, step, share)
         finally:
             model.train(was_training)
 
-    def _generate(self, lm: LMAdapter, seqs: dict[str, list[list[int]]]
+    def _generate(self, lm: LMAdapter, seqs: dict[str, list[list[int]]], share: Share | None = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, list[list[int]]], int]:
         """Generate for every (condition, prompt), prompts of equal length batched together whatever
-        their condition (no padding), each row with its prompt's noise: (ppl, tokens, tokens made)."""
+        their condition (no padding), each row with its prompt's noise: (ppl, tokens, tokens made).
+        With a `share`, this rank makes every world-th batch and the results are gathered: each batch
+        is the one a single process makes, so the figures are the same."""
         cfg, T = self.cfg, self.cfg.new_tokens
         ppl = {c: np.zeros(len(v)) for c, v in seqs.items()}
         toks: dict[str, list[list[int]]] = {c: [[] for _ in v] for c, v in seqs.items()}
@@ -637,22 +655,26 @@ class Evaluator:
         for c, v in seqs.items():
             for i, s in enumerate(v):
                 by_len.setdefault(len(s), []).append((c, i))
+        batches = [jobs[s : s + cfg.batch_size] for jobs in by_len.values()
+                   for s in range(0, len(jobs), cfg.batch_size)]
+        mine: list[tuple[str, int, float, list[int]]] = []
+        for rows in batches if share is None else batches[share.rank :: share.world]:
+            prompt = torch.tensor([seqs[c][i] for c, i in rows], dtype=torch.long)
+            g = generate(lm, prompt, T, self.noise[[i for _, i in rows]], temperature=cfg.temperature,
+                         top_k=cfg.top_k, top_p=cfg.top_p, eos_id=self.eos_ids,
+                         stop_at_eos=cfg.stop_at_eos)
+            row_ppl = g.ppl().numpy()
+            mine += [(c, i, float(row_ppl[j]), g.tokens[j, : int(g.lengths[j])].tolist())
+                     for j, (c, i) in enumerate(rows)]
         n_generated = 0
-        for jobs in by_len.values():
-            for s in range(0, len(jobs), cfg.batch_size):
-                rows = jobs[s : s + cfg.batch_size]
-                prompt = torch.tensor([seqs[c][i] for c, i in rows], dtype=torch.long)
-                g = generate(lm, prompt, T, self.noise[[i for _, i in rows]], temperature=cfg.temperature,
-                             top_k=cfg.top_k, top_p=cfg.top_p, eos_id=self.eos_ids,
-                             stop_at_eos=cfg.stop_at_eos)
-                row_ppl = g.ppl().numpy()
-                for j, (c, i) in enumerate(rows):
-                    ppl[c][i] = row_ppl[j]
-                    toks[c][i] = g.tokens[j, : int(g.lengths[j])].tolist()
-                n_generated += int(g.lengths.sum())
+        for part in [mine] if share is None else share.gather(mine):
+            for c, i, p, t in part:
+                ppl[c][i], toks[c][i] = p, t
+                n_generated += len(t)
         return ppl, toks, n_generated
 
-    def _run(self, lm: LMAdapter, step: int | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def _run(self, lm: LMAdapter, step: int | None, share: Share | None = None
+             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         cfg, K, T = self.cfg, self.n_prompts, self.cfg.new_tokens
         if lm.vocab_size is not None and self.tok.get_vocab_size() > lm.vocab_size:
             raise UserError(f"tokenizer mismatch: the tokenizer has {self.tok.get_vocab_size()} tokens, "
@@ -665,10 +687,10 @@ class Evaluator:
         eval_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else lm.dtype
         bodies = {c: [e + self.suffix[c] for e in excerpts] for c in self.conditions}
         prompts = {c: [self.bos + b for b in v] for c, v in bodies.items()}  # BOS once, before the excerpt
-        ppl, gen_tokens, n_generated = self._generate(lm, prompts)
+        ppl, gen_tokens, n_generated = self._generate(lm, prompts, share)
         if scorer is not None:  # every condition in one call, so that its batches span conditions too
             flat = self._rescore(scorer, [b for c in self.conditions for b in bodies[c]],
-                                 [g for c in self.conditions for g in gen_tokens[c]])
+                                 [g for c in self.conditions for g in gen_tokens[c]], share)
             ppl = {c: flat[j * K : (j + 1) * K] for j, c in enumerate(self.conditions)}
         gen_seconds = time.perf_counter() - t0
         metrics: dict[str, Any] = {"val_loss": self.val_loss(lm)}

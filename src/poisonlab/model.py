@@ -15,11 +15,13 @@ and their gradients computed right there, instead of materialising a (B*T, V) lo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from poisonlab.config import ModelConfig
 
@@ -245,17 +247,39 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.checkpoint_blocks = False  # activation checkpointing: recompute blocks in the backward pass
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # GPT-2/nanoGPT init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, std=0.02)
+            self.init_parameter(name, p)
+
+    def init_parameter(self, name: str, p: torch.Tensor) -> None:
+        # GPT-2/nanoGPT init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+        elif name.endswith(("wo.weight", "w2.weight")):
+            nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+        else:
+            nn.init.normal_(p, std=0.02)
+
+    def initial_parameters(self, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, value) of every parameter of `torch.manual_seed(seed); Transformer(cfg)` built on the
+        CPU, one parameter at a time: for a model built on the meta device and sharded (FSDP), which
+        then needs only its rows of each. Replays the CPU generator's draws in construction order:
+        each module's own default init (drawn, then discarded, as in the constructor), then
+        reset_parameters. Tested bitwise against the constructor."""
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+                elif isinstance(m, nn.Embedding):
+                    nn.Embedding(m.num_embeddings, m.embedding_dim)
+            for name, p in self.named_parameters():
+                value = torch.empty(p.shape, dtype=p.dtype)
+                self.init_parameter(name, value)
+                yield name, value
 
     def rope(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions start..end-1; the table grows when generation runs past seq_len."""
@@ -279,8 +303,13 @@ class Transformer(nn.Module):
         T = idx.shape[1]
         cos, sin = self.rope(start_pos, start_pos + T, idx.device)
         x = self.tok_emb(idx)
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin, cache, start_pos)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cache, start_pos,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, start_pos)
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,

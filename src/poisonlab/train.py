@@ -38,7 +38,7 @@ from poisonlab.continued import Start, load_start, resolve_start
 from poisonlab.errors import UserError
 from poisonlab.fsutil import recover, write_text
 from poisonlab.hardware import compute_dtype, describe_machine, peak_flops, use_bf16
-from poisonlab.model import Transformer, count_params, flops_per_token, resolve_model_config
+from poisonlab.model import count_params, flops_per_token, resolve_model_config
 from poisonlab.placement import describe
 from poisonlab.rundir import RunRecords, check_config, open_run_dir, run_lock
 from poisonlab.schedule import checkpoint_steps, eval_steps, lr_at, total_steps
@@ -54,8 +54,11 @@ class Stream(Protocol):
 
 
 class Evaluator(Protocol):
+    """What the trainer needs from an evaluator (poisonlab.evaluate.Evaluator has it). Under torchrun
+    every rank calls run with `share` (this rank's part); alone, share is not passed."""
+
     def run(self, model: torch.nn.Module, *, step: int,
-            autocast_dtype: torch.dtype | None = None) -> tuple[dict, list[dict]]: ...
+            autocast_dtype: torch.dtype | None = None, **share) -> tuple[dict, list[dict]]: ...
 
 
 class SyntheticStream:
@@ -181,15 +184,21 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
     if t.threads:
         torch.set_num_threads(t.threads)
     dist = distributed.init_distributed()
+    stop = distributed.StopOnSignal()
     try:
-        # nothing is written before this
-        stream, evaluator, begin = _inputs(cfg, dist.world, stream, evaluator)
-        with run_lock(run_dir, dist):
-            if open_run_dir(cfg, run_dir, dist, resume=resume):
-                _train(cfg, run_dir, dist, resume=resume, evaluator=evaluator, stream=stream,
-                       progress=progress, begin=begin)
-    finally:
-        distributed.close_distributed(dist)
+        try:
+            # nothing is written before this
+            stream, evaluator, begin = _inputs(cfg, dist.world, stream, evaluator)
+            with run_lock(run_dir, dist):
+                if open_run_dir(cfg, run_dir, dist, resume=resume):
+                    _train(cfg, run_dir, dist, resume=resume, evaluator=evaluator, stream=stream,
+                           progress=progress, begin=begin, stop=stop)
+        finally:
+            stop.close()
+            distributed.close_distributed(dist)
+    except distributed.Stopped:
+        stop.forward()  # submitit's handler requeues the job; without one the signal ends the process
+        raise
     return run_dir
 
 
@@ -217,10 +226,13 @@ def _inputs(cfg: RunConfig, world: int, stream: Stream | None,
 
 
 def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: bool,
-           evaluator: Evaluator | None, stream: Stream, progress: bool, begin: Start | None) -> None:
+           evaluator: Evaluator | None, stream: Stream, progress: bool, begin: Start | None,
+           stop: distributed.StopOnSignal) -> None:
     t, mcfg = cfg.train, cfg.model
     n_steps = total_steps(cfg)
-    model, train_model, opt = _build(cfg, dist)
+    bf16 = use_bf16(t.dtype, dist.device, mcfg.d_model)
+    model, train_model, opt = _build(cfg, dist, bf16)
+    sharded = distributed.is_sharded(model)
     evals = set(eval_steps(cfg, n_steps, stream)) if evaluator is not None else set()
     ckpts = checkpoint_steps(t, n_steps, evals)
     records = RunRecords(run_dir, main=dist.main)
@@ -236,19 +248,23 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     if ckpt is None:
         records.write_ledger(stream)
 
-    bf16 = use_bf16(t.dtype, dist.device, mcfg.d_model)
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
     tokens_per_step = t.batch_size * mcfg.seq_len
     speed = Throughput(tokens_per_step, flops_per_token(mcfg), _peak_flops(cfg, run_dir, dist, bf16), start)
     run_cols = _run_cols(cfg, stream, begin, dist)
 
     def evaluate(step: int) -> None:
+        # every rank evaluates its share of the prompts (a sharded model: on a whole copy of it)
+        eval_model = distributed.replica(model, dist, torch.bfloat16 if bf16 and dist.device.type == "cuda"
+                                         else None)
+        eval_model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            metrics, samples = evaluator.run(eval_model, step=step,
+                                             autocast_dtype=torch.bfloat16 if bf16 else None,
+                                             **({"share": dist} if dist.enabled else {}))
+        del eval_model
+        model.train()
         if dist.main:
-            model.eval()
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                metrics, samples = evaluator.run(model, step=step,
-                                                 autocast_dtype=torch.bfloat16 if bf16 else None)
-            model.train()
             cols = dict(run_cols, step=step, tokens_seen=step * tokens_per_step, progress=step / n_steps,
                         poisons_seen=stream.poisons_seen(step))
             if hasattr(stream, "poisons_seen_effective"):
@@ -262,61 +278,76 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     loss_sum = torch.tensor(state.get("loss_sum", 0.0), dtype=torch.float32, device=dist.device)
     last_log = state.get("last_log_step", start)
 
+    def checkpoint(step: int, lr: float) -> None:
+        # the loss so far averaged over ranks (each rank resumes from it: the mean of the next log line
+        # is the same), on every rank, before a checkpoint that only some ranks write
+        loss_so_far = dist.mean(loss_sum).item()
+        if dist.main or sharded:  # a sharded model: each rank writes its rows
+            save_checkpoint(run_dir, step, model, opt, dict(total_steps=n_steps, lr=lr,
+                            tokens_seen=step * tokens_per_step, poisons_seen=stream.poisons_seen(step),
+                            data_position=step, loss_sum=loss_so_far, last_log_step=last_log),
+                            keep=t.keep_checkpoints, dist=dist if sharded else None)
+
     def boundary(step: int, lr: float) -> None:
         # order matters for resume: evaluation rows at `step` exist before its checkpoint does
         b0 = time.perf_counter()
         if step in evals:
             evaluate(step)
-        if step in ckpts and dist.main:
-            save_checkpoint(run_dir, step, model, opt, dict(total_steps=n_steps, lr=lr,
-                            tokens_seen=step * tokens_per_step, poisons_seen=stream.poisons_seen(step),
-                            data_position=step, loss_sum=loss_sum.item(), last_log_step=last_log),
-                            keep=t.keep_checkpoints)
+        if step in ckpts:
+            checkpoint(step, lr)
         dist.barrier()
+        if 0 < step < n_steps and stop.requested(dist):  # a time limit or preemption is near
+            if step not in ckpts:
+                checkpoint(step, lr)
+            records.add_log({"step": step, "event": "stopped on SIGUSR2; checkpoint written"})
+            dist.barrier()
+            raise distributed.Stopped(step)
         speed.pause(time.perf_counter() - b0)
 
+    def log(done: int, lr: float) -> str:
+        nonlocal last_log
+        mean_loss = dist.mean(loss_sum).item() / (done - last_log)
+        tps, mfu = speed.lap(done)
+        records.add_log(dict(step=done, loss=round(mean_loss, 6), lr=lr, tokens_per_s=round(tps, 1),
+                             mfu=None if mfu is None else round(mfu, 4),
+                             poisons_seen=stream.poisons_seen(done), tokens_seen=done * tokens_per_step))
+        loss_sum.zero_()
+        last_log = done
+        return f"loss {mean_loss:.3f} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.0%}" if mfu else "")
+
     bar = ProgressBar(progress and dist.main, n_steps, start)
-    if start == 0:
-        boundary(0, lr_at(0, t, n_steps))
-    model.train()
-    for step in range(start, n_steps):
-        lr = lr_at(step, t, n_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = stream.batch(step)
-        _step(train_model, model, opt, dist.rows(x), dist.rows(y), t, dist, autocast, loss_sum)
-        done = step + 1
-        text = None
-        if done % t.log_every == 0 or done == n_steps:
-            mean_loss = dist.mean(loss_sum).item() / (done - last_log)
-            tps, mfu = speed.lap(done)
-            records.add_log(dict(step=done, loss=round(mean_loss, 6), lr=lr, tokens_per_s=round(tps, 1),
-                                 mfu=None if mfu is None else round(mfu, 4),
-                                 poisons_seen=stream.poisons_seen(done), tokens_seen=done * tokens_per_step))
-            text = f"loss {mean_loss:.3f} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.0%}" if mfu else "")
-            loss_sum.zero_()
-            last_log = done
-        bar.update(done, text)
-        boundary(done, lr)
-    bar.close()
+    try:
+        if start == 0:
+            boundary(0, lr_at(0, t, n_steps))
+        model.train()
+        for step in range(start, n_steps):
+            lr = lr_at(step, t, n_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = stream.batch(step)
+            _step(train_model, model, opt, dist.rows(x), dist.rows(y), t, dist, autocast, loss_sum)
+            done = step + 1
+            bar.update(done, log(done, lr) if done % t.log_every == 0 or done == n_steps else None)
+            boundary(done, lr)
+    finally:
+        bar.close()
     if dist.main:
         write_text(run_dir / "DONE", json.dumps({"steps": n_steps, "time": time.time()}) + "\n")
     dist.barrier()
 
 
-def _build(cfg: RunConfig, dist: distributed.Dist
+def _build(cfg: RunConfig, dist: distributed.Dist, bf16: bool
            ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
-    """(the model, the module that trains it (DDP or compiled), AdamW with decay on matrices only)."""
+    """(the model, the module that trains it (DDP, FSDP, compiled), AdamW with decay on matrices only)."""
     t = cfg.train
-    # same seed on every rank: identical initial weights, as DDP requires
-    torch.manual_seed(t.seed)
-    model = Transformer(cfg.model).to(dist.device)
+    model, train_model = distributed.build_model(
+        cfg.model, dist, seed=t.seed, parallel=t.parallel, bf16=bf16,
+        activation_checkpointing=t.activation_checkpointing)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]  # matrices and embedding
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norm weights
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=t.lr, betas=t.betas, fused=dist.device.type == "cuda")
-    train_model = distributed.wrap(model, dist)
     if t.compile:
         train_model = torch.compile(train_model)
     return model, train_model, opt
