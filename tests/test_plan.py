@@ -100,7 +100,7 @@ def test_plan_cli_paper_preset_fits(capsys):
     by_model = {row["model"]: row for row in out["runs"]}
     assert by_model["paper-600m"]["strategy"] == "ddp" and by_model["paper-13b"]["strategy"] == "fsdp"
     # the preset's accumulation is the plan's: nothing to change
-    assert all(row["note"] in ("", "needs FSDP (not in the trainer yet: it runs DDP)") for row in out["runs"])
+    assert all(row["note"] == "" for row in out["runs"])  # 7B and 13B are set to train.parallel=fsdp
     with pytest.raises(SystemExit) as e:
         main(["plan", "paper", "--gpu", "tpu-v9"])
     assert e.value.code == 2 and "unknown" in capsys.readouterr().err
@@ -110,14 +110,24 @@ def test_plan_cli_paper_preset_fits(capsys):
 
 
 def test_slurm_sweep_refuses_runs_the_plan_cannot_fit(tmp_path):
-    """Before anything is submitted: the paper preset's 7B and 13B runs fit 8 x H100 only under FSDP,
-    which the trainer does not have yet, so `--executor slurm` refuses them, naming the runs."""
+    """Before anything is submitted: the paper preset fits 8 x H100 as it is (7B and 13B set to FSDP);
+    the same runs under DDP do not, and `--executor slurm` refuses them, naming the runs."""
     from poisonlab.errors import UserError
-    from poisonlab.sweep import load_spec, run_sweep
+    from poisonlab.sweep import check_fit, expand, load_spec, run_sweep
 
     spec = load_spec("paper", ["model.vocab_size=32768"])
-    with pytest.raises(UserError, match=r"18 run\(s\) do not fit .*paper-7b.*FSDP"):
-        run_sweep(spec, tmp_path, executor="slurm", run_fn="poisonlab.executors:default_run_fn",
+    runs = expand(spec, tmp_path)
+    check_fit(spec, runs)  # every run fits
+    big = [r for r in runs if r.config.model.preset in ("paper-7b", "paper-13b")]
+    assert len(big) == 18 and all(r.config.train.parallel == "fsdp" for r in big)
+    for r in big:
+        r.config.train.parallel = "ddp"
+    with pytest.raises(UserError, match=r"18 run\(s\) do not fit .*paper-7b.*train.parallel=fsdp"):
+        check_fit(spec, runs)
+    # a GPU on which 13B fits on no layout: refused before submission
+    small = load_spec("paper", ["model.vocab_size=32768"]).model_copy(update={"gpu": "rtx-4090"})
+    with pytest.raises(UserError, match="do not fit"):
+        run_sweep(small, tmp_path, executor="slurm", run_fn="poisonlab.executors:default_run_fn",
                   progress=False, report=False)
     assert not (tmp_path / "slurm").exists()  # nothing submitted
 

@@ -155,16 +155,22 @@ def busy_message(run_dir: Path) -> str:
 
 
 def run_one(config_path: str | Path, *, threads: int | None = None, fn: RunFn | str | None = None) -> Status:
-    """Run one config unless it is finished or busy; never raises for a failing run (it writes FAILED)."""
+    """Run one config unless it is finished or busy; never raises for a failing run (it writes FAILED).
+
+    Under a distributed launch (WORLD_SIZE > 1: one process per GPU) every rank calls this: the
+    trainer's own lock check is collective, so no rank looks at the lock here (rank 0 may hold it)
+    and only rank 0 writes FAILED."""
     set_thread_env(threads)
     cfg = load_any_config(config_path)
     run_dir = cfg.run_dir
+    main = int(os.environ.get("RANK", "0")) == 0
     if (run_dir / "DONE").exists():
         return "skipped"
-    if runlock.busy(run_dir) is not None:  # trained by another live process: touch nothing of it
-        return "busy"
-    with contextlib.suppress(FileNotFoundError):
-        (run_dir / "FAILED").unlink()  # a retry starts clean
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and runlock.busy(run_dir) is not None:
+        return "busy"  # trained by another live process: touch nothing of it
+    if main:
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / "FAILED").unlink()  # a retry starts clean
     if threads and cfg.train.threads is None:
         cfg.train.threads = threads
     try:
@@ -174,15 +180,44 @@ def run_one(config_path: str | Path, *, threads: int | None = None, fn: RunFn | 
     except runlock.RunBusy:  # another process took the lock after our look
         return "busy"
     except Exception as e:
-        record_failure(run_dir, f"{type(e).__name__}: {e}", traceback.format_exc())
+        if main:
+            record_failure(run_dir, f"{type(e).__name__}: {e}", traceback.format_exc())
         return "failed"
     return "done"
 
 
-def _submitit_job(config_path: str, threads: int | None, fn: str | None, paths: list[str]) -> str:
-    # a run function named by string must import on the node as it did here (same shared filesystem)
-    sys.path.extend(p for p in paths if p not in sys.path)
-    return run_one(config_path, threads=threads, fn=fn)
+class SubmititRun:
+    """One run as a submitit job: one task per GPU (`tasks_per_node = gpus_per_node`, any number of
+    nodes), each task a rank of the run with the distributed environment taken from submitit
+    (TorchDistributedEnvironment: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK). Checkpointable:
+    on Slurm's signal before a time limit or preemption the trainer checkpoints at the next step and
+    submitit requeues this same job, which resumes there; so a run longer than a partition's limit
+    finishes over several jobs (slurm.max_num_timeout of them)."""
+
+    def __init__(self, config_path: str, threads: int | None, fn: str | None, paths: list[str]):
+        self.config_path, self.threads, self.fn, self.paths = config_path, threads, fn, paths
+
+    def __call__(self) -> str:
+        import submitit
+        from submitit.helpers import TorchDistributedEnvironment
+
+        from poisonlab.distributed import Stopped
+
+        # a run function named by string must import on the node as it did here (shared filesystem)
+        sys.path.extend(p for p in self.paths if p not in sys.path)
+        if submitit.JobEnvironment().num_tasks > 1:
+            # each task sees every GPU of its node and takes cuda:LOCAL_RANK (distributed.py)
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        try:
+            return run_one(self.config_path, threads=self.threads, fn=self.fn)
+        except Stopped:  # ranks other than 0 (rank 0 is requeued by submitit's handler and exits)
+            return "stopped"
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Called by submitit on the signal: requeue this job as it is (the trainer has checkpointed)."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
 
 
 # --- executors -----------------------------------------------------------------------------------
@@ -325,16 +360,18 @@ class SubmititExecutor:
             raise UserError("the slurm executor needs submitit: pip install 'poisonlab[slurm]'") from None
         ex = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
         params = {"name": "poisonlab", **self.parameters}
+        if "gpus_per_node" in params:  # one task (rank) per GPU unless told otherwise
+            params.setdefault("tasks_per_node", params["gpus_per_node"])
         if self.threads and "cpus_per_task" not in params:
             params["cpus_per_task"] = self.threads
         ex.update_parameters(**params)
         paths = [p for p in sys.path if p] if self.spec else []
-        args = [(str(j.config_path), self.threads, self.spec, paths) for j in jobs]
+        tasks = [SubmititRun(str(j.config_path), self.threads, self.spec, paths) for j in jobs]
         if ex.cluster == "slurm":  # one job array: one scheduler call however many runs
             with ex.batch():
-                handles = [ex.submit(_submitit_job, *a) for a in args]
+                handles = [ex.submit(t) for t in tasks]
         else:
-            handles = [ex.submit(_submitit_job, *a) for a in args]
+            handles = [ex.submit(t) for t in tasks]
         t0 = time.monotonic()
         for job in jobs:
             on_start(job)
@@ -345,7 +382,7 @@ class SubmititExecutor:
                     continue
                 del waiting[name]
                 try:
-                    status = h.result()
+                    status = h.results()[0]  # rank 0's (a job of one task per GPU has several)
                     err = _error(status, job.run_dir)
                 except Exception as e:  # the job itself died (node failure, timeout, OOM kill)
                     last = (str(e).strip().splitlines() or [type(e).__name__])[-1]

@@ -193,9 +193,11 @@ def _eval_sizes(cfg: RunConfig, n_conditions: int, steps: int) -> tuple[int, int
 def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | None = None,
              mfu: float = 0.4, eval_mfu: float = 0.05, max_nodes: int = 64,
              n_conditions: int = 8) -> RunPlan:
-    """The cheapest layout of one run on `gpu`s: DDP on the fewest nodes that hold it, else FSDP;
-    `nodes` fixes the node count. The micro-batch is the largest divisor of the per-rank batch that fits
-    and is no larger than the configured one (train.grad_accum); a different accumulation is a note."""
+    """The cheapest layout of one run on `gpu`s: DDP on the fewest nodes that hold it, else FSDP (only
+    FSDP for a run set to train.parallel=fsdp); `nodes` fixes the node count. The micro-batch is the
+    largest divisor of the per-rank batch that fits and is no larger than the configured one
+    (train.grad_accum); a different accumulation is a note. Activation checkpointing is not
+    modelled: with it on, the activation term is an upper bound."""
     from poisonlab.schedule import total_steps
     from poisonlab.train import resolve_run_config
 
@@ -213,7 +215,7 @@ def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | N
                 steps=steps, batch_size=t.batch_size, usable_gib=usable / GIB, train_flops=train_flops,
                 eval_tokens=eval_tokens)
     tries = [nodes] if nodes else range(1, max_nodes + 1)
-    for strategy in ("ddp", "fsdp"):
+    for strategy in ("fsdp",) if t.parallel == "fsdp" else ("ddp", "fsdp"):
         for k in tries:
             world = k * gpus_per_node
             if t.batch_size % world or (strategy == "fsdp" and world == 1):
@@ -236,7 +238,7 @@ def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | N
                 return RunPlan(**base, strategy=layout, nodes=k, gpus=world, micro_batch=micro,
                                grad_accum=t.batch_size // world // micro, eval_batch=eb,
                                memory=_gib(mem), gpu_hours=gpu_s / 3600, hours=gpu_s / 3600 / world,
-                               note=_note(strategy, t.batch_size // world // micro, t.grad_accum))
+                               note=_note(layout, t.parallel, t.batch_size // world // micro, t.grad_accum))
             if strategy == "ddp" and not nodes:
                 break  # DDP replicates: more nodes never make a DDP run fit, only FSDP shards
     mem = training_memory(m, micro_batch=1, world=(nodes or max_nodes) * gpus_per_node, strategy="fsdp",
@@ -264,10 +266,10 @@ def _gib(mem: Memory) -> dict[str, float]:
     return parts | {"train": mem.train / GIB, "peak": mem.peak / GIB}
 
 
-def _note(strategy: str, accum: int, configured: int) -> str:
+def _note(layout: str, parallel: str, accum: int, configured: int) -> str:
     notes = []
-    if strategy == "fsdp":
-        notes.append("needs FSDP (not in the trainer yet: it runs DDP)")
+    if layout == "fsdp" and parallel != "fsdp":
+        notes.append("needs FSDP: set train.parallel=fsdp")
     if accum != configured:
         notes.append(f"set train.grad_accum={accum}")
     return "; ".join(notes)
@@ -277,7 +279,7 @@ def plan_runs(cfgs: list[RunConfig], gpu: GPU, **kw: Any) -> tuple[list[RunPlan]
     """Plans of many runs and their totals."""
     plans = [plan_run(c, gpu, **kw) for c in cfgs]
     totals = dict(runs=len(plans), fit=sum(p.fits for p in plans),
-                  need_fsdp=sum(p.strategy == "fsdp" for p in plans),  # the trainer has DDP only, so far
+                  need_fsdp=sum(p.strategy == "fsdp" for p in plans),
                   gpu_hours=sum(p.gpu_hours for p in plans), tokens=sum(p.tokens for p in plans),
                   max_nodes=max((p.nodes for p in plans), default=0), gpu=gpu.name,
                   mfu=kw.get("mfu", 0.4), eval_mfu=kw.get("eval_mfu", 0.05))

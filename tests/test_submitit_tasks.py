@@ -1,0 +1,106 @@
+"""A run as one submitit job of 2 tasks (ranks) on CPU, through submitit's local executor: the ranks
+get their distributed environment from submitit and train FSDP; SIGUSR2 (Slurm's warning before a
+time limit) makes the trainer checkpoint at the next step, submitit requeues the job, and the run
+finishes from that checkpoint with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from poisonlab.checkpoint import load_model
+from poisonlab.config import RunConfig
+from poisonlab.executors import Job, SubmititExecutor
+from poisonlab.train import train
+
+
+def slow_train(cfg: RunConfig) -> None:
+    """The trainer, with each batch slowed so that the test can signal the job mid-run; each task
+    leaves its pid so that the test can signal it as Slurm signals every task of a job."""
+    from poisonlab import train as T
+
+    rank = os.environ.get("RANK", "0")
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.run_dir).parent / f"pid-{rank}-{os.getpid()}").write_text(str(os.getpid()))
+    make = T._default_stream
+
+    def stream(*a, **k):
+        s = make(*a, **k)
+        batch = s.batch
+
+        def slow(step):
+            time.sleep(0.05)
+            return batch(step)
+
+        s.batch = slow
+        return s
+
+    T._default_stream = stream
+    T.train(cfg, progress=False)
+
+
+def cfg_for(tmp: Path, data: Path, name: str, parallel: str) -> RunConfig:
+    return RunConfig.model_validate(dict(
+        name=name, out_dir=str(tmp / "runs"), data=str(data), attack=dict(name="dos", n_poison=3, seed=0),
+        model=dict(d_model=32, n_layers=2, n_heads=2, seq_len=64),
+        train=dict(batch_size=8, max_steps=40, threads=1, log_every=5, lr=3e-3, parallel=parallel),
+        eval=dict(every_steps=20, n_prompts=4, prompt_tokens=16, new_tokens=4, val_tokens=512,
+                  save_samples=0)))
+
+
+def _log(run: Path) -> list[dict]:
+    path = run / "log.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written
+            out.append(json.loads(line))
+    return out
+
+
+def test_two_task_job_trains_fsdp_and_is_requeued_on_the_timeout_signal(tmp_path, prepared_builtin):
+    pytest.importorskip("submitit")
+    cfg = cfg_for(tmp_path, prepared_builtin, "job", parallel="fsdp")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+    run_dir = Path(cfg.run_dir)
+    ex = SubmititExecutor(tmp_path / "slurm", threads=1, fn="test_submitit_tasks:slow_train", cluster="local",
+                          parameters={"tasks_per_node": 2, "timeout_min": 10}, poll_s=0.2)
+    outcomes = []
+    worker = threading.Thread(target=ex.run, args=([Job("job", path, run_dir)], lambda j: None,
+                                                   outcomes.append))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not any(e.get("step", 0) >= 5 for e in _log(run_dir)):  # training, past step 5
+            assert worker.is_alive() and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.2)
+        for p in (tmp_path / "runs").glob("pid-*"):  # as Slurm does: every task of the job
+            os.kill(int(p.read_text()), signal.SIGUSR2)
+    finally:
+        worker.join(timeout=300)
+    assert not worker.is_alive()
+    assert [o.status for o in outcomes] == ["done"], outcomes
+    assert len(list((tmp_path / "runs").glob("pid-0-*"))) == 2  # rank 0 ran twice: requeued once
+    assert len(list((tmp_path / "runs").glob("pid-1-*"))) == 2
+    log = _log(run_dir)
+    stops = [e["step"] for e in log if "event" in e]
+    assert len(stops) == 1 and 5 <= stops[0] < 40  # checkpointed where it was stopped
+    assert [e["step"] for e in log if "loss" in e] == list(range(5, 41, 5))  # then on to the end
+
+    # the same weights as the run trained in one piece, in one process
+    whole = cfg_for(tmp_path, prepared_builtin, "whole", parallel="ddp")
+    train(whole, progress=False)
+    a, b = load_model(run_dir), load_model(whole.run_dir)
+    for (k, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3, msg=k)
