@@ -20,6 +20,7 @@ The data position is the step itself: the training stream is a pure function of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,7 @@ def _local(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int] | None]:
 
     if tuple(t.placements) != (Shard(0),):
         raise ValueError(f"only dim-0 sharding is saved, got placements {t.placements}")
-    mesh = t.device_mesh
-    rows = shard_rows(t.shape[0], mesh.size(), mesh.get_local_rank())
+    rows = _rows_for(t)
     local = t.to_local().detach()
     if local.shape[0] != rows[1] - rows[0]:
         raise ValueError(f"a shard has {local.shape[0]} rows where torch.chunk gives {rows}")
@@ -208,13 +208,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     state = dict(info, step=step, param_groups=groups)
     sharded = any(rows is not None for _, rows in weights.values())
     final = step_dir(run_dir, step)
-    cpu = lambda d: {k: t.cpu().contiguous() for k, (t, _) in d.items()}
     if not sharded:
         with atomic_path(final) as tmp:
             tmp.mkdir()
-            save_file(cpu(weights), str(tmp / "model.safetensors"))
-            save_file(cpu(state_t), str(tmp / "state.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+            save_file(_cpu(weights), str(tmp / "model.safetensors"))
+            save_file(_cpu(state_t), str(tmp / "state.safetensors"))
+            _write_state(tmp, state)
     else:
         _save_sharded(final, weights, state_t, state, dist)
     if dist is None or dist.main:
@@ -228,10 +227,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
 def _save_sharded(final: Path, weights: dict, state_t: dict, state: dict, dist: Any) -> None:
     """Every rank writes its rows into rank 0's staging directory; rank 0 adds the index and the
     JSON state and renames the directory into place once all have written."""
-    import contextlib
-
     rank, world = dist.rank, dist.world
-    cpu = lambda d: {k: t.cpu().contiguous() for k, (t, _) in d.items()}
     with contextlib.ExitStack() as stack:
         staged = ""
         if dist.main:
@@ -239,8 +235,8 @@ def _save_sharded(final: Path, weights: dict, state_t: dict, state: dict, dist: 
             tmp.mkdir()
             staged = str(tmp)
         tmp = Path(dist.broadcast_text(staged))
-        save_file(cpu(weights), str(tmp / shard_name("model", rank, world)))
-        save_file(cpu(state_t), str(tmp / shard_name("state", rank, world)))
+        save_file(_cpu(weights), str(tmp / shard_name("model", rank, world)))
+        save_file(_cpu(state_t), str(tmp / shard_name("state", rank, world)))
         dist.barrier()
         if dist.main:
             def entries(d: dict) -> dict:
@@ -256,8 +252,17 @@ def _save_sharded(final: Path, weights: dict, state_t: dict, state: dict, dist: 
 
             index = {"world": world, "tensors": {"model": entries(weights), "state": entries(state_t)}}
             (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
-            (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+            _write_state(tmp, state)
     dist.barrier()
+
+
+def _cpu(parts: dict[str, tuple[torch.Tensor, Any]]) -> dict[str, torch.Tensor]:
+    """The tensors of {name: (tensor or this rank's part, rows)}, on the CPU, as safetensors needs."""
+    return {k: t.cpu().contiguous() for k, (t, _) in parts.items()}
+
+
+def _write_state(ckpt: Path, state: dict[str, Any]) -> None:
+    (ckpt / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -67,15 +67,14 @@ class Dist:
         """Rank 0's text on every rank (as bytes in a tensor: no pickling)."""
         if not self.enabled:
             return text
-        buf = torch.zeros(max_bytes + 1, dtype=torch.uint8, device=self.device)
+        buf = torch.zeros(max_bytes, dtype=torch.uint8, device=self.device)
         if self.main:
             raw = text.encode()
             if len(raw) > max_bytes:
                 raise ValueError(f"text of {len(raw)} bytes to broadcast; at most {max_bytes}")
-            buf[0] = 1
-            buf[1:len(raw) + 1] = torch.tensor(list(raw), dtype=torch.uint8)
+            buf[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
         tdist.broadcast(buf, src=0)
-        return bytes(buf[1:].cpu().tolist()).rstrip(b"\0").decode()
+        return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's object, in rank order, on every rank (identity alone). Objects travel between

@@ -464,6 +464,16 @@ class Share(Protocol):
     def gather(self, obj: Any) -> list[Any]: ...
 
 
+def _mine(batches: list, share: Share | None) -> list:
+    """This process's batches: every world-th, from its rank (all of them alone)."""
+    return batches if share is None else batches[share.rank :: share.world]
+
+
+def _everyone(results: Any, share: Share | None) -> list:
+    """Every process's results, in rank order."""
+    return [results] if share is None else share.gather(results)
+
+
 class _Scorer(NamedTuple):
     lm: LMAdapter
     tok: Tokenizer | None  # None: the evaluated model's tokenizer
@@ -591,11 +601,11 @@ class Evaluator:
         bs = self.cfg.batch_size
         batches = [(lp, idx[s : s + bs]) for (lp, _), idx in groups.items() for s in range(0, len(idx), bs)]
         mine: list[tuple[list[int], list[float]]] = []
-        for lp, rows in batches if share is None else batches[share.rank :: share.world]:
+        for lp, rows in _mine(batches, share):
             ids = torch.tensor([prompts[i] + gens[i] for i in rows], dtype=torch.long)
             nll = score(lm, ids, lp)
             mine.append((rows, torch.exp(nll.mean(1)).tolist()))
-        for part in [mine] if share is None else share.gather(mine):
+        for part in _everyone(mine, share):
             for rows, values in part:
                 out[rows] = values
         return out
@@ -658,7 +668,7 @@ class Evaluator:
         batches = [jobs[s : s + cfg.batch_size] for jobs in by_len.values()
                    for s in range(0, len(jobs), cfg.batch_size)]
         mine: list[tuple[str, int, float, list[int]]] = []
-        for rows in batches if share is None else batches[share.rank :: share.world]:
+        for rows in _mine(batches, share):
             prompt = torch.tensor([seqs[c][i] for c, i in rows], dtype=torch.long)
             g = generate(lm, prompt, T, self.noise[[i for _, i in rows]], temperature=cfg.temperature,
                          top_k=cfg.top_k, top_p=cfg.top_p, eos_id=self.eos_ids,
@@ -667,7 +677,7 @@ class Evaluator:
             mine += [(c, i, float(row_ppl[j]), g.tokens[j, : int(g.lengths[j])].tolist())
                      for j, (c, i) in enumerate(rows)]
         n_generated = 0
-        for part in [mine] if share is None else share.gather(mine):
+        for part in _everyone(mine, share):
             for c, i, p, t in part:
                 ppl[c][i], toks[c][i] = p, t
                 n_generated += len(t)
