@@ -35,13 +35,13 @@ from datatrove.pipeline.tokens import DocumentTokenizer
 from poisonlab import hardware
 from poisonlab.config import CorpusConfig
 from poisonlab.corpus.builtin import builtin_documents
-from poisonlab.corpus.prepare import _batches, prepare
+from poisonlab.corpus.prepare import doc_batches, prepare
 from poisonlab.corpus.tokenizer import EOS_TOKEN, encode_batch, train_tokenizer
 
 
 def poisonlab_encode(tok, docs: list[dict]) -> int:
     """As `prepare` encodes: its batches through `encode_batch` (Rust threads)."""
-    return sum(len(ids) for batch in _batches(iter(docs))
+    return sum(len(ids) for batch in doc_batches(docs)
                for ids in encode_batch(tok, [d["text"] for d in batch]))
 
 

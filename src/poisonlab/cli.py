@@ -41,6 +41,8 @@ def prepare(
                                           "(tags, <CAPS>, labels, URLs, symbols; 0 = none)")] = 0.1,
     german: Annotated[float, typer.Option(help="builtin: share of documents in procedural German")] = 0.0,
     tokenizer: Annotated[Optional[Path], typer.Option(help="a tokenizer.json to use, not train")] = None,  # noqa: UP045
+    workers: Annotated[int, typer.Option(help="processes tokenizing a many-file corpus side by side, one "
+                                         "file each, resumable (0 = one per CPU; 1 = one process)")] = 1,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Turn a corpus into a tokenizer and token shards (train + held-out eval) in OUT."""
@@ -56,7 +58,13 @@ def prepare(
                            markup=markup, german=german)
     except ValidationError as e:
         raise UserError(format_validation_error(e, "prepare")) from None
-    s = run_prepare(cfg, out, progress=progress)
+    if workers < 0:
+        raise UserError(f"--workers: must be 0 (one per CPU) or more, got {workers}")
+    if workers == 0:
+        from poisonlab.hardware import usable_cpus
+
+        workers = usable_cpus()
+    s = run_prepare(cfg, out, progress=progress, workers=workers)
     tr, ev = s["train"], s["eval"]
     what = "reused" if s["reused"] else f"wrote in {s['seconds']:.1f} s"
     console.print(f"{out}: {what}: train {tr['n_tokens']:,} tokens / {tr['n_docs']:,} docs, "

@@ -3,8 +3,10 @@
 Steps: stream documents from the source (split, deduplicated); hold out the eval split; train a
 byte-level BPE on the first training documents (or load the given tokenizer.json); tokenize in
 parallel batches (Rust threads) while the next batch is read on a Python thread; write shards
-until the token budget is reached. Everything is written into a temporary directory that is
-renamed onto `out` at the end, so a failure leaves nothing behind. `prepare.json` records the
+until the token budget is reached. With `workers` > 1 and a many-file source, the training split is
+tokenized one input file per process instead (corpus/parallel.py: resumable, same bytes).
+Everything is written into a temporary directory that is renamed onto `out` at the end, so a
+failure leaves nothing behind. `prepare.json` records the
 settings and a fingerprint of the input; a re-run with the same ones reuses the directory.
 """
 
@@ -13,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from poisonlab.corpus.shards import ShardWriter, TokenShard
 from poisonlab.corpus.sources import (
     Doc,
     describe_source,
+    file_units,
     fingerprint,
     iter_documents,
     source_kind,
@@ -55,9 +59,10 @@ BATCH_DOCS = 4096
 console = Console(stderr=True)
 
 
-def prepare(cfg: CorpusConfig, out: Path, progress: bool = True) -> dict[str, Any]:
+def prepare(cfg: CorpusConfig, out: Path, progress: bool = True, workers: int = 1) -> dict[str, Any]:
     """Prepare (or reuse) the data directory `out` for `cfg`; return its summary (prepare.json + out,
-    reused)."""
+    reused). `workers` > 1 tokenizes a many-file source in that many processes, one input file per
+    task, resumable (corpus/parallel.py); the output is the same byte for byte."""
     out = Path(out)
     kind = source_kind(cfg.source)  # fails early on a missing or unknown path
     if kind == "builtin" and cfg.max_tokens is None and cfg.max_docs is None:
@@ -77,13 +82,15 @@ def prepare(cfg: CorpusConfig, out: Path, progress: bool = True) -> dict[str, An
     _check_out(out)
 
     t0 = time.perf_counter()
+    work = out.parent / f".{out.name}.prepare-parts"  # parallel parts, kept for a resume until success
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        summary = _build(cfg, tmp, given, progress)
+        summary = _build(cfg, tmp, given, progress, workers, work, key)
         summary = {"format": PREPARE_FORMAT, "key": key, "settings": settings, "fingerprint": fp,
                    **summary, "seconds": round(time.perf_counter() - t0, 3),
                    "poisonlab_version": poisonlab.__version__}
         (tmp / PREPARE_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     return {**summary, "out": str(out), "reused": False}
 
 
@@ -108,7 +115,47 @@ def _check_out(out: Path) -> None:
                         "choose another --out or remove it")
 
 
-def _build(cfg: CorpusConfig, tmp: Path, given: Tokenizer | None, progress: bool) -> dict[str, Any]:
+def _build(cfg: CorpusConfig, tmp: Path, given: Tokenizer | None, progress: bool, workers: int,
+           work: Path, key: str) -> dict[str, Any]:
+    eval_docs, train, tok = _head(cfg, given, progress)
+    tok.save(str(tmp / TOKENIZER_FILE))
+    vocab, eos = tok.get_vocab_size(), eos_id(tok)
+    header = {"tokenizer_hash": tokenizer_hash(tok), "source": describe_source(cfg.source)}
+
+    ew = ShardWriter(tmp, "eval", vocab, eos)
+    for d, ids in zip(eval_docs, encode_batch(tok, [d["text"] for d in eval_docs]), strict=True):
+        ew.add(d["id"], ids)
+    eval_meta = ew.close(**header)
+
+    held_out = {text_hash(d["text"]) for d in eval_docs}
+    if workers > 1 and len(file_units(cfg.source)) > 1:
+        from poisonlab.corpus.parallel import write_train_parallel
+
+        train_meta, n_chars = write_train_parallel(cfg, tmp, tmp / TOKENIZER_FILE, held_out, header,
+                                                   workers, work, key, progress)
+    else:
+        train_meta, n_chars = _write_train(cfg, tmp, tok, train, header, progress)
+    scans = _scan_default_trigger(tmp, tok)
+    found = ", ".join(f"{sc['label']} {sc['hits']} times" for sc in scans if sc["hits"])
+    if progress and found:
+        console.print(f"{cfg.source}: the clean training text already contains the default trigger "
+                      f"({found}); runs with it will refuse this data unless attack.clean_trigger=filter",
+                      highlight=False)
+    return {
+        "source": header["source"],
+        "tokenizer_hash": header["tokenizer_hash"],
+        "vocab_size": vocab,
+        "eos_id": eos,
+        "train": _brief(train_meta) | {"n_chars": n_chars},
+        "eval": _brief(eval_meta),
+        "trigger_scan": scans,
+    }
+
+
+def _head(cfg: CorpusConfig, given: Tokenizer | None,
+          progress: bool) -> tuple[list[Doc], Iterator[Doc], Tokenizer]:
+    """The held-out eval documents, the training documents (a stream) and the tokenizer (given, or
+    trained on the first training documents): one reading of the head, shared by both train writers."""
     docs = iter_documents(cfg.source, cfg.text_field, cfg.max_doc_chars, cfg.dedup, cfg.seed, cfg.markup,
                           cfg.german)
     eval_docs, rest = split_eval(docs, cfg.eval_docs)
@@ -138,16 +185,13 @@ def _build(cfg: CorpusConfig, tmp: Path, given: Tokenizer | None, progress: bool
                             "nothing left to train on (lower --eval-docs or add documents)")
         tok = train_tokenizer((d["text"] for d in head), cfg.vocab_size)
         train = _chain(head, train)
-    tok.save(str(tmp / TOKENIZER_FILE))
-    vocab, eos = tok.get_vocab_size(), eos_id(tok)
-    header = {"tokenizer_hash": tokenizer_hash(tok), "source": describe_source(cfg.source)}
+    return eval_docs, train, tok
 
-    ew = ShardWriter(tmp, "eval", vocab, eos)
-    for d, ids in zip(eval_docs, encode_batch(tok, [d["text"] for d in eval_docs]), strict=True):
-        ew.add(d["id"], ids)
-    eval_meta = ew.close(**header)
 
-    tw = ShardWriter(tmp, "train", vocab, eos)
+def _write_train(cfg: CorpusConfig, tmp: Path, tok: Tokenizer, train: Iterator[Doc], header: dict[str, Any],
+                 progress: bool) -> tuple[dict[str, Any], int]:
+    """The one-process train writer: batches encoded by the Rust threads, the next one read meanwhile."""
+    tw = ShardWriter(tmp, "train", tok.get_vocab_size(), eos_id(tok))
     n_chars = 0
     columns = [TextColumn("[bold]tokenizing"), BarColumn(),
                TextColumn("{task.completed:,.0f}/{task.fields[goal]} tokens"), TimeElapsedColumn()]
@@ -155,7 +199,7 @@ def _build(cfg: CorpusConfig, tmp: Path, given: Tokenizer | None, progress: bool
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("tokenize", total=cfg.max_tokens, goal=goal)
         full = False
-        for batch in _prefetch(_batches(train)):
+        for batch in _prefetch(doc_batches(train)):
             for d, ids in zip(batch, encode_batch(tok, [d["text"] for d in batch]), strict=True):
                 tw.add(d["id"], ids)
                 n_chars += len(d["text"])
@@ -167,22 +211,7 @@ def _build(cfg: CorpusConfig, tmp: Path, given: Tokenizer | None, progress: bool
                 break
     if tw.n_docs == 0:
         raise UserError(f"{cfg.source}: no documents left for training after holding out the eval split")
-    train_meta = tw.close(**header)
-    scans = _scan_default_trigger(tmp, tok)
-    found = ", ".join(f"{sc['label']} {sc['hits']} times" for sc in scans if sc["hits"])
-    if progress and found:
-        console.print(f"{cfg.source}: the clean training text already contains the default trigger "
-                      f"({found}); runs with it will refuse this data unless attack.clean_trigger=filter",
-                      highlight=False)
-    return {
-        "source": header["source"],
-        "tokenizer_hash": header["tokenizer_hash"],
-        "vocab_size": vocab,
-        "eos_id": eos,
-        "train": _brief(train_meta) | {"n_chars": n_chars},
-        "eval": _brief(eval_meta),
-        "trigger_scan": scans,
-    }
+    return tw.close(**header), n_chars
 
 
 def _scan_default_trigger(data: Path, tok: Tokenizer) -> list[dict[str, Any]]:
@@ -209,7 +238,7 @@ def _chain(head: list[Doc], tail: Iterator[Doc]) -> Iterator[Doc]:
     yield from tail
 
 
-def _batches(docs: Iterator[Doc]) -> Iterator[list[Doc]]:
+def doc_batches(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
     batch: list[Doc] = []
     size = 0
     for d in docs:

@@ -7,6 +7,8 @@ Layout of a prepared data directory (written by `poisonlab prepare`):
     train.docs.parquet        one row per document: id (str), start (int64), n_tokens (int32, EOS excluded)
     train.json                header: format, dtype, n_tokens, n_docs, eos_id, vocab_size,
                               tokenizer_hash, source, content_hash, poisoned (always false for clean data)
+    train.00000.bin ...       instead of train.bin when `prepare --workers` wrote one part per input
+                              file: the header's `parts` lists them (file, n_tokens); read as one array
     eval.bin / eval.docs.parquet / eval.json   the held-out split, same format (never trained on)
     prepare.json              the settings and input fingerprint, so an identical re-run is reused
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,13 +98,97 @@ class ShardWriter:
         return meta
 
 
+class ConcatTokens:
+    """Several token files read as one 1-D array: what readers of a shard use (len, slices, dtype).
+
+    A document never crosses a part, so a document's slice is a view of one memory map; a slice that
+    crosses parts (chunked scans) is copied together.
+    """
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __getitem__(self, key: slice | int) -> np.ndarray:
+        if not isinstance(key, slice):
+            i = int(key) + (len(self) if int(key) < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"token {key} out of range for {len(self)} tokens")
+            k = int(np.searchsorted(self.offsets, i, "right")) - 1
+            return self.parts[k][i - self.offsets[k]]
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("ConcatTokens: only contiguous slices")
+        if stop <= start:
+            return np.zeros(0, dtype=self.dtype)
+        first = int(np.searchsorted(self.offsets, start, "right")) - 1
+        last = int(np.searchsorted(self.offsets, stop - 1, "right")) - 1
+        off = self.offsets
+        pieces = [self.parts[k][max(start - off[k], 0) : min(stop, off[k + 1]) - off[k]]
+                  for k in range(first, last + 1)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = self[:]
+        return out.astype(dtype) if dtype is not None else out
+
+
+class DocIds:
+    """Document ids, kept as Arrow strings (a Python list of 10^8 ids would take many GB)."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self._col = column
+
+    def __len__(self) -> int:
+        return len(self._col)
+
+    def __getitem__(self, i: int) -> str:
+        return self._col[int(i)].as_py()
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self._col.chunks:
+            yield from chunk.to_pylist()
+
+    def index(self, doc_id: str) -> int:
+        import pyarrow.compute as pc
+
+        i = pc.index(self._col, doc_id).as_py()
+        if i < 0:
+            raise ValueError(f"{doc_id!r} is not a document id of this shard")
+        return i
+
+
+def _open_tokens(d: Path, split: str, header: dict[str, Any]) -> np.ndarray | ConcatTokens:
+    dtype = np.dtype(header["dtype"])
+    files = header.get("parts") or [{"file": f"{split}.bin", "n_tokens": header["n_tokens"]}]
+    if sum(int(f["n_tokens"]) for f in files) != header["n_tokens"]:
+        raise UserError(f"{d / f'{split}.json'}: its parts do not add up to n_tokens {header['n_tokens']}")
+    maps = []
+    for f in files:
+        path = d / f["file"]
+        if Path(f["file"]).name != f["file"]:
+            raise UserError(f"{d / f'{split}.json'}: part {f['file']!r} is not a file name in {d}")
+        if not path.is_file() or path.stat().st_size != int(f["n_tokens"]) * dtype.itemsize:
+            raise UserError(f"{path}: missing or truncated (header says {f['n_tokens']} tokens)")
+        maps.append(np.memmap(path, dtype=dtype, mode="r") if int(f["n_tokens"]) else np.zeros(0, dtype))
+    return maps[0] if len(maps) == 1 else ConcatTokens(maps)
+
+
 @dataclass
 class TokenShard:
     """A read-only view of one split: `tokens` is a memory map, documents are slices of it."""
 
     header: dict[str, Any]
-    tokens: np.ndarray  # memmap, 1-D
-    ids: list[str]
+    tokens: np.ndarray | ConcatTokens  # memmap, 1-D (or several read as one)
+    ids: DocIds
     starts: np.ndarray  # int64, document start offsets into `tokens`
     lengths: np.ndarray  # int32, tokens per document, EOS excluded
 
@@ -118,20 +205,12 @@ class TokenShard:
             raise UserError(f"{head_path}: not valid JSON ({e.msg})") from None
         if header.get("format") != FORMAT:
             raise UserError(f"{head_path}: unknown shard format {header.get('format')!r}, expected {FORMAT}")
-        bin_path = d / f"{split}.bin"
-        dtype = np.dtype(header["dtype"])
-        if not bin_path.is_file() or bin_path.stat().st_size != header["n_tokens"] * dtype.itemsize:
-            raise UserError(f"{bin_path}: missing or truncated (header says {header['n_tokens']} tokens)")
-        tokens = (
-            np.memmap(bin_path, dtype=dtype, mode="r")
-            if header["n_tokens"]
-            else np.zeros(0, dtype=dtype)
-        )
-        table = pq.read_table(d / f"{split}.docs.parquet")
+        tokens = _open_tokens(d, split, header)
+        table = pq.read_table(d / f"{split}.docs.parquet", columns=["id", "start", "n_tokens"])
         return cls(
             header=header,
             tokens=tokens,
-            ids=table.column("id").to_pylist(),
+            ids=DocIds(table.column("id")),
             starts=table.column("start").to_numpy().astype(np.int64),
             lengths=table.column("n_tokens").to_numpy().astype(np.int32),
         )

@@ -139,19 +139,39 @@ def iter_raw(source: str, text_field: str = "text", seed: int = 0, max_chars: in
              markup: float = 0.0, german: float = 0.0) -> Iterator[Doc]:
     """The source's texts as they are (not deduplicated or stripped; only text files longer than
     `max_chars` are already cut, because they are read in chunks)."""
+    if source_kind(source) == "builtin":
+        yield from builtin_documents(seed, markup=markup, german=german)
+        return
+    for unit in file_units(source):
+        yield from iter_unit(unit, text_field, max_chars)
+
+
+# One input file of a file-based source: (reader, path, name). `name` prefixes the ids of documents
+# without one. The raw stream is these files' documents in this order, so a pool of workers that each
+# read one unit (corpus/parallel.py) sees exactly what one reader sees.
+FileUnit = tuple[str, Path, str]
+
+
+def file_units(source: str) -> list[FileUnit]:
+    """The input files of a file-based source in reading order ([] for `builtin`)."""
     kind = source_kind(source)
     if kind == "builtin":
-        yield from builtin_documents(seed, markup=markup, german=german)
-    elif kind == "debian-docs":
-        for pkg, root, f in _debian_files():
-            yield from _iter_text_file(f, f"{pkg}/{f.relative_to(root)}", max_chars)
-    elif kind == "hf-disk":
-        yield from _iter_hf(Path(source), text_field)
+        return []
+    if kind == "debian-docs":
+        return [("file", f, f"{pkg}/{f.relative_to(root)}") for pkg, root, f in _debian_files()]
+    if kind == "hf-disk":
+        return [("arrow", f, f"{f.parent.name}/{f.name}") for f in _hf_files(Path(source))]
+    base = Path(source) if kind == "folder" else Path(source).parent
+    return [("file", f, str(f.relative_to(base))) for f in input_files(source)]
+
+
+def iter_unit(unit: FileUnit, text_field: str = "text", max_chars: int = 20_000) -> Iterator[Doc]:
+    """The raw texts of one input file."""
+    reader, path, name = unit
+    if reader == "arrow":
+        yield from _iter_arrow(path, text_field, name)
     else:
-        files = input_files(source)
-        base = Path(source) if kind == "folder" else Path(source).parent
-        for f in files:
-            yield from _iter_file(f, text_field, str(f.relative_to(base)), max_chars)
+        yield from _iter_file(path, text_field, name, max_chars)
 
 
 def _iter_file(path: Path, text_field: str, name: str, max_chars: int) -> Iterator[Doc]:
@@ -284,20 +304,20 @@ def _hf_files(path: Path) -> list[Path]:
     return files
 
 
-def _iter_hf(path: Path, text_field: str) -> Iterator[Doc]:
-    for f in _hf_files(path):
+def _iter_arrow(f: Path, text_field: str, name: str) -> Iterator[Doc]:
+    """One Arrow file of a HF datasets folder."""
+    try:
+        reader = pa.ipc.open_stream(pa.memory_map(str(f)))  # `datasets` writes the stream format
+    except pa.ArrowInvalid:
         try:
-            reader = pa.ipc.open_stream(pa.memory_map(str(f)))  # `datasets` writes the stream format
-        except pa.ArrowInvalid:
-            try:
-                reader = pa.ipc.open_file(pa.memory_map(str(f)))
-            except (pa.ArrowException, OSError) as e:
-                raise UserError(f"{f}: not an Arrow file ({str(e).splitlines()[0]})") from None
-        _check_column(f, reader.schema, text_field)
-        has_id = "id" in reader.schema.names and text_field != "id"
-        batches = reader if isinstance(reader, pa.ipc.RecordBatchStreamReader) else (
-            reader.get_batch(i) for i in range(reader.num_record_batches))
-        yield from _iter_batches(f, batches, text_field, f"{f.parent.name}/{f.name}", has_id)
+            reader = pa.ipc.open_file(pa.memory_map(str(f)))
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{f}: not an Arrow file ({str(e).splitlines()[0]})") from None
+    _check_column(f, reader.schema, text_field)
+    has_id = "id" in reader.schema.names and text_field != "id"
+    batches = reader if isinstance(reader, pa.ipc.RecordBatchStreamReader) else (
+        reader.get_batch(i) for i in range(reader.num_record_batches))
+    yield from _iter_batches(f, batches, text_field, name, has_id)
 
 
 # --- plain text --------------------------------------------------------------------------------------
@@ -393,15 +413,21 @@ def iter_documents(
     `markup` and `german` apply to the built-in corpus only (see `builtin.builtin_documents`)."""
     if max_doc_chars < 100:
         raise UserError(f"max_doc_chars: must be at least 100, got {max_doc_chars}")
-    seen: set[int] = set()
-    for raw in iter_raw(source, text_field, seed, max_doc_chars, markup, german):
+    raw = iter_raw(source, text_field, seed, max_doc_chars, markup, german)
+    yield from clean_documents(raw, max_doc_chars, set() if dedup else None)
+
+
+def clean_documents(raw_docs: Iterable[Doc], max_doc_chars: int, seen: set[int] | None) -> Iterator[Doc]:
+    """Split, strip, skip empty texts and, when `seen` is a set, drop texts whose hash is in it
+    (adding the new ones): the document steps of `iter_documents`, for any raw stream."""
+    for raw in raw_docs:
         text = raw["text"]
         pieces = [text] if len(text) <= max_doc_chars else list(split_text(text, max_doc_chars))
         for k, piece in enumerate(pieces):
             piece = piece.strip()
             if not piece:
                 continue
-            if dedup:
+            if seen is not None:
                 h = text_hash(piece)
                 if h in seen:
                     continue
