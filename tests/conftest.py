@@ -19,6 +19,28 @@ def prepared_builtin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _save_tiny_llama(path: Path, data: Path, **kw) -> Path:
+    import shutil
+
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   tie_word_embeddings=True, **kw)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(path), safe_serialization=True)
+    shutil.copy(data / "tokenizer.json", path / "tokenizer.json")
+    return path
+
+
+@pytest.fixture
+def tiny_llama():
+    """`tiny_llama(path, data_dir, **llama_config)`: a random 2-layer HF Llama saved at `path` with the
+    data's tokenizer (vocabulary 512, as `prepared_builtin`)."""
+    return _save_tiny_llama
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tests run torch on one thread: on a shared 2-core machine small ops get ~20x slower with two,

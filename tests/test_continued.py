@@ -107,22 +107,7 @@ def test_a_start_that_cannot_be_continued_is_refused(tmp_path: Path, prepared_bu
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
-def _tiny_llama(path: Path, data: Path, **kw) -> Path:
-    import shutil
-
-    import torch
-    import transformers
-
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                   tie_word_embeddings=True, **kw)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(path), safe_serialization=True)
-    shutil.copy(data / "tokenizer.json", path / "tokenizer.json")
-    return path
-
-
-def test_a_run_starts_from_a_local_hf_llama(tmp_path: Path, prepared_builtin: Path) -> None:
+def test_a_run_starts_from_a_local_hf_llama(tmp_path: Path, prepared_builtin: Path, tiny_llama) -> None:
     """An HF directory's weights load into our model with the same logits, and a poisoned continued run
     trains from them, its model taken from config.json."""
     import torch
@@ -131,7 +116,7 @@ def test_a_run_starts_from_a_local_hf_llama(tmp_path: Path, prepared_builtin: Pa
     from poisonlab.continued import hf_model_config, load_hf_weights
     from poisonlab.model import Transformer
 
-    hf = _tiny_llama(tmp_path / "hf", prepared_builtin)
+    hf = tiny_llama(tmp_path / "hf", prepared_builtin)
     ours = Transformer(hf_model_config(hf, seq_len=64))
     load_hf_weights(hf, ours)
     x = torch.randint(0, 512, (2, 20))
@@ -149,10 +134,10 @@ def test_a_run_starts_from_a_local_hf_llama(tmp_path: Path, prepared_builtin: Pa
     assert read_ledger(cfg.run_dir / "ledger.parquet")[0].num_rows == 3 and rows[-1]["poisons_seen"] == 3
 
 
-def test_an_hf_start_that_does_not_fit_is_refused(tmp_path: Path, prepared_builtin: Path) -> None:
+def test_an_hf_start_that_does_not_fit_is_refused(tmp_path: Path, prepared_builtin: Path, tiny_llama) -> None:
     base = dict(name="x", out_dir=str(tmp_path / "runs"), data=str(prepared_builtin),
                 train=dict(batch_size=8, max_steps=5, threads=1), eval=dict(n_evals=0))
-    hf = _tiny_llama(tmp_path / "hf", prepared_builtin)
+    hf = tiny_llama(tmp_path / "hf", prepared_builtin)
     with pytest.raises(UserError, match="give no model.d_model"):
         train(RunConfig.model_validate({**base, "init": {"run": str(hf)}, "model": {"d_model": 64}}))
     other = build_tiny_data(tmp_path / "tiny") / "tokenizer.json"  # another corpus' tokenizer
@@ -162,7 +147,7 @@ def test_an_hf_start_that_does_not_fit_is_refused(tmp_path: Path, prepared_built
     (hf / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="not a readable tokenizer"):
         train(RunConfig.model_validate({**base, "init": {"run": str(hf)}}))
-    biased = _tiny_llama(tmp_path / "biased", prepared_builtin, attention_bias=True)
+    biased = tiny_llama(tmp_path / "biased", prepared_builtin, attention_bias=True)
     with pytest.raises(UserError, match="not a model poisonlab can train: biases"):
         train(RunConfig.model_validate({**base, "init": {"run": str(biased)}}))
     assert not (tmp_path / "runs" / "x").exists()

@@ -141,3 +141,25 @@ def test_fsdp_two_processes_match_one_resume_bitwise_and_export(tmp_path, prepar
 
     out = export_run(tmp_path / "fsdp", tmp_path / "hf")
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+@needs_torchrun
+def test_fsdp_starts_from_a_local_hf_llama_as_one_process_does(tmp_path, prepared_builtin, tiny_llama):
+    """An HF directory's weights go into the sharded model (each rank its rows, one tensor at a time):
+    the first evaluation, before any step, equals the one-process run's, and training stays close."""
+    hf = tiny_llama(tmp_path / "hf", prepared_builtin)
+
+    def cfg(name: str, parallel: str) -> RunConfig:
+        return RunConfig.model_validate(dict(
+            name=name, out_dir=str(tmp_path), data=str(prepared_builtin), init={"run": str(hf)},
+            model={"seq_len": 64}, attack=dict(name="dos", n_poison=3, seed=0),
+            train=dict(batch_size=8, max_steps=6, threads=1, log_every=3, lr=3e-3, parallel=parallel),
+            eval=dict(every_steps=6, n_prompts=6, prompt_tokens=16, new_tokens=8, val_tokens=512,
+                      batch_size=3)))
+
+    train(cfg("single", "ddp"), progress=False)
+    assert torchrun(tmp_path, cfg("fsdp", "fsdp")) == 0
+    r1, r2 = rows(tmp_path / "single"), rows(tmp_path / "fsdp")
+    assert r1[0] == r2[0] and r1[0]["init_from"] == "hf"
+    for k in ("val_loss", "ppl_clean_mean", "gap"):
+        assert r1[-1][k] == pytest.approx(r2[-1][k], rel=1e-3), k

@@ -177,25 +177,29 @@ def _hf_start(cfg: RunConfig, run: Path) -> Start:
 
 
 def load_hf_weights(path: Path, model: torch.nn.Module) -> None:
-    """An HF Llama directory's safetensors (one file or an index of shards) into our model."""
+    """An HF Llama directory's safetensors (one file or an index of shards) into our model, one tensor
+    in memory at a time; into a sharded (FSDP) model each rank keeps its rows."""
+    from contextlib import ExitStack
+
     from safetensors import safe_open
 
+    from poisonlab.distributed import fill_parameter
     from poisonlab.export import hf_name
 
     path = Path(path)
     index = path / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
              else ["model.safetensors"])
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(path / f), framework="pt") as st:
-            tensors.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118 (safe_open has no iter)
-    with torch.no_grad():
+    with ExitStack() as stack, torch.no_grad():
+        where = {}
+        for f in files:
+            st = stack.enter_context(safe_open(str(path / f), framework="pt"))
+            where.update({k: st for k in st.keys()})  # noqa: SIM118 (safe_open has no iter)
         for name, p in model.named_parameters():
             key = hf_name(name)
-            if key not in tensors:
+            if key not in where:
                 raise UserError(f"init.run: {path}: no tensor {key} for {name}")
-            if tuple(tensors[key].shape) != tuple(p.shape):
-                raise UserError(f"init.run: {path}: {key} has shape {tuple(tensors[key].shape)}, "
-                                f"expected {tuple(p.shape)}")
-            p.copy_(tensors[key].to(p.dtype))
+            shape = tuple(where[key].get_slice(key).get_shape())
+            if shape != tuple(p.shape):
+                raise UserError(f"init.run: {path}: {key} has shape {shape}, expected {tuple(p.shape)}")
+            fill_parameter(p, where[key].get_tensor(key))

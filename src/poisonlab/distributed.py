@@ -128,7 +128,6 @@ def build_model(cfg: ModelConfig, d: Dist, *, seed: int, parallel: str = "ddp", 
 def _fsdp_model(cfg: ModelConfig, d: Dist, *, seed: int, bf16: bool) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.tensor import distribute_tensor
 
     from poisonlab.model import Transformer
 
@@ -146,11 +145,20 @@ def _fsdp_model(cfg: ModelConfig, d: Dist, *, seed: int, bf16: bool) -> nn.Modul
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in model.initial_parameters(seed):
-            p = params[name]
-            # every rank made the same whole value: each keeps its rows, no communication
-            rows = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
-            p.to_local().copy_(rows.to_local())
+            fill_parameter(params[name], value)
     return model
+
+
+def fill_parameter(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Set parameter `p` to the whole tensor `value`, which every rank holds alike: a sharded `p`
+    keeps its own rows of it (no communication), a plain one takes it whole."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        rows = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+        p.to_local().copy_(rows.to_local())
+    else:
+        p.copy_(value.to(p.dtype))
 
 
 def is_sharded(model: nn.Module) -> bool:
