@@ -127,7 +127,7 @@ def test_overrides_and_errors(tmp_path: Path) -> None:
     s = load_spec("demo", ["train.lr=3e-3", "grid.seed=[0, 1, 2, 3]", "name=mine"])
     assert s.name == "mine"
     runs = expand(s, tmp_path)
-    assert len(runs) == 16 and all(r.config.train.lr == 3e-3 for r in runs)
+    assert len(runs) == 10 and all(r.config.train.lr == 3e-3 for r in runs)  # 4 seeds x 2 sizes poisoned; the N = 0 controls keep seed 0
     with pytest.raises(UserError, match="preset"):
         load_spec("no-such-preset")
     with pytest.raises(UserError, match="grid.n_poisons"):
@@ -228,7 +228,7 @@ def test_cli_dry_run_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -
 
     main(["sweep", "demo", "--dry-run", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "tiny-100k_n1000_x1.0_s1" in out and "8 runs" in out
+    assert "tiny-100k_n1000_x1.0_s1" in out and "6 runs" in out
     assert not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit) as e:
         main(["sweep", "nope"])
