@@ -127,7 +127,8 @@ def test_overrides_and_errors(tmp_path: Path) -> None:
     s = load_spec("demo", ["train.lr=3e-3", "grid.seed=[0, 1, 2, 3]", "name=mine"])
     assert s.name == "mine"
     runs = expand(s, tmp_path)
-    assert len(runs) == 10 and all(r.config.train.lr == 3e-3 for r in runs)  # 4 seeds x 2 sizes poisoned; the N = 0 controls keep seed 0
+    # 4 seeds x 2 sizes poisoned; the N = 0 controls keep seed 0
+    assert len(runs) == 10 and all(r.config.train.lr == 3e-3 for r in runs)
     with pytest.raises(UserError, match="preset"):
         load_spec("no-such-preset")
     with pytest.raises(UserError, match="grid.n_poisons"):
