@@ -364,7 +364,9 @@ def _print_plan(plans: list, totals: dict, title: str) -> None:
     # runs that differ only in N or seeds have one plan: one row per distinct plan, with its count
     groups: dict[tuple, list] = {}
     for p in plans:
-        groups.setdefault((p.model, p.tokens, p.strategy, p.nodes, p.micro_batch, p.eval_batch), []).append(p)
+        key = (p.model, p.tokens, p.strategy, p.activation_checkpointing, p.nodes, p.micro_batch,
+               p.eval_batch)
+        groups.setdefault(key, []).append(p)
     table = Table(title=title)
     for head in ("model", "runs", "tokens", "layout", "nodes", "micro x accum", "eval batch",
                  "GiB/GPU", "GPU-h/run"):
@@ -372,7 +374,8 @@ def _print_plan(plans: list, totals: dict, title: str) -> None:
     notes = []
     for (model, tokens, *_), ps in groups.items():
         p = ps[0]
-        layout = p.strategy if p.fits else "[red]no fit[/]"
+        # "+ ckpt": activation checkpointing (recomputed blocks)
+        layout = (p.strategy + " + ckpt" * p.activation_checkpointing) if p.fits else "[red]no fit[/]"
         table.add_row(f"{model} ({fmt_count(p.params)})", str(len(ps)), fmt_count(tokens), layout,
                       str(p.nodes), f"{p.micro_batch} x {p.grad_accum}" if p.fits else "-", str(p.eval_batch),
                       f"{p.memory['peak']:.1f}/{p.usable_gib:.0f}",

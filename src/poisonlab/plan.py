@@ -74,12 +74,24 @@ def get_gpu(name: str) -> GPU:
 
 # --- the memory model ----------------------------------------------------------------------------------
 
-def activation_bytes_per_token(cfg: ModelConfig, bf16: bool) -> float:
-    """Bytes autograd keeps per token of a micro-batch (every layer + embedding, final norm, loss)."""
+def activation_bytes_per_token(cfg: ModelConfig, bf16: bool, checkpointed: bool = False) -> float:
+    """Bytes autograd keeps per token of a micro-batch (every layer + embedding, final norm, loss).
+    With activation checkpointing each block keeps only its fp32 input (4 d) until the backward pass
+    recomputes it (recompute_bytes_per_token)."""
     d, L = cfg.d_model, cfg.n_layers
     _, _, d_ff, _ = _shape(cfg)
-    per_layer = 26 * d + 12 * d_ff if bf16 else 38 * d + 17 * d_ff
+    per_layer = 4 * d if checkpointed else 26 * d + 12 * d_ff if bf16 else 38 * d + 17 * d_ff
     return L * per_layer + (10 if bf16 else 12) * d
+
+
+def recompute_bytes_per_token(cfg: ModelConfig, bf16: bool) -> float:
+    """Bytes per token of one checkpointed block in the backward pass: its recomputed activations and
+    the gradients flowing through it. Measured as the profiler's autograd-detail bytes at the step's
+    peak over d_model 64-256 (fp32 38 d + 25 d_ff within 0.1%; bf16 ~0.66 of that, within 5%; d_ff
+    is ~8/3 d in every shape measured, so only the sum is identified, not the split)."""
+    d = cfg.d_model
+    _, _, d_ff, _ = _shape(cfg)
+    return 25 * d + 16 * d_ff if bf16 else 38 * d + 25 * d_ff
 
 
 @dataclass
@@ -94,13 +106,15 @@ class Memory:
     activations: float
     loss: float  # the fused loss: its fp32 output-layer gradient and one chunk of logits
     eval: float  # bf16/fp32 weights, the KV cache and last-position logits of one evaluation batch
+    recompute: float = 0.0  # activation checkpointing: one block recomputed in the backward pass
 
     @property
     def train(self) -> float:
-        # the backward pass (activations alive, gradients filling up: counted whole) or the optimizer
-        # step (activations freed, its temporary alive), whichever is higher
+        # the backward pass (activations alive, gradients filling up: counted whole; with
+        # checkpointing, a recomputed block on top of the block inputs) or the optimizer step
+        # (activations freed, its temporary alive), whichever is higher
         state = self.weights + self.grads + self.optimizer + self.buffers
-        return state + max(self.activations + self.loss, self.step_temp)
+        return state + max(self.activations + max(self.loss, self.recompute), self.step_temp)
 
     @property
     def peak(self) -> float:
@@ -110,9 +124,10 @@ class Memory:
 
 def training_memory(cfg: ModelConfig, *, micro_batch: int, world: int = 1, strategy: str = "single",
                     bf16: bool = True, fused_adam: bool = True, eval_batch: int = 0,
-                    eval_len: int = 0, chunk_rows: int = 4096) -> Memory:
+                    eval_len: int = 0, chunk_rows: int = 4096, checkpointed: bool = False) -> Memory:
     """Per-GPU bytes of one training step (and of an evaluation batch) under a layout:
-    single (one process), ddp (every rank holds everything) or fsdp (states sharded over `world`)."""
+    single (one process), ddp (every rank holds everything) or fsdp (states sharded over `world`);
+    `checkpointed`: train.activation_checkpointing."""
     cfg = resolve_model_config(cfg)
     total, _ = count_params(cfg)
     hd, kv, d_ff, _ = _shape(cfg)
@@ -128,13 +143,16 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, world: int = 1, strat
         # two blocks unsharded at once (the current one and the prefetched next), in the compute dtype,
         # and the fp32 gradients of one block before their reduce-scatter; embedding/output alike
         buffers += (2 if bf16 else 4) * 2 * max(block, V * d) + 4 * max(block, V * d)
-    elif bf16:
-        buffers += 2 * total  # autocast's cached bf16 copies of the weights, for the whole forward
+    elif bf16 and not checkpointed:
+        # autocast's bf16 copies of the weights, kept for the backward (checkpointed: recast per
+        # block in the recompute, which recompute_bytes_per_token counts)
+        buffers += 2 * total
     tokens = micro_batch * cfg.seq_len
-    activations = tokens * activation_bytes_per_token(cfg, bf16)
+    activations = tokens * activation_bytes_per_token(cfg, bf16, checkpointed)
+    recompute = tokens * recompute_bytes_per_token(cfg, bf16) if checkpointed else 0.0
     loss = 4 * V * d + 2 * 4 * min(chunk_rows, tokens) * V  # grad of the output layer; logits + softmax
     eval_mem = eval_memory(cfg, eval_batch, eval_len, bf16) if eval_batch else 0.0
-    return Memory(weights, grads, adam, step_temp, buffers, activations, loss, eval_mem)
+    return Memory(weights, grads, adam, step_temp, buffers, activations, loss, eval_mem, recompute)
 
 
 def eval_memory(cfg: ModelConfig, batch: int, length: int, bf16: bool) -> float:
@@ -165,6 +183,7 @@ class RunPlan:
     micro_batch: int
     grad_accum: int
     eval_batch: int
+    activation_checkpointing: bool = False
     memory: dict[str, float] = field(default_factory=dict)  # GiB per GPU by part, and peak
     usable_gib: float = 0.0
     train_flops: float = 0.0
@@ -196,8 +215,10 @@ def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | N
     """The cheapest layout of one run on `gpu`s: DDP on the fewest nodes that hold it, else FSDP (only
     FSDP for a run set to train.parallel=fsdp); `nodes` fixes the node count. The micro-batch is the
     largest divisor of the per-rank batch that fits and is no larger than the configured one
-    (train.grad_accum); a different accumulation is a note. Activation checkpointing is not
-    modelled: with it on, the activation term is an upper bound."""
+    (train.grad_accum); a different accumulation is a note. Activation checkpointing as configured;
+    when it is off and not even one sequence per GPU fits, the plan turns it on (a note) before it
+    moves to more GPUs, since recomputing the blocks' forward (+1/3 of their FLOPs, counted in the
+    GPU-hours) is cheaper than sharding over nodes."""
     from poisonlab.schedule import total_steps
     from poisonlab.train import resolve_run_config
 
@@ -214,6 +235,8 @@ def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | N
                 params=total, tokens=tokens,
                 steps=steps, batch_size=t.batch_size, usable_gib=usable / GIB, train_flops=train_flops,
                 eval_tokens=eval_tokens)
+    # the blocks' forward again in the backward pass, when checkpointed: the body's third of the FLOPs
+    recompute = (flops_per_token(m) - 6 * m.d_model * m.vocab_size) / 3 * tokens
     tries = [nodes] if nodes else range(1, max_nodes + 1)
     for strategy in ("fsdp",) if t.parallel == "fsdp" else ("ddp", "fsdp"):
         for k in tries:
@@ -222,29 +245,34 @@ def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | N
                 continue
             layout = "single" if world == 1 else strategy  # one GPU: no DDP buckets, nothing to shard
             per_rank = t.batch_size // world
-            # no larger micro-batch than the config asks for (batch / world / grad_accum): a plan for
-            # the run as configured, or the accumulation that makes it fit
-            for micro in (k for k in _divisors_desc(per_rank) if k <= max(1, per_rank // t.grad_accum)):
-                mem = training_memory(m, micro_batch=micro, world=world, strategy=layout, bf16=bf16)
-                if mem.train > usable:
-                    continue
-                eb = _eval_batch(m, cfg, mem, usable, eval_len, bf16)
-                if eb == 0:
-                    continue
-                mem = training_memory(m, micro_batch=micro, world=world, strategy=layout, bf16=bf16,
-                                      eval_batch=eb, eval_len=eval_len)
-                gpu_s = (train_flops / (gpu.bf16_flops * mfu)
-                         + 2 * total * eval_tokens / (gpu.bf16_flops * eval_mfu))  # forward only
-                return RunPlan(**base, strategy=layout, nodes=k, gpus=world, micro_batch=micro,
-                               grad_accum=t.batch_size // world // micro, eval_batch=eb,
-                               memory=_gib(mem), gpu_hours=gpu_s / 3600, hours=gpu_s / 3600 / world,
-                               note=_note(layout, t.parallel, t.batch_size // world // micro, t.grad_accum))
+            for ckpt in (True,) if t.activation_checkpointing else (False, True):
+                # no larger micro-batch than the config asks for (batch / world / grad_accum): a plan
+                # for the run as configured, or the accumulation that makes it fit
+                for micro in (k for k in _divisors_desc(per_rank) if k <= max(1, per_rank // t.grad_accum)):
+                    mem = training_memory(m, micro_batch=micro, world=world, strategy=layout, bf16=bf16,
+                                          checkpointed=ckpt)
+                    if mem.train > usable:
+                        continue
+                    eb = _eval_batch(m, cfg, mem, usable, eval_len, bf16)
+                    if eb == 0:
+                        continue
+                    mem = training_memory(m, micro_batch=micro, world=world, strategy=layout, bf16=bf16,
+                                          eval_batch=eb, eval_len=eval_len, checkpointed=ckpt)
+                    gpu_s = ((train_flops + ckpt * recompute) / (gpu.bf16_flops * mfu)
+                             + 2 * total * eval_tokens / (gpu.bf16_flops * eval_mfu))  # forward only
+                    accum = t.batch_size // world // micro
+                    return RunPlan(**base, strategy=layout, nodes=k, gpus=world, micro_batch=micro,
+                                   grad_accum=accum, eval_batch=eb, activation_checkpointing=ckpt,
+                                   memory=_gib(mem), gpu_hours=gpu_s / 3600, hours=gpu_s / 3600 / world,
+                                   note=_note(layout, t.parallel, accum, t.grad_accum,
+                                              ckpt and not t.activation_checkpointing))
             if strategy == "ddp" and not nodes:
                 break  # DDP replicates: more nodes never make a DDP run fit, only FSDP shards
     mem = training_memory(m, micro_batch=1, world=(nodes or max_nodes) * gpus_per_node, strategy="fsdp",
-                          bf16=bf16)
+                          bf16=bf16, checkpointed=True)
     why = (f"batch_size {t.batch_size} leaves no whole sequence per GPU" if t.batch_size < gpus_per_node
-           else f"micro-batch 1 needs {mem.train / GIB:.1f} GiB per GPU under FSDP on "
+           else f"micro-batch 1 needs {mem.train / GIB:.1f} GiB per GPU under FSDP with activation "
+                f"checkpointing on "
                 f"{nodes or max_nodes} node(s); {usable / GIB:.1f} GiB usable")
     return RunPlan(**base, strategy="none", nodes=nodes or 0, gpus=0, micro_batch=0, grad_accum=0,
                    eval_batch=0, memory=_gib(mem), fits=False, note=why)
@@ -266,10 +294,12 @@ def _gib(mem: Memory) -> dict[str, float]:
     return parts | {"train": mem.train / GIB, "peak": mem.peak / GIB}
 
 
-def _note(layout: str, parallel: str, accum: int, configured: int) -> str:
+def _note(layout: str, parallel: str, accum: int, configured: int, needs_ckpt: bool = False) -> str:
     notes = []
     if layout == "fsdp" and parallel != "fsdp":
         notes.append("needs FSDP: set train.parallel=fsdp")
+    if needs_ckpt:
+        notes.append("needs activation checkpointing: set train.activation_checkpointing=true")
     if accum != configured:
         notes.append(f"set train.grad_accum={accum}")
     return "; ".join(notes)
@@ -296,7 +326,7 @@ def fmt_count(x: float) -> str:
 # --- measuring the real thing --------------------------------------------------------------------------
 
 def measured_peak(cfg: ModelConfig, *, micro_batch: int, bf16: bool, device: str = "cpu",
-                  seed: int = 0) -> float:
+                  seed: int = 0, checkpointed: bool = False) -> float:
     """Peak bytes allocated during one steady-state training step of poisonlab's model (AdamW as the
     trainer sets it up, after one warm-up step so its moments exist), measured by the allocator:
     torch.cuda.max_memory_allocated on CUDA; on CPU the allocation events torch.profiler records
@@ -313,6 +343,7 @@ def measured_peak(cfg: ModelConfig, *, micro_batch: int, bf16: bool, device: str
     torch.manual_seed(seed)
     cfg = resolve_model_config(cfg)
     model = Transformer(cfg).to(device)
+    model.checkpoint_blocks = checkpointed
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.startswith("cuda"))
     g = torch.Generator().manual_seed(seed)
     x, y = (torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len), generator=g).to(device)

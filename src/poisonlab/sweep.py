@@ -438,7 +438,7 @@ def write_plan(spec: SweepSpec, runs: list[PlannedRun], sweep_dir: Path) -> None
 
 def check_fit(spec: SweepSpec, runs: list[PlannedRun]) -> None:
     """Refuse (UserError) runs that cannot train on the spec's Slurm allocation: no layout fits in
-    memory, or only FSDP would and the run is not set to train.parallel=fsdp."""
+    memory, or only FSDP (or activation checkpointing) would and the run is not set to use it."""
     from poisonlab.plan import get_gpu, plan_run
 
     gpu, per_node = get_gpu(spec.gpu or ""), int(spec.slurm.get("gpus_per_node", 1))
@@ -446,9 +446,14 @@ def check_fit(spec: SweepSpec, runs: list[PlannedRun]) -> None:
     bad = []
     for r in runs:
         p = plan_run(r.config, gpu, gpus_per_node=per_node, nodes=nodes)
-        if not p.fits or (p.strategy == "fsdp" and r.config.train.parallel != "fsdp"):
-            why = p.note if not p.fits else "fits only under FSDP: set train.parallel=fsdp"
-            bad.append(f"{r.name}: {why}")
+        t = r.config.train
+        if not p.fits:
+            bad.append(f"{r.name}: {p.note}")
+        elif p.strategy == "fsdp" and t.parallel != "fsdp":
+            bad.append(f"{r.name}: fits only under FSDP: set train.parallel=fsdp")
+        elif p.activation_checkpointing and not t.activation_checkpointing:
+            bad.append(f"{r.name}: fits only with activation checkpointing: "
+                       "set train.activation_checkpointing=true")
     if bad:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise UserError(f"sweep {spec.name}: {len(bad)} run(s) do not fit on {nodes} node(s) x {per_node} "
