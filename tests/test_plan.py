@@ -52,8 +52,14 @@ def test_memory_model_matches_measured_peak_with_activation_checkpointing(shape,
     assert measured < measured_peak(cfg, micro_batch=B, bf16=bf16)
 
 
-def test_activation_checkpointing_changes_no_gradient():
-    """Recomputing the blocks gives the same loss and the same gradients (fp32, to rounding)."""
+def test_activation_checkpointing_changes_no_gradient(monkeypatch):
+    """Recomputing the blocks gives the same loss and the same gradients (fp32, to rounding), and the
+    blocks do go through torch.utils.checkpoint, once per block."""
+    import torch.utils.checkpoint as tc
+
+    calls = []
+    real = tc.checkpoint
+    monkeypatch.setattr(tc, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = ModelConfig(d_model=64, n_layers=3, n_heads=4, vocab_size=512, seq_len=32)
     x, y = torch.randint(0, 512, (2, 4, 32), generator=torch.Generator().manual_seed(1))
     grads = []
@@ -64,6 +70,7 @@ def test_activation_checkpointing_changes_no_gradient():
         loss = model(x, y)
         loss.backward()
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert len(calls) == cfg.n_layers
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -144,6 +144,23 @@ def test_fsdp_two_processes_match_one_resume_bitwise_and_export(tmp_path, prepar
 
 
 @needs_torchrun
+def test_fsdp_with_activation_checkpointing_trains_as_one_process_without(tmp_path, prepared_builtin):
+    """Recomputing each sharded block in the backward pass changes memory, not the arithmetic: the
+    2-process FSDP run with train.activation_checkpointing ends where the plain 1-process run does."""
+    single = cfg_for(tmp_path, prepared_builtin, "single")
+    train(single, progress=False)
+    ckpt = cfg_for(tmp_path, prepared_builtin, "ckpt", parallel="fsdp")
+    ckpt.train.activation_checkpointing = True
+    assert torchrun(tmp_path, ckpt) == 0
+    a, b = load_model(tmp_path / "single"), load_model(tmp_path / "ckpt")
+    for (k, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3, msg=k)
+    l1 = [json.loads(s)["loss"] for s in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    l2 = [json.loads(s)["loss"] for s in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
+    assert l1 == pytest.approx(l2, abs=1e-5)
+
+
+@needs_torchrun
 def test_fsdp_starts_from_a_local_hf_llama_as_one_process_does(tmp_path, prepared_builtin, tiny_llama):
     """An HF directory's weights go into the sharded model (each rank its rows, one tensor at a time):
     the first evaluation, before any step, equals the one-process run's, and training stays close."""
