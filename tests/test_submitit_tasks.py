@@ -9,6 +9,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from poisonlab.checkpoint import load_model
+from poisonlab.checkpoint import latest_checkpoint, load_model
 from poisonlab.config import RunConfig
 from poisonlab.executors import Job, SubmititExecutor
 from poisonlab.train import train
@@ -102,5 +104,66 @@ def test_two_task_job_trains_fsdp_and_is_requeued_on_the_timeout_signal(tmp_path
     whole = cfg_for(tmp_path, prepared_builtin, "whole", parallel="ddp")
     train(whole, progress=False)
     a, b = load_model(run_dir), load_model(whole.run_dir)
+    for (k, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3, msg=k)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_slurm_job_runs_as_srun_starts_it(tmp_path, prepared_builtin):
+    """A run as a Slurm job of 2 nodes x 2 tasks, started as srun starts it: 4 processes of
+    `python -m submitit.core._submit FOLDER` (the command in submitit's sbatch script), each with the
+    variables Slurm sets per task (node id, global and node-local rank, the job's node list), loading
+    the pickled job. Global and local ranks now differ (ranks 2 and 3 are local 0 and 1 on node 1):
+    the run trains FSDP over 4 ranks, rank 0 alone writes the run, and the weights are those of one
+    process; every task reports its result, rank 0's is "done". MASTER_PORT is set in the job's
+    environment, as many sbatch scripts do (submitit's export refused to run over it before)."""
+    submitit = pytest.importorskip("submitit")
+    from submitit.core.utils import DelayedSubmission
+
+    from poisonlab.executors import SubmititRun
+
+    def cfg(name: str, parallel: str) -> RunConfig:
+        c = cfg_for(tmp_path, prepared_builtin, name, parallel)
+        c.train.max_steps, c.eval.every_steps = 12, 6
+        return c
+
+    job = cfg("nodes", "fsdp")
+    path = tmp_path / "nodes.yaml"
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json", exclude_unset=True)))
+    folder, job_id = tmp_path / "slurm", "4242"
+    folder.mkdir()
+    DelayedSubmission(SubmititRun(str(path), 1, None, [])).dump(folder / f"{job_id}_submitted.pkl")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    base.update(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID=job_id, SLURM_NTASKS="4", SLURM_JOB_NUM_NODES="2",
+                SLURM_JOB_NODELIST="localhost,localhost", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
+                POISONLAB_NO_PROGRESS="1")
+    tasks = []
+    for node in range(2):
+        for local in range(2):
+            rank = 2 * node + local
+            env = dict(base, SLURM_NODEID=str(node), SLURM_PROCID=str(rank), SLURM_LOCALID=str(local))
+            out = (folder / f"{job_id}_{rank}_log.out").open("w")
+            tasks.append(subprocess.Popen([sys.executable, "-u", "-m", "submitit.core._submit", str(folder)],
+                                          env=env, stdout=out, stderr=subprocess.STDOUT))
+    codes = [t.wait(timeout=300) for t in tasks]
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted(folder.glob("*_log.out")))
+    assert codes == [0, 0, 0, 0], logs
+    results = [submitit.core.utils.pickle_load(folder / f"{job_id}_{r}_result.pkl") for r in range(4)]
+    assert results[0] == ("success", "done"), logs
+    assert all(r[0] == "success" for r in results), results
+    assert (Path(job.run_dir) / "DONE").is_file()
+    assert [e["step"] for e in _log(Path(job.run_dir)) if "loss" in e] == [5, 10, 12]
+    assert len(list(latest_checkpoint(job.run_dir).glob("model-*-of-00004.safetensors"))) == 4  # 4 shards
+
+    whole = cfg("whole", "ddp")
+    train(whole, progress=False)
+    a, b = load_model(job.run_dir), load_model(whole.run_dir)
     for (k, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3, msg=k)

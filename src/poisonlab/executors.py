@@ -206,8 +206,10 @@ class SubmititRun:
         # a run function named by string must import on the node as it did here (shared filesystem)
         sys.path.extend(p for p in self.paths if p not in sys.path)
         if submitit.JobEnvironment().num_tasks > 1:
-            # each task sees every GPU of its node and takes cuda:LOCAL_RANK (distributed.py)
-            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            # each task sees every GPU of its node and takes cuda:LOCAL_RANK (distributed.py).
+            # overwrite: a MASTER_PORT set in the job's environment (common in sbatch scripts) is
+            # the port submitit takes anyway; without it export refuses to run at all
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         try:
             return run_one(self.config_path, threads=self.threads, fn=self.fn)
         except Stopped:  # ranks other than 0 (rank 0 is requeued by submitit's handler and exits)
