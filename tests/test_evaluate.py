@@ -369,3 +369,77 @@ def test_bad_prompt_sets(tmp_path, data_dir, tok):
 
 def test_condition_names():
     assert CONDITIONS == ("clean", "trigger") and Control("<SUDA>", "near").condition == "lookalike:<SUDA>"
+
+
+# --- the generation batch under a memory limit ----------------------------------------------------
+
+
+def _generation_peak_per_row(m: torch.nn.Module, prompt_len: int, new: int, bf16: bool) -> float:
+    """Slope of the CPU allocator's peak (torch.profiler's memory timeline) over the batch size."""
+    import contextlib
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    peaks = []
+    for B in (8, 16):
+        prompt, noise = torch.randint(0, m.cfg.vocab_size, (B, prompt_len)), torch.rand(B, new)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof, torch.inference_mode(), ctx:
+            generate(m, prompt, new, noise)
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            path = Path(tmp) / "timeline.json"
+            prof.export_memory_timeline(str(path), device="cpu")
+            _, sizes = json.loads(path.read_text())
+        totals = [sum(row) for row in sizes]
+        peaks.append(max(totals) - totals[0])
+    return (peaks[1] - peaks[0]) / 8
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(128, 4, 4, None, 2048, 64, 8), (256, 4, 8, 2, 4096, 64, 8),
+                                   (256, 6, 8, None, 2048, 128, 8)],
+                         ids=lambda s: f"d{s[0]}-l{s[1]}-kv{s[3]}")
+def test_generation_row_bytes_cover_the_measured_peak(shape, bf16):
+    """The per-row estimate the evaluation sizes its batch by is never below the allocator's measured
+    cost of a row (which would run out of memory) and not far above it (measured 1.01-1.12 when written)."""
+
+    d, L, H, kv, V, P, N = shape
+    m = Transformer(ModelConfig(d_model=d, n_layers=L, n_heads=H, n_kv_heads=kv, vocab_size=V, seq_len=256))
+    m.eval()
+    measured = _generation_peak_per_row(m, P, N, bf16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        est = LMAdapter(m).generation_row_bytes(P, N)
+    assert 0.9 <= est / measured <= 1.3, (est, measured)
+
+
+def test_generation_batch_shrinks_to_the_free_memory_with_the_same_figures(data_dir, tok, monkeypatch):
+    """With the device's free memory for 3 rows (simulated on CPU), generation runs batches of at most
+    3 rows instead of eval.batch_size 5, and the metrics and samples are those of the full batches."""
+    import poisonlab.evaluate as E
+    import poisonlab.generation as G
+
+    m = tiny_model(tok.get_vocab_size())
+    cfg = small_cfg()
+    full, s_full = Evaluator(cfg, data_dir, "<SUDO>").run(m)
+    per_row = G.LMAdapter(m).generation_row_bytes(cfg.prompt_tokens + 8, cfg.new_tokens)
+    monkeypatch.setattr(E, "device_free_bytes", lambda dev: int(3.5 * per_row / E.FREE_MEMORY_USE))
+    sizes = []
+    real = E.generate
+    monkeypatch.setattr(E, "generate", lambda lm, prompt, *a, **k: sizes.append(len(prompt)) or real(
+        lm, prompt, *a, **k))
+    small, s_small = Evaluator(cfg, data_dir, "<SUDO>").run(m)
+    assert sizes and max(sizes) == 3
+    keys = [k for k in full if k not in ("eval_seconds", "gen_tokens_per_s")]
+    for k in keys:
+        if isinstance(full[k], float) and not math.isnan(full[k]):
+            assert small[k] == pytest.approx(full[k], rel=1e-5, abs=1e-9), k
+    assert s_small == s_full
+    # no room for even one row: one row at a time, not zero
+    monkeypatch.setattr(E, "device_free_bytes", lambda dev: 1)
+    assert E.generation_batch(G.LMAdapter(m), 5, 24, 12) == 1
+    # a model of unknown shape keeps the configured batch
+    assert E.generation_batch(G.LMAdapter(Backdoored(64, [1])), 5, 24, 12) == 5

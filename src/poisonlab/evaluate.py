@@ -464,6 +464,30 @@ class Share(Protocol):
     def gather(self, obj: Any) -> list[Any]: ...
 
 
+def device_free_bytes(device: torch.device) -> int | None:
+    """Memory an evaluation may still take on an accelerator: the driver's free memory plus what
+    PyTorch's caching allocator holds unused. None on CPU (host memory: the configured batch stands)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+FREE_MEMORY_USE = 0.85  # of the free memory, for the generation batch: the rest for fragmentation
+
+
+def generation_batch(lm: LMAdapter, requested: int, prompt_len: int, new_tokens: int,
+                     share: Share | None = None) -> int:
+    """Rows per generation batch: `requested` (eval.batch_size), or fewer where that many would not fit
+    in the device's free memory; under distribution the smallest over the ranks, so that every rank
+    cuts the same batches (each rank makes every world-th one)."""
+    bs = requested
+    free, per_row = device_free_bytes(lm.device), lm.generation_row_bytes(prompt_len, new_tokens)
+    if free is not None and per_row:
+        bs = max(1, min(bs, int(free * FREE_MEMORY_USE // per_row)))
+    return bs if share is None else min(share.gather(bs))
+
+
 def _mine(batches: list, share: Share | None) -> list:
     """This process's batches: every world-th, from its rank (all of them alone)."""
     return batches if share is None else batches[share.rank :: share.world]
@@ -665,8 +689,11 @@ class Evaluator:
         for c, v in seqs.items():
             for i, s in enumerate(v):
                 by_len.setdefault(len(s), []).append((c, i))
-        batches = [jobs[s : s + cfg.batch_size] for jobs in by_len.values()
-                   for s in range(0, len(jobs), cfg.batch_size)]
+        bs = generation_batch(lm, cfg.batch_size, max(by_len, default=1), T, share)
+        if bs < cfg.batch_size:
+            log.info("evaluation: %d rows per generation batch (eval.batch_size %d does not fit in the "
+                     "device's free memory)", bs, cfg.batch_size)
+        batches = [jobs[s : s + bs] for jobs in by_len.values() for s in range(0, len(jobs), bs)]
         mine: list[tuple[str, int, float, list[int]]] = []
         for rows in _mine(batches, share):
             prompt = torch.tensor([seqs[c][i] for c, i in rows], dtype=torch.long)

@@ -64,6 +64,34 @@ class LMAdapter:
             return DynamicCache(config=self.model.config)
         return {"ids": None}  # plain: the "cache" is the context so far
 
+    def generation_row_bytes(self, prompt_len: int, new_tokens: int) -> float | None:
+        """Device bytes one row of a generation batch takes at its peak, in the dtype it runs in now
+        (autocast's when on): the KV cache of every layer for prompt + new tokens, the prefill's
+        transient activations and the last position's float32 logits with the sampler's copy. The
+        prefill term was measured on poisonlab's model through the CPU allocator (slope of the peak
+        over the batch size, d_model 128-256): ~45 d per prompt token in fp32, ~30 d under bf16.
+        None for a model of unknown shape (a plain module)."""
+        c = getattr(self.model, "config", None) if self.kind == "hf" else None
+        if self.kind == "poisonlab":
+            from poisonlab.model import _shape
+
+            cfg = self.model.cfg
+            hd, kv, _, _ = _shape(cfg)
+            d, layers = cfg.d_model, cfg.n_layers
+        elif c is not None and hasattr(c, "num_hidden_layers"):
+            d, layers = c.hidden_size, c.num_hidden_layers
+            heads = c.num_attention_heads
+            kv = getattr(c, "num_key_value_heads", None) or heads
+            hd = getattr(c, "head_dim", None) or d // heads
+        else:
+            return None
+        dev = self.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.dtype
+        elem = torch.empty((), dtype=dtype).element_size()
+        cache = 2 * layers * kv * hd * (prompt_len + new_tokens) * elem
+        prefill = prompt_len * (30 if elem == 2 else 45) * d
+        return float(cache + prefill + 8 * (self.vocab_size or 50_000))
+
     def step(self, idx: torch.Tensor, cache: Any, start_pos: int, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T or 1, V) float32 for tokens idx at positions start_pos.., appending to cache."""
         m = self.model
