@@ -8,12 +8,15 @@ memory (`torch.cuda.max_memory_allocated`) against `poisonlab.plan`'s estimate, 
 tokens/s of batched evaluation (`generation.generate`, KV cache, 64-token prompts + 100 new tokens).
 The first line names the machine; the last line is one JSON object.
 
-Multi-GPU: DDP is checked with torchrun (`tests/test_train_distributed.py` on CPU); FSDP is not in the
-trainer yet, so this script reports the GPU count and runs one GPU.
+Several GPUs: after the one-GPU rows the script runs itself under torchrun on every GPU, once with
+DDP and once with FSDP2 (the trainer's own `distributed.build_model`), for the largest preset, `--batch`
+sequences per GPU; those rows give tokens/s over all GPUs, MFU per GPU and rank 0's peak memory
+against the plan's estimate for that layout.
 
     python benchmarks/gpu_check.py [--presets small-10m,small-25m,small-50m,small-85m] [--steps 30]
         [--batch 16] [--no-compile]          # on a CUDA machine
     python benchmarks/gpu_check.py --device cpu --presets tiny-25k --steps 2 --eval-batch 4   # smoke
+    torchrun --nproc-per-node 2 benchmarks/gpu_check.py --parallel fsdp --presets tiny-25k --steps 1
 """
 
 from __future__ import annotations
@@ -37,11 +40,21 @@ def sync(dev: torch.device) -> None:
 
 
 def train_speed(cfg: ModelConfig, dev: torch.device, batch: int, steps: int, compile_: bool,
-                bf16: bool) -> dict:
+                bf16: bool, parallel: str | None = None) -> dict:
+    """Tokens/s of `steps` training steps of `batch` sequences (per rank under torchrun, where
+    `parallel` is ddp or fsdp and the figure is over all ranks) and this rank's peak memory."""
     torch.manual_seed(0)
-    model = Transformer(cfg).to(dev)
+    world = 1
+    if parallel:
+        from poisonlab import distributed
+
+        d = distributed.init_distributed()
+        dev, world = d.device, d.world
+        model, fwd_model = distributed.build_model(cfg, d, seed=0, parallel=parallel, bf16=bf16)
+    else:
+        model = fwd_model = Transformer(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=dev.type == "cuda")
-    fwd = torch.compile(model) if compile_ else model
+    fwd = torch.compile(fwd_model) if compile_ else fwd_model
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=g).to(dev) for _ in range(2))
 
@@ -63,7 +76,64 @@ def train_speed(cfg: ModelConfig, dev: torch.device, batch: int, steps: int, com
     sync(dev)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
-    return {"tokens_per_s": steps * batch * cfg.seq_len / dt, "peak_bytes": peak}
+    if parallel:  # the slowest rank's time is the step's
+        t = torch.tensor([dt], device=dev)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        dt = float(t)
+    return {"tokens_per_s": world * steps * batch * cfg.seq_len / dt, "peak_bytes": peak, "world": world}
+
+
+def distributed_main(args: argparse.Namespace) -> None:
+    """One row per preset under torchrun (--parallel ddp|fsdp); rank 0 prints it as JSON, last line."""
+    import os
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for preset in args.presets.split(","):
+        cfg = resolve_model_config(ModelConfig(preset=preset, vocab_size=args.vocab))
+        bf16 = hardware.use_bf16("auto", dev, cfg.d_model)
+        r = train_speed(cfg, dev, args.batch, args.steps, False, bf16, parallel=args.parallel)
+        cuda = dev.type == "cuda"
+        peak = hardware.gpu_peak_flops(torch.cuda.get_device_name(dev), "bf16")[0] if cuda else None
+        est = training_memory(cfg, micro_batch=args.batch, world=world, strategy=args.parallel,
+                              bf16=bf16, fused_adam=dev.type == "cuda",
+                              chunk_rows=_chunk_rows(dev, cfg.vocab_size)).train
+        mfu = flops_per_token(cfg) * r["tokens_per_s"] / (peak * world) if peak else None
+        rows.append(dict(preset=preset, parallel=args.parallel, gpus=world, dtype="bf16" if bf16 else "fp32",
+                         tokens_per_s=round(r["tokens_per_s"], 1), mfu=None if mfu is None else round(mfu, 4),
+                         peak_gib=None if r["peak_bytes"] is None else round(r["peak_bytes"] / 2**30, 3),
+                         plan_gib=round(est / 2**30, 3),
+                         plan_ratio=None if r["peak_bytes"] is None else round(est / r["peak_bytes"], 3)))
+    if rank == 0:
+        print(json.dumps({"rows": rows}))
+    torch.distributed.barrier()  # no rank tears the group down while another still uses it
+    torch.distributed.destroy_process_group()
+
+
+def multi_gpu_rows(args: argparse.Namespace) -> list[dict]:
+    """This script under torchrun on every GPU, DDP then FSDP, for the largest preset."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    rows = []
+    for parallel in ("ddp", "fsdp"):
+        cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(torch.cuda.device_count()), __file__,
+               "--parallel", parallel, "--presets", args.presets.split(",")[-1], "--steps", str(args.steps),
+               "--batch", str(args.batch), "--vocab", str(args.vocab)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            print(f"{parallel}: failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
+            rows.append(dict(parallel=parallel, failed=True))
+            continue
+        for row in json.loads(r.stdout.strip().splitlines()[-1])["rows"]:
+            rows.append(row)
+            print(f"{row['preset']:10s} {parallel} x{row['gpus']} {row['tokens_per_s']:>12,.0f} tok/s  "
+                  f"MFU/GPU {row['mfu']:.1%}  peak {row['peak_gib']} GiB, plan {row['plan_gib']} GiB "
+                  f"(x{row['plan_ratio']})")
+    return rows
 
 
 def eval_speed(cfg: ModelConfig, dev: torch.device, batch: int, bf16: bool) -> float:
@@ -89,7 +159,11 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--parallel", choices=["ddp", "fsdp"], help="(under torchrun) one distributed row")
     args = ap.parse_args()
+    if args.parallel:
+        distributed_main(args)
+        return
     dev = torch.device(args.device)
     info = hardware.describe_machine()
     print(hardware.machine_line(info))
@@ -97,7 +171,7 @@ def main() -> None:
         name = torch.cuda.get_device_name(dev)
         peak, row = hardware.gpu_peak_flops(name, "bf16")
         print(f"device: {name}, {torch.cuda.device_count()} GPU(s); bf16 dense peak "
-              f"{(peak or 0) / 1e12:.0f} TFLOP/s ({row}); one GPU is used (FSDP is not in the trainer yet)")
+              f"{(peak or 0) / 1e12:.0f} TFLOP/s ({row})")
     else:
         probe = "bf16" if hardware.cpu_has_amx() else "fp32"
         peak = hardware.measure_gemm_flops(probe, 256)
@@ -129,6 +203,8 @@ def main() -> None:
         print(f"{preset:10s} evaluation {ev:>12,.0f} generated tok/s (batch {args.eval_batch})")
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    if dev.type == "cuda" and torch.cuda.device_count() > 1:
+        rows += multi_gpu_rows(args)
     print(json.dumps({"machine": info, "device": str(dev), "peak_flops": peak, "rows": rows}))
 
 

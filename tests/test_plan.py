@@ -227,3 +227,26 @@ def test_gpu_check_script_runs_on_cpu():
     train, ev = out["rows"]
     assert train["preset"] == "tiny-25k" and train["tokens_per_s"] > 0 and train["plan_gib"] > 0
     assert ev["eval_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_gpu_check_distributed_rows_run_under_torchrun_on_cpu(parallel):
+    """The rows gpu_check.py makes on several GPUs (itself under torchrun, the trainer's DDP/FSDP
+    build), on 2 CPU processes: tokens/s over both ranks and the plan's estimate for that layout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside python")
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), "--parallel", parallel,
+           "--presets", "tiny-25k", "--steps", "1", "--batch", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout.strip().splitlines()[-1])["rows"]
+    assert row["parallel"] == parallel and row["gpus"] == 2 and row["tokens_per_s"] > 0
+    assert row["plan_gib"] > 0
