@@ -358,7 +358,10 @@ def _step(train_model: torch.nn.Module, model: torch.nn.Module, opt: torch.optim
           autocast: torch.autocast, loss_sum: torch.Tensor) -> None:
     """One optimizer step on this rank's rows, accumulated over t.grad_accum micro-batches; adds the
     step's loss (this rank's mean) to loss_sum, one micro-batch at a time."""
-    x, y = x.to(dist.device), y.to(dist.device)
+    if dist.device.type == "cuda":  # page-locked, so the copies run asynchronously to the host
+        x, y = (b.pin_memory().to(dist.device, non_blocking=True) for b in (x, y))
+    else:
+        x, y = x.to(dist.device), y.to(dist.device)
     micro = t.grad_accum
     for i, (xb, yb) in enumerate(zip(x.chunk(micro), y.chunk(micro), strict=True)):
         with distributed.no_sync(train_model, sync=i == micro - 1), autocast:
