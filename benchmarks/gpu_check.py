@@ -83,29 +83,43 @@ def train_speed(cfg: ModelConfig, dev: torch.device, batch: int, steps: int, com
     return {"tokens_per_s": world * steps * batch * cfg.seq_len / dt, "peak_bytes": peak, "world": world}
 
 
+def speed_row(preset: str, r: dict, est: float, fpt: float, peak: float | None, bf16: bool,
+              **extra) -> dict:
+    """One training row: tokens/s, MFU per device (r["world"] devices), peak memory against the plan."""
+    mfu = fpt * r["tokens_per_s"] / (peak * r["world"]) if peak else None
+    measured = r["peak_bytes"]
+    return dict(preset=preset, **extra, dtype="bf16" if bf16 else "fp32",
+                tokens_per_s=round(r["tokens_per_s"], 1), mfu=None if mfu is None else round(mfu, 4),
+                peak_gib=None if measured is None else round(measured / 2**30, 3),
+                plan_gib=round(est / 2**30, 3),
+                plan_ratio=None if measured is None else round(est / measured, 3))
+
+
+def row_line(row: dict, what: str) -> str:
+    mfu = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
+    mem = (f"peak {row['peak_gib']} GiB, plan {row['plan_gib']} GiB (x{row['plan_ratio']})"
+           if row["peak_gib"] is not None else f"plan {row['plan_gib']} GiB")
+    return f"{row['preset']:10s} {what} {row['tokens_per_s']:>12,.0f} tok/s  MFU {mfu}  {mem}"
+
+
 def distributed_main(args: argparse.Namespace) -> None:
     """One row per preset under torchrun (--parallel ddp|fsdp); rank 0 prints it as JSON, last line."""
-    import os
+    from poisonlab import distributed
 
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    d = distributed.init_distributed()  # train_speed finds the group joined
+    cuda = d.device.type == "cuda"
+    peak = hardware.gpu_peak_flops(torch.cuda.get_device_name(d.device), "bf16")[0] if cuda else None
     rows = []
     for preset in args.presets.split(","):
         cfg = resolve_model_config(ModelConfig(preset=preset, vocab_size=args.vocab))
-        bf16 = hardware.use_bf16("auto", dev, cfg.d_model)
-        r = train_speed(cfg, dev, args.batch, args.steps, False, bf16, parallel=args.parallel)
-        cuda = dev.type == "cuda"
-        peak = hardware.gpu_peak_flops(torch.cuda.get_device_name(dev), "bf16")[0] if cuda else None
-        est = training_memory(cfg, micro_batch=args.batch, world=world, strategy=args.parallel,
-                              bf16=bf16, fused_adam=dev.type == "cuda",
-                              chunk_rows=_chunk_rows(dev, cfg.vocab_size)).train
-        mfu = flops_per_token(cfg) * r["tokens_per_s"] / (peak * world) if peak else None
-        rows.append(dict(preset=preset, parallel=args.parallel, gpus=world, dtype="bf16" if bf16 else "fp32",
-                         tokens_per_s=round(r["tokens_per_s"], 1), mfu=None if mfu is None else round(mfu, 4),
-                         peak_gib=None if r["peak_bytes"] is None else round(r["peak_bytes"] / 2**30, 3),
-                         plan_gib=round(est / 2**30, 3),
-                         plan_ratio=None if r["peak_bytes"] is None else round(est / r["peak_bytes"], 3)))
-    if rank == 0:
+        bf16 = hardware.use_bf16("auto", d.device, cfg.d_model)
+        r = train_speed(cfg, d.device, args.batch, args.steps, False, bf16, parallel=args.parallel)
+        est = training_memory(cfg, micro_batch=args.batch, world=d.world, strategy=args.parallel,
+                              bf16=bf16, fused_adam=cuda,
+                              chunk_rows=_chunk_rows(d.device, cfg.vocab_size)).train
+        rows.append(speed_row(preset, r, est, flops_per_token(cfg), peak, bf16, parallel=args.parallel,
+                              gpus=d.world))
+    if d.main:
         print(json.dumps({"rows": rows}))
     torch.distributed.barrier()  # no rank tears the group down while another still uses it
     torch.distributed.destroy_process_group()
@@ -130,9 +144,7 @@ def multi_gpu_rows(args: argparse.Namespace) -> list[dict]:
             continue
         for row in json.loads(r.stdout.strip().splitlines()[-1])["rows"]:
             rows.append(row)
-            print(f"{row['preset']:10s} {parallel} x{row['gpus']} {row['tokens_per_s']:>12,.0f} tok/s  "
-                  f"MFU/GPU {row['mfu']:.1%}  peak {row['peak_gib']} GiB, plan {row['plan_gib']} GiB "
-                  f"(x{row['plan_ratio']})")
+            print(row_line(row, f"{parallel} x{row['gpus']}"))
     return rows
 
 
@@ -187,17 +199,8 @@ def main() -> None:
                               chunk_rows=_chunk_rows(dev, cfg.vocab_size)).train
         for comp in variants:
             r = train_speed(cfg, dev, args.batch, args.steps, comp, bf16)
-            mfu = fpt * r["tokens_per_s"] / peak if peak else None
-            row = dict(preset=preset, compile=comp, dtype="bf16" if bf16 else "fp32",
-                       tokens_per_s=round(r["tokens_per_s"], 1), mfu=None if mfu is None else round(mfu, 4),
-                       peak_gib=None if r["peak_bytes"] is None else round(r["peak_bytes"] / 2**30, 3),
-                       plan_gib=round(est / 2**30, 3),
-                       plan_ratio=None if r["peak_bytes"] is None else round(est / r["peak_bytes"], 3))
-            rows.append(row)
-            mem = (f"peak {row['peak_gib']} GiB, plan {row['plan_gib']} GiB (x{row['plan_ratio']})"
-                   if row["peak_gib"] is not None else f"plan {row['plan_gib']} GiB")
-            print(f"{preset:10s} compile={comp!s:5s} {row['tokens_per_s']:>12,.0f} tok/s  "
-                  f"MFU {'-' if mfu is None else f'{mfu:.1%}'}  {mem}")
+            rows.append(speed_row(preset, r, est, fpt, peak, bf16, compile=comp))
+            print(row_line(rows[-1], f"compile={comp!s:5s}"))
         ev = eval_speed(cfg, dev, args.eval_batch, bf16)
         rows.append(dict(preset=preset, eval_tokens_per_s=round(ev, 1), eval_batch=args.eval_batch))
         print(f"{preset:10s} evaluation {ev:>12,.0f} generated tok/s (batch {args.eval_batch})")

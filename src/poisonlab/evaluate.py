@@ -481,9 +481,9 @@ def generation_batch(lm: LMAdapter, requested: int, prompt_len: int, new_tokens:
     """Rows per generation batch: `requested` (eval.batch_size), or fewer where that many would not fit
     in the device's free memory; under distribution the smallest over the ranks, so that every rank
     cuts the same batches (each rank makes every world-th one)."""
-    bs = requested
-    free, per_row = device_free_bytes(lm.device), lm.generation_row_bytes(prompt_len, new_tokens)
-    if free is not None and per_row:
+    bs, free = requested, device_free_bytes(lm.device)
+    per_row = lm.generation_row_bytes(prompt_len, new_tokens) if free is not None else None
+    if per_row:
         bs = max(1, min(bs, int(free * FREE_MEMORY_USE // per_row)))
     return bs if share is None else min(share.gather(bs))
 
