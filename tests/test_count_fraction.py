@@ -17,6 +17,7 @@ import pytest
 from poisonlab.count_fraction import (
     Needed,
     count_vs_fraction,
+    needed_per_run,
     poisons_needed,
     reading,
     slope_fit,
@@ -26,7 +27,13 @@ DESIGN = [(1e6, m) for m in (0.5, 1.0, 2.0)] + [(4e6, m) for m in (0.5, 1.0, 2.0
 
 
 def simulate(b_true: float, seed: int = 0, p0: float = 60.0, sigma: float = 0.25, prompts: int = 128,
-             counts: tuple[int, ...] = (50, 200, 800, 3200), n_exp: float = 0.0) -> dict[str, list[dict]]:
+             counts: tuple[int, ...] = (50, 200, 800, 3200), n_exp: float = 0.0,
+             dips: tuple[float, float] = (0.0, 0.0), width: float = 0.15) -> dict[str, list[dict]]:
+    """`dips` = (sd, rho): real curves level off below 1 and dip (0.81, 0.47, 0.84 at three consecutive
+    evaluations of one tiny-grid run: 1.6 logits down and back, where 128 prompts' binomial noise is
+    ~0.3 logits). With sd > 0 the curve is multiplied by a plateau whose logit is 2 (ASR 0.88) plus a
+    run-level AR(1) over the run's evaluations with that stationary sd and lag-1 correlation rho.
+    `width`: of the rise in log(poisons seen) (real tiny-grid curves: ~0.4, 0.2 to 0.8 over 3x)."""
     rng = np.random.default_rng(seed)
     runs = {}
     for base, mult in DESIGN:
@@ -38,8 +45,14 @@ def simulate(b_true: float, seed: int = 0, p0: float = 60.0, sigma: float = 0.25
                 seen = np.unique(np.r_[np.round(np.geomspace(1, n, 25)), n])
                 run_id = f"m{int(base)}_x{mult}_n{n}_s{s}"
                 rows = []
+                sd, rho = dips
+                u = sd * rng.standard_normal()
                 for k, m in enumerate(seen):
-                    p = 1 / (1 + math.exp(-(math.log(m) - math.log(need)) / 0.15))
+                    if k:
+                        u = rho * u + sd * math.sqrt(1 - rho**2) * rng.standard_normal()
+                    p = 1 / (1 + math.exp(-(math.log(m) - math.log(need)) / width))
+                    if sd:
+                        p /= 1 + math.exp(-2.0 - u)
                     rows.append({"run_id": run_id, "model": f"m{int(base)}", "params_nonemb": base / 20,
                                  "data_mult": mult, "n_poison": n, "clean_tokens": clean,
                                  "n_prompts": prompts, "step": k, "poisons_seen": float(m),
@@ -67,7 +80,7 @@ def test_slope_interval_recovers_the_known_answer(b_true: float) -> None:
         for lo, hi in (fit["ci"], fit["bootstrap_ci"]):
             assert lo <= b_true <= hi, (name, fit)
             assert not lo <= 1 - b_true <= hi, (name, fit)  # and it tells the other hypothesis apart
-        assert fit["censored"] > 0  # the design straddles the threshold: some runs never succeed
+    assert res["fits"]["per_n"]["censored"] > 0  # the design straddles the threshold
     assert reading(res["fits"]["all"]) == ("a constant count, not a constant fraction" if b_true == 0
                                            else "a constant fraction, not a constant count")
     lo, hi = res["binomial"]["ci"]
@@ -78,13 +91,15 @@ def test_slope_interval_recovers_the_known_answer(b_true: float) -> None:
 def test_dropping_censored_runs_would_bias_the_slope() -> None:
     """Why censored runs stay in: when poison counts stop short and runs vary (sigma 0.6), the runs that
     succeed at the largest data sizes are the lucky ones; leaving the others out flattens the slope
-    towards 'count'. Averaged over 10 simulated sweeps under a constant fraction: the censored model
-    stays at b = 1, dropping the censored runs does not (measured: 0.99 vs 0.89)."""
+    towards 'count'. Averaged over 20 simulated sweeps under a constant fraction, pooled at one
+    horizon: the censored model stays at b = 1, dropping the censored runs does not (measured: 1.04
+    vs 0.91; over 40 sweeps the censored model read 1.03 +- 0.03)."""
     kept, dropped = [], []
-    for seed in range(10):
-        res = count_vs_fraction(simulate(1.0, seed=seed, sigma=0.6, counts=(50, 200, 800)), n_boot=0)
-        needed = [Needed(**n) for n in res["needed"]]
+    for seed in range(20):
+        runs = simulate(1.0, seed=seed, sigma=0.6, counts=(50, 200, 800))
+        res = count_vs_fraction(runs, n_boot=0)
         kept.append(res["fits"]["all"]["slope"])
+        needed = needed_per_run(runs, horizon=res["fits"]["all"]["horizon"])
         dropped.append(slope_fit([n for n in needed if not n.censored], n_boot=0)["slope"])
     assert abs(np.mean(kept) - 1) < 0.08
     assert np.mean(dropped) < np.mean(kept) - 0.05
@@ -173,22 +188,19 @@ def test_newton_tobit_finds_the_likelihoods_maximum(case: int) -> None:
 
 
 def test_the_within_n_fit_is_calibrated_when_n_matters() -> None:
-    """Poisons needed that grow with N at a fixed data size (as denser poisons did in the tiny-grid):
-    compared within each N the interval still covers the true slope; pooled over N it does not when
-    b = 1 (the smallest N succeeds only at the smallest data sizes, which pulls the pooled line flat)."""
+    """Poisons needed that grow with N at a fixed data size: compared within each N the interval still
+    covers the true slope. (Pooled over N and judging each run to its own end, it covered b = 1 in at
+    most half of these sweeps: the smallest N succeeds only at the smallest data sizes; at one common
+    horizon the runs of smaller N are left out of the pooled fit.)"""
     for b_true in (0.0, 1.0):
-        covered = pooled = 0
+        covered = 0
         for seed in range(12):
             res = count_vs_fraction(simulate(b_true, seed=seed, n_exp=0.3, counts=(20, 200, 800, 3200)),
                                     n_boot=0)
             lo, hi = res["fits"]["per_n"]["ci"]
             covered += lo < b_true < hi
-            lo, hi = res["fits"]["all"]["ci"]
-            pooled += lo < b_true < hi
             assert "compared within each N" in res["sentence"]
         assert covered >= 10, (b_true, covered)
-        if b_true == 1.0:
-            assert pooled <= 6, pooled
 
 
 def test_an_n_where_nothing_succeeded_is_left_out_and_named() -> None:
@@ -196,3 +208,50 @@ def test_an_n_where_nothing_succeeded_is_left_out_and_named() -> None:
     assert all(n["censored"] for n in res["needed"] if n["n_poison"] == 8)
     fit = res["fits"]["per_n"]
     assert fit["n_left_out"] == [8] and fit["runs"] == 42 and "N = 8 left out" in res["sentence"]
+
+
+def test_a_horizon_cuts_the_evaluations_after_it() -> None:
+    pts = [(10, 0.2), (40, 0.7), (80, 0.9), (100, 0.3), (120, 0.8)]
+    rows = [{"poisons_seen": x, "asr": y} for x, y in pts]
+    assert poisons_needed(rows)[0] == pytest.approx(100 * 1.2 ** 0.4)  # watched to its end: the late dip
+    value, censored = poisons_needed(rows, horizon=80)  # judged up to 80 poisons: the dip is after it
+    assert not censored and value == pytest.approx(math.exp(math.log(10) + 0.6 * math.log(4)))
+    assert poisons_needed(rows, horizon=200) is None  # never watched that far: not judged
+    # evaluations after the last poison measure persistence, not "needed": a decay there is not a dip
+    after = rows[:3] + [{"poisons_seen": 80, "asr": 0.1}]
+    assert poisons_needed(after) == poisons_needed(rows[:3])
+
+
+def test_a_common_horizon_removes_the_longer_watch_bias() -> None:
+    """Curves that dip as real ones do (run-level AR(1), 1 logit, rho 0.5, on a plateau of 0.88) and
+    poisons needed that do NOT depend on N: judged each to its own end, the N = 1000 runs that succeed
+    need ~13% more than the N = 300 runs (they are watched 3.3x longer, so a late dip pushes them up);
+    judged at one horizon (300), the difference is gone (measured: +0.13 vs +0.00 in log, 20 sweeps)."""
+    own_diff, common_diff = [], []
+    for seed in range(20):
+        runs = simulate(0.0, seed=seed, dips=(1.0, 0.5), counts=(300, 1000), width=0.4, p0=150)
+        for horizon, acc in ((None, own_diff), (300, common_diff)):
+            needed = needed_per_run(runs, horizon=horizon)
+            big = [math.log(n.value) for n in needed if n.n_poison == 1000 and not n.censored]
+            small = [math.log(n.value) for n in needed if n.n_poison == 300 and not n.censored]
+            acc.append(np.mean(big) - np.mean(small))
+    assert np.mean(own_diff) > 0.08, np.mean(own_diff)
+    assert abs(np.mean(common_diff)) < 0.04, np.mean(common_diff)
+
+
+@pytest.mark.parametrize("b_true", [0.0, 1.0])
+def test_coverage_and_bias_with_real_dips(b_true: float) -> None:
+    """The within-N fit (the sentence's) and the pooled fit on curves that rise as slowly as the
+    tiny-grid's (width 0.4 in log poisons) and dip as theirs do: the 95% interval covers the true slope
+    in >= 25 of 30 sweeps (measured 27-29), and the mean slope is within 0.1 of it (measured within
+    0.04 for within N, 0.07 pooled; the budget-axis fit, not asserted, read 0.90 at b = 1)."""
+    covered = {"per_n": 0, "all": 0}
+    slopes: dict[str, list[float]] = {"per_n": [], "all": []}
+    for seed in range(30):
+        res = count_vs_fraction(simulate(b_true, seed=300 + seed, dips=(1.0, 0.5), width=0.4), n_boot=0)
+        for name in covered:
+            lo, hi = res["fits"][name]["ci"]
+            covered[name] += lo <= b_true <= hi
+            slopes[name].append(res["fits"][name]["slope"])
+    assert min(covered.values()) >= 25, covered
+    assert all(abs(np.mean(v) - b_true) < 0.1 for v in slopes.values()), slopes

@@ -134,10 +134,11 @@ def _check_answer(root: Path, truth: float, words: str) -> dict:
         f = g["fits"][name]
         for lo, hi in (f["ci"], f["bootstrap_ci"]):
             assert lo <= truth <= hi and not lo <= 1 - truth <= hi, (name, f)
-        assert f["censored"] > 0  # the design straddles the need: some runs never get there
-    lo, hi = g["binomial"]["ci"]
-    assert lo <= truth <= hi and not lo <= 1 - truth <= hi
-    assert g["fits"]["all"]["runs"] == 30  # every poisoned run, the N = 0 controls left out
+    # within N: every poisoned run, the N = 0 controls left out; the design straddles the need
+    assert g["fits"]["per_n"]["runs"] == 30 and g["fits"]["per_n"]["censored"] > 0
+    # pooled over N at one horizon: the runs that end before it (smaller N) are left out
+    h = g["fits"]["all"]["horizon"]
+    assert g["fits"]["all"]["runs"] == 10 * sum(n >= h for n in (25, 100, 400))  # 10 runs per N
     assert words in g["sentence"]
     after_title = html.split("</h1>", 1)[1].lstrip()
     assert after_title.startswith(f'<p class="answer">{html_lib.escape(g["sentence"])}</p>\n<table>')
@@ -382,10 +383,12 @@ def test_sweep_ends_with_report(tmp_path: Path) -> None:
     assert res.report == tmp_path / "report" / "report.html" and res.report.exists()
     assert "name: e2e" in res.report.read_text()
     assert (tmp_path / "results.parquet").exists()
-    # six poisoned runs, tiny-25k's N = 30 censored: bootstrap resamples in which censored runs alone
-    # fix a data size (the optimiser runs off) are skipped, not a crash of the report
+    # six poisoned runs, tiny-25k's N = 30 censored (within N, at its horizon of 30); pooled over N at
+    # the horizon where most runs held success (100), the N = 30 runs are left out
     (g,) = json.loads((tmp_path / "report" / "fits.json").read_text())["groups"]
-    assert g["fits"]["all"]["censored"] == 1 and "slope" in g["fits"]["all"]
+    assert g["fits"]["per_n"]["censored"] == 1 and "too few runs" in g["fits"]["per_n"]["note"]
+    pooled = g["fits"]["all"]
+    assert pooled["horizon"] == 100 and pooled["runs"] == 4 and "slope" in pooled
 
 
 def test_an_archive_of_the_sweep_gives_the_same_report(real_sweep: Path, tmp_path: Path) -> None:

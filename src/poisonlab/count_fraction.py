@@ -1,9 +1,11 @@
 """Count or fraction? The poisons each run needed, and how that number scales with the clean data.
 
 Per run, `poisons_needed`: the poisons seen when attack success became sustained (ASR at or above the
-threshold at that evaluation and at every later one), interpolated linearly between the evaluation
-before and that one. A run that never gets there is right-censored at the poisons it saw: all we know
-is that it needed more.
+threshold at that evaluation and at every later one up to a horizon of poisons seen), interpolated
+between the evaluation before and that one. A run that never gets there is right-censored at the
+poisons it saw: all we know is that it needed more. Runs compared in one fit are judged at the same
+horizon (`common_horizon`): a run watched over more poisons has more chances to dip below the
+threshold, so judging each run to its own end made runs with larger N look as if they needed more.
 
 Across runs, `slope_fit`: log(poisons needed) = a + b log(clean tokens trained) + e, e ~ N(0, s^2),
 with censored runs entering through P(needed > seen) (a Tobit model, by maximum likelihood). b = 0
@@ -46,21 +48,47 @@ class Needed:
     params: float
     data_mult: float
     n_poison: int
+    first: float | None = None  # poisons seen at the first evaluation at or above the threshold
+    horizon: float | None = None  # the poisons seen up to which the run was judged
 
 
-def poisons_needed(rows: Rows, threshold: float = 0.5,
-                   count: str = "poisons_seen") -> tuple[float, bool] | None:
+def _points(rows: Rows, count: str) -> list[tuple[float, float]]:
+    return [(float(r[count]), float(r["asr"])) for r in rows
+            if r.get(count) is not None and r.get("asr") is not None and not math.isnan(r["asr"])]
+
+
+def horizon_of(rows: Rows, count: str = "poisons_seen") -> float | None:
+    """The poisons a run saw by its last evaluation: how far it can be watched."""
+    pts = _points(rows, count)
+    return pts[-1][0] if pts else None
+
+
+def poisons_needed(rows: Rows, threshold: float = 0.5, count: str = "poisons_seen",
+                   horizon: float | None = None) -> tuple[float, bool] | None:
     """(poisons needed, censored) from one run's evaluation rows in step order; None without poisons.
 
-    Sustained success starts after the last evaluation below the threshold; the crossing is interpolated
-    between that evaluation and the next (in log poisons seen). Needed is at least 1 poison."""
-    pts = [(float(r[count]), float(r["asr"])) for r in rows
-           if r.get(count) is not None and r.get("asr") is not None and not math.isnan(r["asr"])]
+    The run is watched up to a horizon in poisons seen: through its first evaluation at or past
+    `horizon` (default: the poisons it saw in all, so evaluations after its last poison, which measure
+    persistence, are not looked at). Sustained success starts after the last evaluation below the
+    threshold within that window; the crossing is interpolated between that evaluation and the next
+    (in log poisons seen). Needed is at least 1 poison.
+
+    Runs compared with each other must share the horizon: a run watched over 3x more poisons has 3x
+    more chances to dip below the threshold and push its "needed" up (the tiny-grid's N = 1000 runs
+    against N = 300). A run that ends before the horizon cannot be judged at it: None (leave it out;
+    censoring it at its first crossing would censor at the very value sought, which biases a censored
+    fit)."""
+    pts = _points(rows, count)
     if not pts or pts[-1][0] <= 0:
         return None
+    h = pts[-1][0] if horizon is None else float(horizon)
+    reach = next((i for i, (x, _) in enumerate(pts) if x >= h), None)
+    if reach is None:  # not watched to the horizon
+        return None
+    pts = pts[:reach + 1]
     below = [i for i, (_, y) in enumerate(pts) if y < threshold]
     if below and below[-1] == len(pts) - 1:
-        return pts[-1][0], True  # not (or no longer) successful at the end: needed more than it saw
+        return pts[-1][0], True  # not (or no longer) successful at the horizon: needed more than it saw
     if not below:
         return (max(pts[0][0], 1.0), False) if pts[0][0] > 0 else None  # succeeded from the start
     (x0, y0), (x1, y1) = pts[below[-1]], pts[below[-1] + 1]
@@ -71,21 +99,46 @@ def poisons_needed(rows: Rows, threshold: float = 0.5,
     return max(x, 1.0), False
 
 
-def needed_per_run(runs: dict[str, Rows], threshold: float = 0.5,
-                   count: str = "poisons_seen") -> list[Needed]:
-    """`poisons_needed` of every poisoned run, with what the fits need to know about it."""
+def first_crossing(rows: Rows, threshold: float = 0.5, count: str = "poisons_seen") -> float | None:
+    """Poisons seen at the first evaluation at or above the threshold (None: never): beside the
+    sustained rule, it shows how far a run's success flickered before it held."""
+    return next((max(x, 1.0) for x, y in _points(rows, count) if y >= threshold and x > 0), None)
+
+
+def common_horizon(runs: dict[str, Rows], threshold: float = 0.5,
+                   count: str = "poisons_seen") -> float | None:
+    """One horizon for runs compared in one fit, chosen among the runs' ends (the poisons each saw) as
+    the one at which the most runs show sustained success (ties: the longer). Runs that end before it
+    are left out (their success cannot be judged that far), and a shorter horizon cuts the long runs'
+    evidence. Within one N every run ends at N, which this picks. None when no run held success."""
+    ends = sorted({e for rows in runs.values() if rows and rows[-1].get("n_poison")
+                   and (e := horizon_of(rows, count))})
+    best, best_ok = None, 0
+    for h in ends:
+        ok = sum(1 for rows in runs.values() if rows and rows[-1].get("n_poison")
+                 and (got := poisons_needed(rows, threshold, count, h)) and not got[1])
+        if ok and ok >= best_ok:
+            best, best_ok = h, ok
+    return best
+
+
+def needed_per_run(runs: dict[str, Rows], threshold: float = 0.5, count: str = "poisons_seen",
+                   horizon: float | None = None) -> list[Needed]:
+    """`poisons_needed` of every poisoned run at one horizon (None: each run's own end), with what
+    the fits need to know about it."""
     out = []
     for run_id, rows in runs.items():
         last = rows[-1]
         if not last.get("n_poison"):
             continue
-        got = poisons_needed(rows, threshold, count)
+        got = poisons_needed(rows, threshold, count, horizon)
         clean = last.get("clean_tokens") or last.get("tokens_total")
         if got is None or not clean:
             continue
         out.append(Needed(str(run_id), got[0], got[1], float(clean), str(last.get("model")),
                           float(last.get("params_nonemb") or last.get("params_total") or 0),
-                          float(last.get("data_mult") or 1.0), int(last["n_poison"])))
+                          float(last.get("data_mult") or 1.0), int(last["n_poison"]),
+                          first_crossing(rows, threshold, count), horizon or horizon_of(rows, count)))
     return out
 
 
@@ -347,26 +400,46 @@ def _main_mult(needed: Sequence[Needed]) -> float:
 
 def count_vs_fraction(runs: dict[str, Rows], threshold: float = 0.5, count: str = "poisons_seen",
                       n_boot: int = 1000) -> dict[str, Any]:
-    """The slope fits on the size axis, the budget axis and both, the binomial model, and one sentence."""
-    needed = needed_per_run(runs, threshold, count)
-    main = _main_mult(needed) if needed else 1.0
+    """The slope fits on the size axis, the budget axis and both, the binomial model, and one sentence.
+
+    Each fit judges its runs at one horizon of poisons seen (`common_horizon` of the runs it compares):
+    within each N that is N (every run of an N sees the same poisons); pooled over N it is the smallest
+    N at which success held, and longer runs are judged only that far."""
+    poisoned = {k: v for k, v in runs.items() if v and v[-1].get("n_poison")}
+
+    def judged(subset: dict[str, Rows]) -> list[Needed]:
+        return needed_per_run(subset, threshold, count, common_horizon(subset, threshold, count))
+
+    own = needed_per_run(poisoned, threshold, count)  # each run at its own end: for the design only
+    main = _main_mult(own) if own else 1.0
     budgets: dict[str, set[float]] = defaultdict(set)
-    for n in needed:
+    for n in own:
         budgets[n.model].add(n.data_mult)
-    size_axis = [n for n in needed if n.data_mult == main]
-    budget_axis = [n for n in needed if len(budgets[n.model]) > 1]
+    by_n: dict[int, dict[str, Rows]] = defaultdict(dict)
+    for k, v in poisoned.items():
+        by_n[int(v[-1]["n_poison"])][k] = v
+    within_n = [n for group in by_n.values() for n in judged(group)]
+    size_axis = judged({k: v for k, v in poisoned.items() if float(v[-1].get("data_mult") or 1.0) == main})
+    budget_axis = judged({k: v for k, v in poisoned.items() if len(budgets[str(v[-1].get("model"))]) > 1})
+    pooled = judged(poisoned)
     fits = {
-        "size": {"design": f"model sizes at {main:g}x data", **slope_fit(size_axis, n_boot=n_boot)},
-        "budget": {"design": "data budgets within a size (an intercept per size)",
+        "size": {"design": f"model sizes at {main:g}x data", **_horizon(size_axis),
+                 **slope_fit(size_axis, n_boot=n_boot)},
+        "budget": {"design": "data budgets within a size (an intercept per size)", **_horizon(budget_axis),
                    **slope_fit(budget_axis, per_size=True, n_boot=n_boot)},
-        "all": {"design": "every poisoned run", **slope_fit(needed, n_boot=n_boot)},
-        # the poisons needed grew with N at a fixed size in the tiny-grid (N = 1000 arrives 3x denser in
-        # training time than N = 300): the same slope compared only within each N
+        "all": {"design": "every poisoned run", **_horizon(pooled), **slope_fit(pooled, n_boot=n_boot)},
+        # compared only within each N, each N at its own horizon (N): the poisons needed can depend on
+        # N too (denser poisons), which biases a pooled fit
         "per_n": {"design": "every poisoned run, an intercept per N inserted",
-                  **slope_fit(needed, per_n=True, n_boot=n_boot)},
+                  **slope_fit(within_n, per_n=True, n_boot=n_boot)},
     }
-    return {"threshold": threshold, "count": count, "needed": [asdict(n) for n in needed], "fits": fits,
-            "binomial": binomial_slope(runs, count), "sentence": verdict(fits, threshold)}
+    return {"threshold": threshold, "count": count, "needed": [asdict(n) for n in within_n],
+            "fits": fits, "binomial": binomial_slope(runs, count), "sentence": verdict(fits, threshold)}
+
+
+def _horizon(needed: Sequence[Needed]) -> dict[str, Any]:
+    hs = {n.horizon for n in needed if n.horizon}
+    return {"horizon": min(hs)} if len(hs) == 1 else {}
 
 
 def reading(fit: dict[str, Any]) -> str:

@@ -267,13 +267,14 @@ def design_rows(res: dict[str, Any], count: str) -> list[dict[str, Any]]:
                      "95% interval": interval(f.get("ci")),
                      "bootstrap 95%": interval(f.get("bootstrap_ci")),
                      "runs": f["runs"], "censored": f["censored"], "sigma": f.get("sigma"),
+                     "horizon": "N" if key == "per_n" else f.get("horizon"),
                      "reading": _reading(f) + (f"; N = {', '.join(map(str, f['n_left_out']))} left out "
                                                "(no run succeeded)" if f.get("n_left_out") else "")})
     b = res["binomial"]
     rows.append({"count": count, "design": "binomial model: per-prompt success, every evaluation of every "
                  "poisoned run, errors clustered by run", "slope b": b.get("slope"),
                  "95% interval": interval(b.get("ci")), "bootstrap 95%": "-", "runs": b["runs"],
-                 "censored": "-", "sigma": "-", "reading": _reading(b)})
+                 "censored": "-", "sigma": "-", "horizon": "-", "reading": _reading(b)})
     return rows
 
 
@@ -295,9 +296,13 @@ def _answer_html(fits: dict[str, Any], fig: str) -> str:
             if fits["n_boot"] else "no bootstrap (n_boot = 0)")
     parts.append(
         f'<p class="note">Poisons needed: the poisons seen when ASR became sustained (≥ {thr:g} at that '
-        "evaluation and at every later one), interpolated in log(poisons seen) between the evaluation "
-        "before and that one; a run that never got there is censored at the poisons it saw (it needed "
-        f"more). Count: {EXACT_COUNT}, exact from the ledger (rows <i>exact</i>)"
+        "evaluation and at every later one up to a horizon of poisons seen), interpolated in log(poisons "
+        "seen) between the evaluation before and that one; a run that never got there is censored at the "
+        "horizon (it needed more). The runs of one fit share the horizon, since a run watched over more "
+        "poisons has more chances to dip below the threshold: within N it is N (evaluations after the "
+        "last poison measure persistence, not this); pooled over N it is the run end at which most runs "
+        "held success (column <i>horizon</i>), and runs that end before it are left out. "
+        f"Count: {EXACT_COUNT}, exact from the ledger (rows <i>exact</i>)"
         + (f"; rows <i>effective</i>: the same on the {EFFECTIVE_COUNT}" if effective else "")
         + ". b: slope of log(poisons needed) on log(clean tokens trained), a censored (Tobit) regression; "
         "b = 0 is a constant count, b = 1 a constant fraction. 95% interval: the model's (Student t; "

@@ -405,6 +405,34 @@ def needed_stats(members: list[list[dict[str, Any]]], threshold: float = DEFAULT
 SPECIFICITY_COLUMNS = ("specificity", "asr_near", "asr_lookalike")
 
 
+# the study's regime, for every row's comparison (PAPER.md): 250 poisons of ~1,680 tokens among the
+# 12B tokens of 600M at 20 tokens per parameter, 260B of 13B; steps apart at an assumed batch of ~1M
+# tokens (the study's batch size is not published)
+STUDY_DENSITY = ("the study: 0.0035% of tokens, ~50 steps apart (600M) to 0.00016%, ~1,000 steps apart "
+                 "(13B), at an assumed batch of 1M tokens")
+
+
+def density(finals: list[dict[str, Any]]) -> dict[str, Any]:
+    """How dense the poisons were, from each run's last metrics row (means over the group's runs): the
+    share of the tokens trained that were poison tokens (1 - clean / trained) and the steps trained
+    per poison seen (the mean spacing of uniformly placed poisons)."""
+    share = [1 - f["clean_tokens"] / f["tokens_seen"] for f in finals
+             if f.get("n_poison") and f.get("clean_tokens") and f.get("tokens_seen")]
+    apart = [f["step"] / f["poisons_seen"] for f in finals
+             if f.get("n_poison") and f.get("poisons_seen") and f.get("step")]
+    return {"poison_token_share": sum(share) / len(share) if share else None,
+            "steps_per_poison": sum(apart) / len(apart) if apart else None}
+
+
+def fmt_density(r: dict[str, Any]) -> str:
+    """'0.035%, 270 steps apart' style: the share of poison tokens and the steps per poison."""
+    share, apart = r.get("poison_token_share"), r.get("steps_per_poison")
+    if share is None:
+        return "-"
+    text = f"{100 * share:.2g}%"
+    return text + (f", {apart:.2g} steps apart" if apart is not None else "")
+
+
 def _spread(finals: list[dict[str, Any]], col: str) -> dict[str, Any]:
     mean, _, lo, hi = _stats([f.get(col) for f in finals])
     return {f"{col}_mean": mean, f"{col}_min": lo, f"{col}_max": hi}
@@ -446,6 +474,7 @@ def summarize(table: pa.Table, threshold: float = DEFAULT_THRESHOLD,
             "placement_seeds": _seeds(finals, "placement_seed"),
             "tokens_total": finals[0].get("tokens_total"), "clean_tokens": finals[0].get("clean_tokens"),
             "poison_fraction": finals[0].get("poison_fraction"),
+            **density(finals),
             "poisons_seen": _stats([f.get("poisons_seen") for f in finals])[0],
             "gap_mean": gap[0], "gap_std": gap[1], "gap_min": gap[2], "gap_max": gap[3],
             "asr_mean": asr[0], "asr_std": asr[1], "asr_min": asr[2], "asr_max": asr[3],
@@ -568,7 +597,7 @@ def summary_table(rows: list[dict[str, Any]], title: str = "") -> Any:
     cols += [("specificity", "right"), ("near ASR", "right")] if with_panel else []
     cols += [("look-alike", "right"), ("val loss", "right"), (f"needed for ASR>={thr:g}", "right")]
     cols += [("needed, effective", "right")] if with_effective else []
-    cols += [(f"first ASR>={thr:g} at", "right"), ("poisons per token", "right")]
+    cols += [(f"first ASR>={thr:g} at", "right"), ("poison tokens, spacing", "right")]
     for col, just in cols:
         # numbers wrap, never end in an ellipsis: a cut figure reads as a different one
         t.add_column(col, justify=just, no_wrap=col == "model", overflow="fold")  # type: ignore[arg-type]
@@ -584,8 +613,7 @@ def summary_table(rows: list[dict[str, Any]], title: str = "") -> Any:
         cells += [fmt_spread(r, "specificity"), fmt_spread(r, "asr_near")] if with_panel else []
         cells += [fmt_spread(r, "asr_lookalike"), _fmt(r["val_loss_mean"]), fmt_needed(r)]
         cells += [fmt_needed(r, "needed_effective")] if with_effective else []
-        frac = r["poison_fraction"]
-        cells += [fs, "-" if frac is None else f"{frac:.2g}"]
+        cells += [fs, fmt_density(r)]
         t.add_row(*cells)
     return t
 
