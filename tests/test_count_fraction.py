@@ -16,6 +16,7 @@ import pytest
 
 from poisonlab.count_fraction import (
     Needed,
+    _tobit,
     count_vs_fraction,
     needed_per_run,
     poisons_needed,
@@ -28,12 +29,15 @@ DESIGN = [(1e6, m) for m in (0.5, 1.0, 2.0)] + [(4e6, m) for m in (0.5, 1.0, 2.0
 
 def simulate(b_true: float, seed: int = 0, p0: float = 60.0, sigma: float = 0.25, prompts: int = 128,
              counts: tuple[int, ...] = (50, 200, 800, 3200), n_exp: float = 0.0,
-             dips: tuple[float, float] = (0.0, 0.0), width: float = 0.15) -> dict[str, list[dict]]:
+             dips: tuple[float, float] = (0.0, 0.0), width: float = 0.15,
+             milestones: bool = False) -> dict[str, list[dict]]:
     """`dips` = (sd, rho): real curves level off below 1 and dip (0.81, 0.47, 0.84 at three consecutive
     evaluations of one tiny-grid run: 1.6 logits down and back, where 128 prompts' binomial noise is
     ~0.3 logits). With sd > 0 the curve is multiplied by a plateau whose logit is 2 (ASR 0.88) plus a
     run-level AR(1) over the run's evaluations with that stationary sd and lag-1 correlation rho.
-    `width`: of the rise in log(poisons seen) (real tiny-grid curves: ~0.4, 0.2 to 0.8 over 3x)."""
+    `width`: of the rise in log(poisons seen) (real tiny-grid curves: ~0.4, 0.2 to 0.8 over 3x).
+    `milestones`: evaluate as the presets do, each time poisons seen grows 1.25x from 5, and at N (the
+    same grid for every N); otherwise at 25 points from 1 to N."""
     rng = np.random.default_rng(seed)
     runs = {}
     for base, mult in DESIGN:
@@ -42,7 +46,8 @@ def simulate(b_true: float, seed: int = 0, p0: float = 60.0, sigma: float = 0.25
                 clean = base * mult
                 need = (p0 * (clean / 1e6) ** b_true * (n / 200) ** n_exp
                         * math.exp(sigma * rng.standard_normal()))
-                seen = np.unique(np.r_[np.round(np.geomspace(1, n, 25)), n])
+                seen = (np.unique(np.r_[np.round(5 * 1.25 ** np.arange(int(math.log(n / 5, 1.25)) + 1)), n])
+                        if milestones else np.unique(np.r_[np.round(np.geomspace(1, n, 25)), n]))
                 run_id = f"m{int(base)}_x{mult}_n{n}_s{s}"
                 rows = []
                 sd, rho = dips
@@ -223,20 +228,23 @@ def test_a_horizon_cuts_the_evaluations_after_it() -> None:
 
 
 def test_a_common_horizon_removes_the_longer_watch_bias() -> None:
-    """Curves that dip as real ones do (run-level AR(1), 1 logit, rho 0.5, on a plateau of 0.88) and
-    poisons needed that do NOT depend on N: judged each to its own end, the N = 1000 runs that succeed
-    need ~13% more than the N = 300 runs (they are watched 3.3x longer, so a late dip pushes them up);
-    judged at one horizon (300), the difference is gone (measured: +0.13 vs +0.00 in log, 20 sweeps)."""
-    own_diff, common_diff = [], []
+    """Curves that dip as real ones do (run-level AR(1), 1 logit, rho 0.5, on a plateau of 0.88),
+    evaluated on the presets' milestone grid, and poisons needed that do NOT depend on N. The N effect,
+    log(needed) of N = 1000 over N = 300 in a censored fit: judged each to its own end, the N = 1000
+    runs look as if they needed ~16% more (watched 3.3x longer, a late dip pushes them up); judged at
+    one horizon (300) the effect is gone (measured over 20 sweeps: +0.148 +- 0.030 vs +0.010 +- 0.026)."""
+    effect: dict[float | None, list[float]] = {None: [], 300: []}
     for seed in range(20):
-        runs = simulate(0.0, seed=seed, dips=(1.0, 0.5), counts=(300, 1000), width=0.4, p0=150)
-        for horizon, acc in ((None, own_diff), (300, common_diff)):
+        runs = simulate(0.0, seed=seed, dips=(1.0, 0.5), counts=(300, 1000), width=0.4, p0=150,
+                        milestones=True)
+        for horizon, acc in effect.items():
             needed = needed_per_run(runs, horizon=horizon)
-            big = [math.log(n.value) for n in needed if n.n_poison == 1000 and not n.censored]
-            small = [math.log(n.value) for n in needed if n.n_poison == 300 and not n.censored]
-            acc.append(np.mean(big) - np.mean(small))
-    assert np.mean(own_diff) > 0.08, np.mean(own_diff)
-    assert abs(np.mean(common_diff)) < 0.04, np.mean(common_diff)
+            y = np.log([n.value for n in needed])
+            X = np.column_stack([np.ones(len(y)), [n.n_poison == 1000 for n in needed],
+                                 np.log([n.clean_tokens for n in needed])])
+            acc.append(_tobit(y, X, np.array([n.censored for n in needed]))[0][1])
+    assert np.mean(effect[None]) > 0.08, np.mean(effect[None])
+    assert abs(np.mean(effect[300])) < 0.06, np.mean(effect[300])
 
 
 @pytest.mark.parametrize("b_true", [0.0, 1.0])

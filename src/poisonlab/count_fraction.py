@@ -67,9 +67,10 @@ def poisons_needed(rows: Rows, threshold: float = 0.5, count: str = "poisons_see
                    horizon: float | None = None) -> tuple[float, bool] | None:
     """(poisons needed, censored) from one run's evaluation rows in step order; None without poisons.
 
-    The run is watched up to a horizon in poisons seen: through its first evaluation at or past
-    `horizon` (default: the poisons it saw in all, so evaluations after its last poison, which measure
-    persistence, are not looked at). Sustained success starts after the last evaluation below the
+    The run is watched up to a horizon in poisons seen: its evaluations up to `horizon`, through the
+    first one at it (default: the poisons it saw in all, so evaluations after its last poison, which
+    measure persistence, are not looked at); a run still below the threshold there is censored at its
+    last evaluation in the window. Sustained success starts after the last evaluation below the
     threshold within that window; the crossing is interpolated between that evaluation and the next
     (in log poisons seen). Needed is at least 1 poison.
 
@@ -85,7 +86,11 @@ def poisons_needed(rows: Rows, threshold: float = 0.5, count: str = "poisons_see
     reach = next((i for i, (x, _) in enumerate(pts) if x >= h), None)
     if reach is None:  # not watched to the horizon
         return None
-    pts = pts[:reach + 1]
+    # an evaluation at the horizon closes the window (later ones at the same count come after the last
+    # poison); one past it is after the horizon: the window ends with the evaluation before
+    pts = pts[:reach + 1] if pts[reach][0] == h else pts[:reach]
+    if not pts:
+        return None
     below = [i for i, (_, y) in enumerate(pts) if y < threshold]
     if below and below[-1] == len(pts) - 1:
         return pts[-1][0], True  # not (or no longer) successful at the horizon: needed more than it saw
