@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from poisonlab.fsutil import atomic_path
+from poisonlab.report_density import density_html
 from poisonlab.report_figures import (
     EFFECTIVE_COUNT,
     EXACT_COUNT,
@@ -466,6 +467,7 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
             sections += persistence_html(out, persist, threshold, spread)
         if has_language(runs):
             sections += language_html(out, runs, spread, threshold)
+        sections += density_html(out, root, runs, threshold)
         doc = _html(root, runs, notes, summary, answer, samples, imgs, threshold, spec_text, fails, sections)
         (out / "report.html").write_text(doc, encoding="utf-8")
     return root / "report" / "report.html"
