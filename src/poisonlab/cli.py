@@ -572,12 +572,19 @@ def defend_cmd(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the typer app, turning user errors into one line and exit 2."""
+    """Console entry point: run the typer app, turning user errors into one line and exit 2, a signal
+    into one line and 128 + its number (130 for Ctrl-C), a full disk into one line."""
+    from poisonlab.diskspace import DiskFull, is_disk_full
+    from poisonlab.signals import Interrupted, Stopped, SweepStopped
+
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except UserError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except (Stopped, Interrupted, SweepStopped) as e:
+        console.print(str(e), highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
@@ -596,7 +603,15 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, tuple(usage)):
             e.show()  # type: ignore[attr-defined]
             sys.exit(2)
+        if is_disk_full(e):  # a write that no atomic_path wrapped: name what we know
+            where = getattr(e, "filename", None) or "a file in the current directory"
+            console.print(f"[bold red]error:[/] {DiskFull(where)}", highlight=False, soft_wrap=True)
+            sys.exit(2)
         raise
+    if rc == 130:  # typer turns Ctrl-C outside a run into Exit(130), returned here
+        console.print("interrupted")
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from poisonlab.config import RunConfig
+from poisonlab.config import RunConfig, flatten
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path
 
@@ -84,18 +84,6 @@ def run_dirs(root: str | Path) -> list[Path]:
 
 
 # --- a run's settings ------------------------------------------------------------------------------
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config tree as dotted keys: {"placement": {"schedule": "front"}} -> placement.schedule."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
 
 
 _DEFAULTS = flatten(RunConfig().model_dump(mode="json"))

@@ -614,11 +614,20 @@ def _main(argv: list[str]) -> int:
     one.add_argument("--threads", type=int, default=None)
     one.add_argument("--fn", default=None, help="module:function to call instead of poisonlab.train.train")
     args = p.parse_args(argv)
+    from poisonlab.signals import Interrupted, Stopped, die_with_parent
+
+    die_with_parent()  # started by a sweep: end with it, even when it is killed with -9
     try:
         status = run_one(args.config, threads=args.threads, fn=args.fn)
     except UserError as e:  # the config itself is broken: say so in one line
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (Stopped, Interrupted) as e:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep may pass the terminal's Ctrl-C on too
+        print(f"run-one: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     print(f"run-one: {status}", flush=True)
     return {"failed": 1, "busy": BUSY_EXIT}.get(status, 0)
 
