@@ -415,7 +415,20 @@ def finetune_cmd(
     console.print(f"run: {run}" + (" (already finished)" if done else ""), highlight=False)
 
 
-def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: bool) -> None:
+def _say_left_out(broken: list, older: list[str] | None = None) -> None:
+    """The broken runs a command left out (count, then one line each), and the unverified older ones."""
+    from poisonlab.runcheck import broken_note, older_note
+
+    for line in broken_note(broken):
+        console.print(line, style="red" if line.startswith("  ") else None, highlight=False, soft_wrap=True)
+    if older:
+        console.print(older_note(older), highlight=False, soft_wrap=True)
+
+
+SKIP_BROKEN_HELP = "leave runs whose files fail their check out (and say how many) instead of stopping"
+
+
+def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: bool, skip_broken: bool) -> None:
     import json
 
     from rich.markup import escape
@@ -423,7 +436,9 @@ def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: boo
 
     from poisonlab.report_finetune import cell_rows, load_runs
 
-    runs, done = load_runs(path)
+    broken: list = []
+    runs, done = load_runs(path, skip_broken=skip_broken, broken=broken)
+    _say_left_out(broken)
     chosen = runs if unfinished else {k: v for k, v in runs.items() if k in done}
     rows = cell_rows(chosen, threshold) if chosen else []
     if json_:
@@ -451,18 +466,22 @@ def results_cmd(
     json_: Annotated[bool, typer.Option("--json", help="print the summary rows as JSON")] = False,
     threshold: Annotated[float, typer.Option(help="ASR counted as success")] = 0.5,
     unfinished: Annotated[bool, typer.Option("--unfinished", help="include runs without DONE")] = False,
+    skip_broken: Annotated[bool, typer.Option("--skip-broken", help=SKIP_BROKEN_HELP)] = False,
 ) -> None:
     """Summary per size and N over seeds: final gap, ASR, specificity, the poisons each seed needed for
-    sustained success (median, min-max, censored runs)."""
+    sustained success (median, min-max, censored runs). Runs whose files fail their check are listed
+    and stop it (exit 2) unless --skip-broken."""
     import json
 
     from poisonlab.report_finetune import is_finetune_dir
-    from poisonlab.results import failed_runs, gather, summarize, summary_table, unfinished_note
+    from poisonlab.results import failed_runs, gathered, summarize, summary_table, unfinished_note
 
     if path.is_dir() and is_finetune_dir(path):
-        _finetune_results(path, json_, threshold, unfinished)
+        _finetune_results(path, json_, threshold, unfinished, skip_broken)
         return
-    table = gather(path)
+    g = gathered(path, skip_broken=skip_broken)
+    _say_left_out(g.broken, g.older)
+    table = g.table
     rows = summarize(table, threshold, include_unfinished=unfinished)
     if json_:
         print(json.dumps(rows, indent=2, default=str))
@@ -482,19 +501,68 @@ def results_cmd(
         console.print(f"[red]failed[/] {name}: {err}", highlight=False)
 
 
+@app.command("verify")
+def verify_cmd(
+    path: Annotated[Path, typer.Argument(help="sweep directory, folder of runs, or one run")],
+    adopt: Annotated[bool, typer.Option(
+        "--adopt", help="give runs finished by an older version (DONE without a manifest) a manifest, "
+        "when every file of theirs reads back")] = False,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="checkpoints and saved models by size only (as results and report do)")] = False,
+) -> None:
+    """Check every finished run's files against its manifest (DONE): verified, unverified (older run:
+    no manifest, every file reads back), broken (which file, what is wrong), unfinished. Exit 2 when a
+    run is broken."""
+    from poisonlab.results import run_dirs
+    from poisonlab.runcheck import RunCheck, check_run, read_back_run
+    from poisonlab.runcheck import adopt as adopt_run
+
+    counts: dict[str, int] = {}
+    labels = {"older": "unverified (older run)"}
+    for d in run_dirs(path):
+        if not ((d / "DONE").exists() or (d / "config.yaml").exists()):
+            continue  # not a run directory
+        c = check_run(d, deep=not quick)
+        if adopt and c.status == "older":
+            c = adopt_run(d)
+            if c.status == "verified":
+                c.status = "adopted"
+        elif c.status == "older":  # no hashes to compare: at least every file must read back
+            problems = read_back_run(d)
+            c = RunCheck(d, "broken", problems) if problems else c
+        counts[c.status] = counts.get(c.status, 0) + 1
+        if c.status != "verified":
+            color = {"broken": "red", "adopted": "green"}.get(c.status, "yellow")
+            detail = f": {c.reason()}" if c.problems else ""
+            console.print(f"[{color}]{labels.get(c.status, c.status)}[/] {c.name}{detail}", highlight=False,
+                          soft_wrap=True)
+    total = sum(counts.values())
+    order = ("verified", "adopted", "older", "unfinished", "broken")
+    console.print(f"{path}: {total} runs: " + ", ".join(f"{counts[k]} {labels.get(k, k)}" for k in order
+                                                       if counts.get(k)), highlight=False)
+    if counts.get("broken"):
+        sys.exit(2)
+
+
 @app.command("archive")
 def archive_cmd(
     sweep_dir: Annotated[Path, typer.Argument(help="sweep directory")],
     dest: Annotated[Path, typer.Argument(help="archive directory (created; later archives add to it)")],
+    skip_broken: Annotated[bool, typer.Option("--skip-broken", help=SKIP_BROKEN_HELP)] = False,
 ) -> None:
     """Copy every finished run's small files (config, metrics, ledger, log, last generations; no
-    checkpoints) into DEST, a sweep directory the report reads: results to commit as a sweep goes."""
+    checkpoints) into DEST, a sweep directory the report reads: results to commit as a sweep goes.
+    Each archived run gets a manifest of what was copied (runs of older versions: after every file
+    read back); a run whose files fail their check stops it (exit 2) unless --skip-broken."""
     from poisonlab.archive import archive_sweep
 
-    got = archive_sweep(sweep_dir, dest)
+    got = archive_sweep(sweep_dir, dest, skip_broken=skip_broken)
+    for line in got["broken"]:
+        console.print(f"  [red]broken[/] {line}", highlight=False, soft_wrap=True)
+    broken = f"; {len(got['broken'])} broken left out" if got["broken"] else ""
     console.print(f"{dest}: {len(got['added'])} runs added, {len(got['updated'])} updated, "
-                  f"{len(got['kept'])} already there; {len(got['unfinished'])} unfinished left out",
-                  highlight=False)
+                  f"{len(got['kept'])} already there; {len(got['unfinished'])} unfinished left out{broken}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command("report")
@@ -503,11 +571,18 @@ def report_cmd(
     threshold: Annotated[Optional[float], typer.Option(help="ASR counted as success")] = None,  # noqa: UP045
     n_boot: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--n-boot", min=0, help="bootstrap refits per count-vs-fraction slope [default: spec, 1000]")] = None,
+    skip_broken: Annotated[bool, typer.Option("--skip-broken", help=SKIP_BROKEN_HELP)] = False,
 ) -> None:
-    """The count-vs-fraction answer, the figures and a self-contained HTML report under DIR/report/."""
+    """The count-vs-fraction answer, the figures and a self-contained HTML report under DIR/report/.
+    Runs whose files fail their check are listed and stop it (exit 2) unless --skip-broken."""
     from poisonlab.report import build_report
 
-    console.print(f"report: {build_report(path, threshold=threshold, n_boot=n_boot)}")
+    broken: list = []
+    older: list[str] = []
+    out = build_report(path, threshold=threshold, n_boot=n_boot, skip_broken=skip_broken, left_out=broken,
+                       older=older)
+    _say_left_out(broken, older)
+    console.print(f"report: {out}")
 
 
 @app.command("demo")

@@ -201,7 +201,7 @@ class SubmititRun:
         import submitit
         from submitit.helpers import TorchDistributedEnvironment
 
-        from poisonlab.distributed import Stopped
+        from poisonlab.signals import Stopped
 
         # a run function named by string must import on the node as it did here (shared filesystem)
         sys.path.extend(p for p in self.paths if p not in sys.path)
