@@ -276,14 +276,23 @@ def sweep_cmd(
     res = run_sweep(s, sweep_dir, executor=executor, jobs=jobs, threads=threads_per_job,  # type: ignore[arg-type]
                     report=not no_report)
     console.print(res.summary_line())
-    for o in res.failed:
-        console.print(f"  [red]failed[/] {o.name}: {o.error}  (see {sweep_dir}/runs/{o.name}/FAILED)",
-                      highlight=False)
-    for o in res.outcomes:
-        if o.status == "busy":
-            console.print(f"  [yellow]busy[/] {o.name}: {o.error}", highlight=False)
+    _say_not_done(res.outcomes, sweep_dir)
     if res.report:
         console.print(f"report: {res.report}")
+    if not res.ok:  # a script chaining `sweep && report` must see that some run is not done
+        sys.exit(1)
+
+
+def _say_not_done(outcomes: list, sweep_dir: Path) -> None:
+    """One line per run that did not end finished: failed, broken, stopped or busy, with its reason."""
+    how = {"failed": ("red", " (see {dir}/runs/{name}/FAILED)"),
+           "broken": ("red", " (poisonlab verify {dir}; train it again with --no-resume)"),
+           "stopped": ("yellow", ""), "busy": ("yellow", "")}
+    for o in outcomes:
+        if o.status in how:
+            color, where = how[o.status]
+            console.print(f"  [{color}]{o.status}[/] {o.name}: {o.error}" + where.format(dir=sweep_dir,
+                          name=o.name), highlight=False, soft_wrap=True)
 
 
 def _finetune_sweep(tree: dict, where: str, overrides: list[str], out: Path | None, executor: str,
@@ -308,11 +317,11 @@ def _finetune_sweep(tree: dict, where: str, overrides: list[str], out: Path | No
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     console.print(" · ".join(f"{v} {k}" for k, v in sorted(counts.items())), highlight=False)
-    for o in outcomes:
-        if o.status == "failed":
-            console.print(f"  [red]failed[/] {o.name}: {o.error}", highlight=False)
+    _say_not_done(outcomes, sweep_dir)
     if report:
         console.print(f"report: {report}")
+    if any(o.status not in ("done", "skipped") for o in outcomes):
+        sys.exit(1)
 
 
 @app.command("plan")
