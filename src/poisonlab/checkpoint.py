@@ -320,6 +320,13 @@ def verify_checkpoint(ckpt: Path) -> list[str]:
     return problems
 
 
+def require_intact(ckpt: Path) -> None:
+    """UserError naming the checkpoint and what is wrong, unless it passes `verify_checkpoint`."""
+    problems = verify_checkpoint(ckpt)
+    if problems:
+        raise UserError(f"{ckpt}: damaged ({'; '.join(problems)}); it cannot be loaded")
+
+
 def resume_point(run_dir: Path, dist: Any = None, say: Any = print) -> Path | None:
     """The newest intact checkpoint of a run (None when it has none at all), after `say` has said which
     and how it was checked. Damaged ones newer than it are deleted (the resumed run writes those steps
@@ -413,6 +420,7 @@ def load_model(run: Path, step: int | None = None, device: str | torch.device = 
     ckpt = step_dir(run, step) if step is not None else latest_checkpoint(run)
     if ckpt is None or not has_weights(ckpt):
         raise UserError(f"{run}: no checkpoint{'' if step is None else f' at step {step}'} to load")
+    require_intact(ckpt)
     model = Transformer(cfg.model)
     load_weights(model, ckpt / "model.safetensors")
     return model.to(device).eval()

@@ -337,31 +337,45 @@ def plan_cmd(
     set_: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
         "--set", help="key=value, e.g. model.vocab_size=32768")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="the sweep directory whose disk is checked [default: sweeps/NAME; a run: its out_dir]")] = None,
 ) -> None:
     """Memory per GPU, the layout that fits (DDP or FSDP, micro-batch x accumulation, nodes), tokens
-    and GPU-hours of every run of a sweep or of one run config, before anything is launched."""
+    and GPU-hours of every run of a sweep or of one run config, and the disk its runs not yet finished
+    will fill against the space free at --out (the sweep refuses to start without it), before anything
+    is launched. Exit 1 when a run does not fit its GPUs."""
     import json
 
     from poisonlab.config import load_run_config
     from poisonlab.plan import get_gpu, plan_runs
-    from poisonlab.sweep import expand, load_spec, spec_tree
+    from poisonlab.sweep import check_disk, disk_line, expand, load_spec, spec_tree
 
     g = get_gpu(gpu)
     tree, _ = spec_tree(spec)  # a sweep file, a preset or a run config: all YAML
     if tree.get("kind") == "finetune":
         raise UserError(f"{spec}: a fine-tuning sweep; `plan` covers pretraining runs")
+    prepare = None
     if "base" in tree or "grid" in tree:
         s = load_spec(spec, set_ or [])
-        cfgs, title = [r.config for r in expand(s, Path("sweeps") / s.name)], f"sweep {s.name}"
+        where = out or Path("sweeps") / s.name
+        cfgs, title, prepare = [r.config for r in expand(s, where)], f"sweep {s.name}", s.prepare
     else:
         cfgs, title = [load_run_config(spec, set_ or [])], f"run {spec}"
+        where = out or cfgs[0].out_dir
     plans, totals = plan_runs(cfgs, g, gpus_per_node=gpus_per_node, nodes=nodes, mfu=mfu,
                               eval_mfu=eval_mfu)
+    todo = [c for c in cfgs if not (c.run_dir / "DONE").exists()]
+    disk = check_disk(prepare, todo, Path(where))
+    short = [e for e in disk.values() if e["free"] is not None and e["need"] > e["free"]]
     if as_json:
-        typer.echo(json.dumps({"runs": [p.row() for p in plans], "totals": totals}, indent=1))
+        typer.echo(json.dumps({"runs": [p.row() for p in plans], "totals": totals,
+                               "disk": list(disk.values())}, indent=1))
     else:
         _print_plan(plans, totals, f"{title} on {g.name} x {gpus_per_node} per node")
-    if totals["fit"] < totals["runs"]:
+        for e in disk.values():
+            head = "[red]does not fit the disk:[/] " if e in short else "disk: "
+            console.print(head + disk_line(e, len(todo)), highlight=False, soft_wrap=True)
+    if totals["fit"] < totals["runs"]:  # the disk here may not be the cluster's: said, not an exit
         sys.exit(1)  # (typer.Exit's code is dropped by main's standalone_mode=False)
 
 

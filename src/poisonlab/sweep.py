@@ -384,11 +384,12 @@ def run_order(runs: list[PlannedRun]) -> list[PlannedRun]:
     return sorted(runs, key=lambda r: (r.seed, cost(r)))
 
 
-def check_disk(spec: SweepSpec, todo: list[PlannedRun], sweep_dir: Path, jobs: int = 1) -> dict[str, Any]:
+def check_disk(prepare: CorpusConfig | None, todo: list[RunConfig], sweep_dir: Path,
+               jobs: int = 1) -> dict[str, Any]:
     """The bytes the runs still to do will write (checkpoints, samples, records: diskspace.run_bytes,
-    less what their directories hold already) and the data to prepare, per filesystem, against the
-    space free there. Returns {path: {"need", "free", parts...}}; `refuse_short` turns a shortfall
-    into one line."""
+    less what their directories hold already; the checkpoint being written counted once per job) and
+    the data `prepare` will make, per filesystem, against the space free there. Returns {path: {"need",
+    "free", parts...}}; `refuse_short` turns a shortfall into one line."""
     from poisonlab.diskspace import data_bytes, free_bytes, run_bytes, used_bytes
     from poisonlab.train import resolve_run_config
 
@@ -403,20 +404,20 @@ def check_disk(spec: SweepSpec, todo: list[PlannedRun], sweep_dir: Path, jobs: i
         e[part] = e.get(part, 0) + n
 
     biggest = 0
-    for r in todo:
-        need = run_bytes(resolve_run_config(r.config))
-        ckpt_one = need["checkpoints"] // (r.config.train.keep_checkpoints + 1)
+    for cfg in todo:
+        need = run_bytes(resolve_run_config(cfg))
+        ckpt_one = need["checkpoints"] // (cfg.train.keep_checkpoints + 1)
         biggest = max(biggest, ckpt_one)
         need["checkpoints"] -= ckpt_one  # the one being written: counted once per job below
-        have = used_bytes(r.config.run_dir) if r.config.run_dir.exists() else 0
+        have = used_bytes(cfg.run_dir) if cfg.run_dir.exists() else 0
         for part, n in need.items():
             add(sweep_dir, part, n)
         add(sweep_dir, "checkpoints", -min(have, need["checkpoints"]))
     if todo:
         add(sweep_dir, "checkpoints", biggest * max(1, min(jobs, len(todo))))
-    if spec.prepare is not None:
-        for data in sorted({r.config.data for r in todo if not Path(r.config.data).exists()}):
-            add(data, "data", data_bytes(spec.prepare) or 0)
+    if prepare is not None:
+        for data in sorted({cfg.data for cfg in todo if not Path(cfg.data).exists()}):
+            add(data, "data", data_bytes(prepare) or 0)
     return {e["path"]: e for e in by_fs.values()}
 
 
@@ -564,7 +565,7 @@ def run_sweep(
     todo = [r for r in runs if r.name not in checks]
     k, t = default_jobs(len(todo), jobs, threads)
     if run_fn is None:  # fail once, up front, rather than once per run
-        refuse_short(check_disk(spec, todo, sweep_dir, k), len(todo))
+        refuse_short(check_disk(spec.prepare, [r.config for r in todo], sweep_dir, k), len(todo))
         prepare_data(spec, todo, progress)
         check_data(todo, runs)
     if executor == "slurm" and spec.gpu:
