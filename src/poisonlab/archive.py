@@ -109,10 +109,7 @@ def archive_sweep(sweep_dir: str | Path, dest: str | Path, *,
     out: dict[str, list[str]] = {"added": [], "updated": [], "kept": [], "unfinished": [], "broken": []}
     checks = []
     for run_dir in sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        c = check_run(run_dir)
-        if c.status == "older":  # no hashes to compare: its files must read back, before any is copied
-            problems = read_back_run(run_dir)
-            c = RunCheck(run_dir, "broken", problems) if problems else c
+        c = check_run(run_dir, read_older=True)  # an older run's files read back before any is copied
         if c.status == "unfinished":
             out["unfinished"].append(run_dir.name)
         else:

@@ -275,7 +275,7 @@ def sweep_cmd(
         return
     res = run_sweep(s, sweep_dir, executor=executor, jobs=jobs, threads=threads_per_job,  # type: ignore[arg-type]
                     report=not no_report)
-    console.print(res.summary_line())
+    console.print(res.summary_line(), highlight=False, soft_wrap=True)
     _say_not_done(res.outcomes, sweep_dir)
     if res.report:
         console.print(f"report: {res.report}")
@@ -537,22 +537,19 @@ def verify_cmd(
     no manifest, every file reads back), broken (which file, what is wrong), unfinished. Exit 2 when a
     run is broken."""
     from poisonlab.results import run_dirs
-    from poisonlab.runcheck import RunCheck, check_run, read_back_run
     from poisonlab.runcheck import adopt as adopt_run
+    from poisonlab.runcheck import check_run
 
     counts: dict[str, int] = {}
     labels = {"older": "unverified (older run)"}
     for d in run_dirs(path):
         if not ((d / "DONE").exists() or (d / "config.yaml").exists()):
             continue  # not a run directory
-        c = check_run(d, deep=not quick)
+        c = check_run(d, deep=not quick, read_older=not adopt)  # no hashes: every file must read back
         if adopt and c.status == "older":
             c = adopt_run(d)
             if c.status == "verified":
                 c.status = "adopted"
-        elif c.status == "older":  # no hashes to compare: at least every file must read back
-            problems = read_back_run(d)
-            c = RunCheck(d, "broken", problems) if problems else c
         counts[c.status] = counts.get(c.status, 0) + 1
         if c.status != "verified":
             color = {"broken": "red", "adopted": "green"}.get(c.status, "yellow")
@@ -562,7 +559,7 @@ def verify_cmd(
     total = sum(counts.values())
     order = ("verified", "adopted", "older", "unfinished", "broken")
     console.print(f"{path}: {total} runs: " + ", ".join(f"{counts[k]} {labels.get(k, k)}" for k in order
-                                                       if counts.get(k)), highlight=False)
+                                                       if counts.get(k)), highlight=False, soft_wrap=True)
     if counts.get("broken"):
         sys.exit(2)
 

@@ -65,9 +65,18 @@ class RunCheck:
         return f"{self.name}: {self.reason()}"
 
 
-def check_run(run_dir: str | Path, *, deep: bool = False) -> RunCheck:
-    """The run's status (module doc). `deep` hashes checkpoints and models too (`poisonlab verify`)."""
-    run_dir = Path(run_dir)
+def check_run(run_dir: str | Path, *, deep: bool = False, read_older: bool = False) -> RunCheck:
+    """The run's status (module doc). `deep` hashes checkpoints and models too (`poisonlab verify`);
+    `read_older` reads every file of an older run back (`read_back_run`), broken when one does not."""
+    c = _check(Path(run_dir), deep)
+    if read_older and c.status == "older":
+        problems = read_back_run(c.run_dir)
+        if problems:
+            return RunCheck(c.run_dir, "broken", problems)
+    return c
+
+
+def _check(run_dir: Path, deep: bool) -> RunCheck:
     done = read_done(run_dir)
     if done is None:
         return RunCheck(run_dir, "unfinished")

@@ -561,7 +561,9 @@ def run_sweep(
     write_plan(spec, runs, sweep_dir)
     # a finished run counts only when its files pass their check; a broken one is reported, not
     # trained again over (its name, its file and what is wrong)
-    checks = {r.name: check_run(r.config.run_dir) for r in runs if (r.config.run_dir / "DONE").exists()}
+    # (an older version's run: its files read back)
+    checks = {r.name: check_run(r.config.run_dir, read_older=True) for r in runs
+              if (r.config.run_dir / "DONE").exists()}
     todo = [r for r in runs if r.name not in checks]
     k, t = default_jobs(len(todo), jobs, threads)
     if run_fn is None:  # fail once, up front, rather than once per run

@@ -234,7 +234,7 @@ def run_finetune_sweep(
         if outcomes[before].status not in ("done", "skipped"):
             return outcomes, None
     runs = expand(spec, sweep_dir)
-    checks = {r.name: check_run(r.run_dir) for r in runs if (r.run_dir / "DONE").exists()}
+    checks = {r.name: check_run(r.run_dir, read_older=True) for r in runs if (r.run_dir / "DONE").exists()}
     todo = [r for r in runs if r.name not in checks]
     outcomes += [Outcome(n, "broken", error=c.reason()) if c.broken else Outcome(n, "skipped")
                  for n, c in checks.items()]
