@@ -175,7 +175,7 @@ def atomic_path(final: str | os.PathLike, *, size_hint: int | None = None) -> It
         final.parent.mkdir(parents=True, exist_ok=True)
         recover(final)
         if size_hint:
-            check_free(final.parent, size_hint)
+            check_free(final, size_hint)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         target = tmp / final.name
         try:

@@ -117,8 +117,13 @@ class StopOnSignal:
         return d.mean(torch.tensor(float(self.flag), device=d.device)).item() > 0  # any rank
 
     def close(self) -> None:
+        # a sweep's child that was stopped keeps ignoring the signal: the sweep passes on what the
+        # terminal or Slurm also sent to its whole group, and a second copy must not cut the exit short
+        fired = {signal.SIGINT} if self.interrupted else set()
+        fired |= {self.signum} if self.signum is not None else set()
+        child = bool(os.environ.get(PARENT_ENV))
         for s, prev in self.previous.items():
-            signal.signal(s, prev)
+            signal.signal(s, signal.SIG_IGN if child and s in fired else prev)
 
     def forward(self, stopped: Stopped) -> None:
         """After close: hand the signal that stopped the run to the handler installed before, when there
