@@ -139,7 +139,7 @@ def test_bad_input_gives_clear_errors(env, tmp_path):
     assert evaluate_path(moved, EvalConfig(**{**EVAL, "n_prompts": 2}), data_dir=data)["n_prompts"] == 2
     broken = make_run(tmp_path / "broken", data, vocab, steps=(5,))
     (broken / "checkpoints" / "step_0000005" / "model.safetensors").write_bytes(b"junk")
-    with pytest.raises(UserError, match="does not fit"):
+    with pytest.raises(UserError, match="damaged.*model.safetensors"):
         load_model(broken)
 
 

@@ -8,19 +8,29 @@ generations of the last evaluation (the report shows only those).
 adding to what an earlier archive holds, so a sweep run across sessions on machines that do not last can
 be committed as it goes. The archive is itself a sweep directory: `poisonlab report` and `poisonlab
 results` read it, and copying its `runs/` into a live sweep directory makes the sweep skip those runs.
+
+Each archived run gets its own DONE: the manifest of the files the archive holds (manifest.py), the
+source DONE's other fields, and `archived`: when, the sha256 of the source's DONE (so a later archive
+knows the run is already there) and how the source was checked. A source run that fails its check
+(runcheck) is not archived: `archive_sweep` stops (BrokenRuns) unless told to skip broken runs. A run
+finished by an older version (DONE without a manifest) is adopted: its copied files must read back,
+and the archive's manifest makes it verified from then on.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import yaml
 
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path
+from poisonlab.manifest import read_done, sha256_file, write_done
 from poisonlab.results import data_headers
+from poisonlab.runcheck import BrokenRuns, RunCheck, RunFileError, check_run, read_back_run
 
 KEPT = ("config.yaml", "metrics.parquet", "ledger.parquet", "log.jsonl", "hardware.json")
 SWEEP_FILES = ("sweep.yaml", "plan.json")
@@ -48,8 +58,11 @@ def _data_header(run_dir: Path) -> Path | None:
     return next((h for h in data_headers(data, run_dir) if h.is_file()), None)
 
 
-def archive_run(run_dir: Path, dest: Path) -> None:
-    """Copy a finished run's small files into dest, replacing it as a whole (never half-written)."""
+def archive_run(run_dir: Path, dest: Path, source: RunCheck | None = None) -> None:
+    """Copy a finished run's small files into dest, replacing it as a whole (never half-written), with
+    the archive's own manifest (module doc); RunFileError when a copy does not match or read back."""
+    source = source or check_run(run_dir)
+    done = read_done(run_dir) or {}
     with atomic_path(dest) as tmp:
         tmp.mkdir()
         for name in KEPT:
@@ -60,28 +73,68 @@ def archive_run(run_dir: Path, dest: Path) -> None:
         header = _data_header(run_dir)
         if header is not None:  # the data by content, for a reader without the data directory
             shutil.copy2(header, tmp / "data.json")
-        shutil.copy2(run_dir / "DONE", tmp / "DONE")
+        how = "verified against its manifest"
+        if source.status == "older":
+            problems = read_back_run(tmp)
+            if problems:
+                raise RunFileError(run_dir / problems[0][0], problems[0][1])
+            how = "finished by an older version without a manifest; every file read back when archived"
+        info = {k: v for k, v in done.items() if k not in ("files", "archived", "adopted")}
+        info["archived"] = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "source": how,
+                            "source_done_sha256": sha256_file(run_dir / "DONE")}
+        record = write_done(tmp, info)
+        for name in set(done.get("files") or {}) & set(KEPT):  # byte copies: the source's hashes
+            if record["files"].get(name, {}).get("sha256") != done["files"][name].get("sha256"):
+                raise RunFileError(tmp / name, "the copy differs from the source's manifest")
 
 
-def archive_sweep(sweep_dir: str | Path, dest: str | Path) -> dict[str, list[str]]:
-    """Archive every finished run of sweep_dir into dest/runs; returns the runs added, updated, kept."""
+def _archived(target: Path, source_done: Path) -> bool:
+    """Whether target is this finished run archived before, whole (and with a manifest)."""
+    info = (read_done(target) or {}).get("archived") or {}
+    return (info.get("source_done_sha256") == sha256_file(source_done)
+            and check_run(target).status == "verified")
+
+
+def archive_sweep(sweep_dir: str | Path, dest: str | Path, *,
+                  skip_broken: bool = False) -> dict[str, list[str]]:
+    """Archive every finished run of sweep_dir into dest/runs; returns the runs added, updated, kept,
+    unfinished and broken (left out: with any and not `skip_broken`, BrokenRuns before anything is
+    written)."""
     sweep_dir, dest = Path(sweep_dir), Path(dest)
     runs = sweep_dir / "runs"
     if not runs.is_dir():
         raise UserError(f"{sweep_dir}: not a sweep directory (no runs/ folder)")
     if dest.resolve() == sweep_dir.resolve():
         raise UserError(f"{dest}: the archive must be another directory than the sweep")
-    out: dict[str, list[str]] = {"added": [], "updated": [], "kept": [], "unfinished": []}
-    for run_dir in sorted(p for p in runs.iterdir() if p.is_dir()):
-        if not (run_dir / "DONE").is_file():
+    out: dict[str, list[str]] = {"added": [], "updated": [], "kept": [], "unfinished": [], "broken": []}
+    checks = []
+    for run_dir in sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        c = check_run(run_dir, read_older=True)  # an older run's files read back before any is copied
+        if c.status == "unfinished":
             out["unfinished"].append(run_dir.name)
+        else:
+            checks.append(c)
+    bad = [c for c in checks if c.broken]
+    if bad and not skip_broken:
+        raise BrokenRuns(bad, len(checks))
+    for c in checks:
+        if c.broken:
+            out["broken"].append(c.line())
             continue
-        target = dest / "runs" / run_dir.name
-        if (target / "DONE").is_file() and (target / "DONE").read_bytes() == (run_dir / "DONE").read_bytes():
-            out["kept"].append(run_dir.name)  # the same finished run archived before
+        target = dest / "runs" / c.name
+        if _archived(target, c.run_dir / "DONE"):
+            out["kept"].append(c.name)  # the same finished run archived before
             continue
-        out["updated" if target.exists() else "added"].append(run_dir.name)
-        archive_run(run_dir, target)
+        existed = target.exists()
+        try:
+            archive_run(c.run_dir, target, c)
+        except RunFileError as e:
+            if not skip_broken:
+                raise BrokenRuns([RunCheck(c.run_dir, "broken", [(e.path.name, e.what)])], len(checks),
+                                 "the runs before it were archived") from None
+            out["broken"].append(f"{c.name}: {e.path.name}: {e.what}")
+            continue
+        out["updated" if existed else "added"].append(c.name)
     for name in SWEEP_FILES:
         if (sweep_dir / name).is_file():
             with atomic_path(dest / name) as tmp:

@@ -4,6 +4,7 @@
         model.safetensors   the weights (a tied embedding stored once, as tok_emb.weight)
         state.safetensors   optimizer moments and steps ("opt.<param name>.<key>"), RNG states ("rng.*")
         state.json          step, total steps, lr, tokens and poisons seen, data position, param groups
+        manifest.json       size and sha256 of every file above (manifest.py), written last
 
 A sharded (FSDP) run writes no file with everything in it: each rank writes the rows it holds,
 
@@ -16,6 +17,11 @@ ranks (resume on another world size) and into a whole model (evaluation, HF expo
 torch.distributed.checkpoint keeps its metadata in a pickled file, which is why it is not used here.
 
 The data position is the step itself: the training stream is a pure function of the step.
+
+A checkpoint carries its own hashes (`manifest.json`; a sharded one: each rank hashes the files it
+wrote). `verify_checkpoint` checks them (a checkpoint of an older version, without a manifest: its JSON
+and safetensors headers, against the files' sizes), and `resume_point` picks the newest checkpoint that
+passes, deleting the damaged ones newer than it (the resumed run writes them again) and saying which.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path, recover_all, remove_tree
+from poisonlab.manifest import CKPT_MANIFEST, check, entry
 
 CKPT_DIR = "checkpoints"
 SHARD_INDEX = "shards.json"
@@ -209,11 +217,14 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     sharded = any(rows is not None for _, rows in weights.values())
     final = step_dir(run_dir, step)
     if not sharded:
-        with atomic_path(final) as tmp:
+        size = sum(t.numel() * t.element_size() for t, _ in (*weights.values(), *state_t.values()))
+        with atomic_path(final, size_hint=size) as tmp:
             tmp.mkdir()
             save_file(_cpu(weights), str(tmp / "model.safetensors"))
             save_file(_cpu(state_t), str(tmp / "state.safetensors"))
             _write_state(tmp, state)
+            _write_manifest(tmp, {n: entry(tmp / n) for n in ("model.safetensors", "state.safetensors",
+                                                              "state.json")})
     else:
         _save_sharded(final, weights, state_t, state, dist)
     if dist is None or dist.main:
@@ -235,8 +246,11 @@ def _save_sharded(final: Path, weights: dict, state_t: dict, state: dict, dist: 
             tmp.mkdir()
             staged = str(tmp)
         tmp = Path(dist.broadcast_text(staged))
-        save_file(_cpu(weights), str(tmp / shard_name("model", rank, world)))
-        save_file(_cpu(state_t), str(tmp / shard_name("state", rank, world)))
+        mine = (shard_name("model", rank, world), shard_name("state", rank, world))
+        save_file(_cpu(weights), str(tmp / mine[0]))
+        save_file(_cpu(state_t), str(tmp / mine[1]))
+        # each rank hashes what it wrote (no rank reads every shard); rank 0 lists them all
+        hashes = dist.gather({n: entry(tmp / n) for n in mine})
         dist.barrier()
         if dist.main:
             def entries(d: dict) -> dict:
@@ -253,6 +267,9 @@ def _save_sharded(final: Path, weights: dict, state_t: dict, state: dict, dist: 
             index = {"world": world, "tensors": {"model": entries(weights), "state": entries(state_t)}}
             (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
             _write_state(tmp, state)
+            files = {n: e for h in hashes for n, e in h.items()}
+            files.update({n: entry(tmp / n) for n in (SHARD_INDEX, "state.json")})
+            _write_manifest(tmp, files)
     dist.barrier()
 
 
@@ -263,6 +280,92 @@ def _cpu(parts: dict[str, tuple[torch.Tensor, Any]]) -> dict[str, torch.Tensor]:
 
 def _write_state(ckpt: Path, state: dict[str, Any]) -> None:
     (ckpt / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _write_manifest(ckpt: Path, files: dict[str, dict[str, Any]]) -> None:
+    (ckpt / CKPT_MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+
+
+# --- verifying, and choosing where to resume -------------------------------------------------------
+
+
+def verify_checkpoint(ckpt: Path) -> list[str]:
+    """What is wrong with a checkpoint directory ([] when intact): against its manifest, every file's
+    size and sha256; without one (an older version's), its JSON and safetensors headers, whose offsets
+    safetensors checks against each file's size."""
+    ckpt = Path(ckpt)
+    problems: list[str] = []
+    man = ckpt / CKPT_MANIFEST
+    if man.is_file():
+        try:
+            files = json.loads(man.read_text())["files"]
+            assert isinstance(files, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            return [f"{CKPT_MANIFEST}: unreadable"]
+        return [f"{f}: {what}" for f, what in check(ckpt, files)]
+    for js in ("state.json", SHARD_INDEX):
+        if (ckpt / js).is_file():
+            try:
+                json.loads((ckpt / js).read_text())
+            except (OSError, ValueError) as e:
+                problems.append(f"{js}: not valid JSON ({str(e).splitlines()[0]})")
+    for st in sorted(ckpt.glob("*.safetensors")):
+        try:
+            with safe_open(str(st), "pt") as f:
+                list(f.keys())
+        except Exception as e:  # safetensors' own error type for a bad header or a short file
+            problems.append(f"{st.name}: not a whole safetensors file ({str(e).splitlines()[0]})")
+    if not has_weights(ckpt):
+        problems.append("no model weights")
+    return problems
+
+
+def require_intact(ckpt: Path) -> None:
+    """UserError naming the checkpoint and what is wrong, unless it passes `verify_checkpoint`."""
+    problems = verify_checkpoint(ckpt)
+    if problems:
+        raise UserError(f"{ckpt}: damaged ({'; '.join(problems)}); it cannot be loaded")
+
+
+def resume_point(run_dir: Path, dist: Any = None, say: Any = print) -> Path | None:
+    """The newest intact checkpoint of a run (None when it has none at all), after `say` has said which
+    and how it was checked. Damaged ones newer than it are deleted (the resumed run writes those steps
+    again) after `say` has named each and what is wrong; with checkpoints but none intact, the resume is
+    refused. Under torchrun rank 0 decides and the others follow (every rank loads the same one)."""
+    main = dist is None or dist.main
+    chosen = ""
+    if main:
+        try:
+            chosen = str(_choose(Path(run_dir), say) or "")
+        except UserError as e:
+            chosen = "!" + str(e)[:4000]
+    if dist is not None and dist.enabled:
+        chosen = dist.broadcast_text(chosen)
+    if chosen.startswith("!"):
+        raise UserError(chosen[1:])
+    return Path(chosen) if chosen else None
+
+
+def _choose(run_dir: Path, say: Any) -> Path | None:
+    damaged: list[tuple[Path, list[str]]] = []
+    for c in reversed(list_checkpoints(run_dir)):
+        problems = verify_checkpoint(c)
+        if problems:
+            damaged.append((c, problems))
+            continue
+        for d, why in damaged:
+            say(f"{d}: damaged ({'; '.join(why)}); deleted: the run goes on from {c.name}, the newest intact "
+                "checkpoint, and writes it again")
+            remove_tree(d)
+        how = ("sha256 of every file matches its manifest" if (c / CKPT_MANIFEST).is_file()
+               else "an older version's, without a manifest: headers checked")
+        say(f"{run_dir}: resuming from {c.name} ({how})")
+        return c
+    if damaged:
+        why = "; ".join(f"{c.name}: {p[0]}" for c, p in damaged)
+        raise UserError(f"{run_dir}: no intact checkpoint to resume from ({why}); train it again with "
+                        "--no-resume")
+    return None
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -308,7 +411,6 @@ def _rank_of(model: torch.nn.Module) -> int:
 def load_model(run: Path, step: int | None = None, device: str | torch.device = "cpu"):
     """The trained model of a run dir (its latest checkpoint, or `step`), in eval mode."""
     from poisonlab.config import load_run_config
-    from poisonlab.errors import UserError
     from poisonlab.model import Transformer
 
     run = Path(run)
@@ -318,6 +420,7 @@ def load_model(run: Path, step: int | None = None, device: str | torch.device = 
     ckpt = step_dir(run, step) if step is not None else latest_checkpoint(run)
     if ckpt is None or not has_weights(ckpt):
         raise UserError(f"{run}: no checkpoint{'' if step is None else f' at step {step}'} to load")
+    require_intact(ckpt)
     model = Transformer(cfg.model)
     load_weights(model, ckpt / "model.safetensors")
     return model.to(device).eval()

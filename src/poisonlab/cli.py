@@ -275,15 +275,24 @@ def sweep_cmd(
         return
     res = run_sweep(s, sweep_dir, executor=executor, jobs=jobs, threads=threads_per_job,  # type: ignore[arg-type]
                     report=not no_report)
-    console.print(res.summary_line())
-    for o in res.failed:
-        console.print(f"  [red]failed[/] {o.name}: {o.error}  (see {sweep_dir}/runs/{o.name}/FAILED)",
-                      highlight=False)
-    for o in res.outcomes:
-        if o.status == "busy":
-            console.print(f"  [yellow]busy[/] {o.name}: {o.error}", highlight=False)
+    console.print(res.summary_line(), highlight=False, soft_wrap=True)
+    _say_not_done(res.outcomes, sweep_dir)
     if res.report:
         console.print(f"report: {res.report}")
+    if not res.ok:  # a script chaining `sweep && report` must see that some run is not done
+        sys.exit(1)
+
+
+def _say_not_done(outcomes: list, sweep_dir: Path) -> None:
+    """One line per run that did not end finished: failed, broken, stopped or busy, with its reason."""
+    how = {"failed": ("red", " (see {dir}/runs/{name}/FAILED)"),
+           "broken": ("red", " (poisonlab verify {dir}; train it again with --no-resume)"),
+           "stopped": ("yellow", ""), "busy": ("yellow", "")}
+    for o in outcomes:
+        if o.status in how:
+            color, where = how[o.status]
+            console.print(f"  [{color}]{o.status}[/] {o.name}: {o.error}" + where.format(dir=sweep_dir,
+                          name=o.name), highlight=False, soft_wrap=True)
 
 
 def _finetune_sweep(tree: dict, where: str, overrides: list[str], out: Path | None, executor: str,
@@ -308,11 +317,11 @@ def _finetune_sweep(tree: dict, where: str, overrides: list[str], out: Path | No
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     console.print(" · ".join(f"{v} {k}" for k, v in sorted(counts.items())), highlight=False)
-    for o in outcomes:
-        if o.status == "failed":
-            console.print(f"  [red]failed[/] {o.name}: {o.error}", highlight=False)
+    _say_not_done(outcomes, sweep_dir)
     if report:
         console.print(f"report: {report}")
+    if any(o.status not in ("done", "skipped") for o in outcomes):
+        sys.exit(1)
 
 
 @app.command("plan")
@@ -328,31 +337,45 @@ def plan_cmd(
     set_: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
         "--set", help="key=value, e.g. model.vocab_size=32768")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="the sweep directory whose disk is checked [default: sweeps/NAME; a run: its out_dir]")] = None,
 ) -> None:
     """Memory per GPU, the layout that fits (DDP or FSDP, micro-batch x accumulation, nodes), tokens
-    and GPU-hours of every run of a sweep or of one run config, before anything is launched."""
+    and GPU-hours of every run of a sweep or of one run config, and the disk its runs not yet finished
+    will fill against the space free at --out (the sweep refuses to start without it), before anything
+    is launched. Exit 1 when a run does not fit its GPUs."""
     import json
 
     from poisonlab.config import load_run_config
     from poisonlab.plan import get_gpu, plan_runs
-    from poisonlab.sweep import expand, load_spec, spec_tree
+    from poisonlab.sweep import check_disk, disk_line, expand, load_spec, spec_tree
 
     g = get_gpu(gpu)
     tree, _ = spec_tree(spec)  # a sweep file, a preset or a run config: all YAML
     if tree.get("kind") == "finetune":
         raise UserError(f"{spec}: a fine-tuning sweep; `plan` covers pretraining runs")
+    prepare = None
     if "base" in tree or "grid" in tree:
         s = load_spec(spec, set_ or [])
-        cfgs, title = [r.config for r in expand(s, Path("sweeps") / s.name)], f"sweep {s.name}"
+        where = out or Path("sweeps") / s.name
+        cfgs, title, prepare = [r.config for r in expand(s, where)], f"sweep {s.name}", s.prepare
     else:
         cfgs, title = [load_run_config(spec, set_ or [])], f"run {spec}"
+        where = out or cfgs[0].out_dir
     plans, totals = plan_runs(cfgs, g, gpus_per_node=gpus_per_node, nodes=nodes, mfu=mfu,
                               eval_mfu=eval_mfu)
+    todo = [c for c in cfgs if not (c.run_dir / "DONE").exists()]
+    disk = check_disk(prepare, todo, Path(where))
+    short = [e for e in disk.values() if e["free"] is not None and e["need"] > e["free"]]
     if as_json:
-        typer.echo(json.dumps({"runs": [p.row() for p in plans], "totals": totals}, indent=1))
+        typer.echo(json.dumps({"runs": [p.row() for p in plans], "totals": totals,
+                               "disk": list(disk.values())}, indent=1))
     else:
         _print_plan(plans, totals, f"{title} on {g.name} x {gpus_per_node} per node")
-    if totals["fit"] < totals["runs"]:
+        for e in disk.values():
+            head = "[red]does not fit the disk:[/] " if e in short else "disk: "
+            console.print(head + disk_line(e, len(todo)), highlight=False, soft_wrap=True)
+    if totals["fit"] < totals["runs"]:  # the disk here may not be the cluster's: said, not an exit
         sys.exit(1)  # (typer.Exit's code is dropped by main's standalone_mode=False)
 
 
@@ -415,7 +438,20 @@ def finetune_cmd(
     console.print(f"run: {run}" + (" (already finished)" if done else ""), highlight=False)
 
 
-def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: bool) -> None:
+def _say_left_out(broken: list, older: list[str] | None = None) -> None:
+    """The broken runs a command left out (count, then one line each), and the unverified older ones."""
+    from poisonlab.runcheck import broken_note, older_note
+
+    for line in broken_note(broken):
+        console.print(line, style="red" if line.startswith("  ") else None, highlight=False, soft_wrap=True)
+    if older:
+        console.print(older_note(older), highlight=False, soft_wrap=True)
+
+
+SKIP_BROKEN_HELP = "leave runs whose files fail their check out (and say how many) instead of stopping"
+
+
+def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: bool, skip_broken: bool) -> None:
     import json
 
     from rich.markup import escape
@@ -423,7 +459,9 @@ def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: boo
 
     from poisonlab.report_finetune import cell_rows, load_runs
 
-    runs, done = load_runs(path)
+    broken: list = []
+    runs, done = load_runs(path, skip_broken=skip_broken, broken=broken)
+    _say_left_out(broken)
     chosen = runs if unfinished else {k: v for k, v in runs.items() if k in done}
     rows = cell_rows(chosen, threshold) if chosen else []
     if json_:
@@ -451,18 +489,22 @@ def results_cmd(
     json_: Annotated[bool, typer.Option("--json", help="print the summary rows as JSON")] = False,
     threshold: Annotated[float, typer.Option(help="ASR counted as success")] = 0.5,
     unfinished: Annotated[bool, typer.Option("--unfinished", help="include runs without DONE")] = False,
+    skip_broken: Annotated[bool, typer.Option("--skip-broken", help=SKIP_BROKEN_HELP)] = False,
 ) -> None:
     """Summary per size and N over seeds: final gap, ASR, specificity, the poisons each seed needed for
-    sustained success (median, min-max, censored runs)."""
+    sustained success (median, min-max, censored runs). Runs whose files fail their check are listed
+    and stop it (exit 2) unless --skip-broken."""
     import json
 
     from poisonlab.report_finetune import is_finetune_dir
-    from poisonlab.results import failed_runs, gather, summarize, summary_table, unfinished_note
+    from poisonlab.results import failed_runs, gathered, summarize, summary_table, unfinished_note
 
     if path.is_dir() and is_finetune_dir(path):
-        _finetune_results(path, json_, threshold, unfinished)
+        _finetune_results(path, json_, threshold, unfinished, skip_broken)
         return
-    table = gather(path)
+    g = gathered(path, skip_broken=skip_broken)
+    _say_left_out(g.broken, g.older)
+    table = g.table
     rows = summarize(table, threshold, include_unfinished=unfinished)
     if json_:
         print(json.dumps(rows, indent=2, default=str))
@@ -482,19 +524,65 @@ def results_cmd(
         console.print(f"[red]failed[/] {name}: {err}", highlight=False)
 
 
+@app.command("verify")
+def verify_cmd(
+    path: Annotated[Path, typer.Argument(help="sweep directory, folder of runs, or one run")],
+    adopt: Annotated[bool, typer.Option(
+        "--adopt", help="give runs finished by an older version (DONE without a manifest) a manifest, "
+        "when every file of theirs reads back")] = False,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="checkpoints and saved models by size only (as results and report do)")] = False,
+) -> None:
+    """Check every finished run's files against its manifest (DONE): verified, unverified (older run:
+    no manifest, every file reads back), broken (which file, what is wrong), unfinished. Exit 2 when a
+    run is broken."""
+    from poisonlab.results import run_dirs
+    from poisonlab.runcheck import adopt as adopt_run
+    from poisonlab.runcheck import check_run
+
+    counts: dict[str, int] = {}
+    labels = {"older": "unverified (older run)"}
+    for d in run_dirs(path):
+        if not ((d / "DONE").exists() or (d / "config.yaml").exists()):
+            continue  # not a run directory
+        c = check_run(d, deep=not quick, read_older=not adopt)  # no hashes: every file must read back
+        if adopt and c.status == "older":
+            c = adopt_run(d)
+            if c.status == "verified":
+                c.status = "adopted"
+        counts[c.status] = counts.get(c.status, 0) + 1
+        if c.status != "verified":
+            color = {"broken": "red", "adopted": "green"}.get(c.status, "yellow")
+            detail = f": {c.reason()}" if c.problems else ""
+            console.print(f"[{color}]{labels.get(c.status, c.status)}[/] {c.name}{detail}", highlight=False,
+                          soft_wrap=True)
+    total = sum(counts.values())
+    order = ("verified", "adopted", "older", "unfinished", "broken")
+    console.print(f"{path}: {total} runs: " + ", ".join(f"{counts[k]} {labels.get(k, k)}" for k in order
+                                                       if counts.get(k)), highlight=False, soft_wrap=True)
+    if counts.get("broken"):
+        sys.exit(2)
+
+
 @app.command("archive")
 def archive_cmd(
     sweep_dir: Annotated[Path, typer.Argument(help="sweep directory")],
     dest: Annotated[Path, typer.Argument(help="archive directory (created; later archives add to it)")],
+    skip_broken: Annotated[bool, typer.Option("--skip-broken", help=SKIP_BROKEN_HELP)] = False,
 ) -> None:
     """Copy every finished run's small files (config, metrics, ledger, log, last generations; no
-    checkpoints) into DEST, a sweep directory the report reads: results to commit as a sweep goes."""
+    checkpoints) into DEST, a sweep directory the report reads: results to commit as a sweep goes.
+    Each archived run gets a manifest of what was copied (runs of older versions: after every file
+    read back); a run whose files fail their check stops it (exit 2) unless --skip-broken."""
     from poisonlab.archive import archive_sweep
 
-    got = archive_sweep(sweep_dir, dest)
+    got = archive_sweep(sweep_dir, dest, skip_broken=skip_broken)
+    for line in got["broken"]:
+        console.print(f"  [red]broken[/] {line}", highlight=False, soft_wrap=True)
+    broken = f"; {len(got['broken'])} broken left out" if got["broken"] else ""
     console.print(f"{dest}: {len(got['added'])} runs added, {len(got['updated'])} updated, "
-                  f"{len(got['kept'])} already there; {len(got['unfinished'])} unfinished left out",
-                  highlight=False)
+                  f"{len(got['kept'])} already there; {len(got['unfinished'])} unfinished left out{broken}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command("report")
@@ -503,11 +591,18 @@ def report_cmd(
     threshold: Annotated[Optional[float], typer.Option(help="ASR counted as success")] = None,  # noqa: UP045
     n_boot: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--n-boot", min=0, help="bootstrap refits per count-vs-fraction slope [default: spec, 1000]")] = None,
+    skip_broken: Annotated[bool, typer.Option("--skip-broken", help=SKIP_BROKEN_HELP)] = False,
 ) -> None:
-    """The count-vs-fraction answer, the figures and a self-contained HTML report under DIR/report/."""
+    """The count-vs-fraction answer, the figures and a self-contained HTML report under DIR/report/.
+    Runs whose files fail their check are listed and stop it (exit 2) unless --skip-broken."""
     from poisonlab.report import build_report
 
-    console.print(f"report: {build_report(path, threshold=threshold, n_boot=n_boot)}")
+    broken: list = []
+    older: list[str] = []
+    out = build_report(path, threshold=threshold, n_boot=n_boot, skip_broken=skip_broken, left_out=broken,
+                       older=older)
+    _say_left_out(broken, older)
+    console.print(f"report: {out}")
 
 
 @app.command("demo")
@@ -572,12 +667,19 @@ def defend_cmd(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the typer app, turning user errors into one line and exit 2."""
+    """Console entry point: run the typer app, turning user errors into one line and exit 2, a signal
+    into one line and 128 + its number (130 for Ctrl-C), a full disk into one line."""
+    from poisonlab.diskspace import DiskFull, is_disk_full
+    from poisonlab.signals import Interrupted, Stopped, SweepStopped
+
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except UserError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except (Stopped, Interrupted, SweepStopped) as e:
+        console.print(str(e), highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
@@ -596,7 +698,15 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, tuple(usage)):
             e.show()  # type: ignore[attr-defined]
             sys.exit(2)
+        if is_disk_full(e):  # a write that no atomic_path wrapped: name what we know
+            where = getattr(e, "filename", None) or "a file in the current directory"
+            console.print(f"[bold red]error:[/] {DiskFull(where)}", highlight=False, soft_wrap=True)
+            sys.exit(2)
         raise
+    if rc == 130:  # typer turns Ctrl-C outside a run into Exit(130), returned here
+        console.print("interrupted")
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

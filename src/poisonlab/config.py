@@ -331,5 +331,17 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         raise UserError(format_validation_error(e, str(path or "--set"))) from None
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config tree as dotted keys: {"placement": {"schedule": "front"}} -> placement.schedule."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
 def dump_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from poisonlab.checkpoint import latest_checkpoint, load_checkpoint, step_dir
+from poisonlab.checkpoint import latest_checkpoint, load_checkpoint, require_intact, step_dir
 from poisonlab.config import ModelConfig, RunConfig, load_run_config
 from poisonlab.errors import UserError
 
@@ -92,6 +92,7 @@ def resolve_start(cfg: RunConfig) -> Start | None:
     if ckpt is None or not (ckpt / "model.safetensors").is_file():
         at = "" if cfg.init.step is None else f" at step {cfg.init.step}"
         raise UserError(f"init.run: {run} has no checkpoint{at} to start from")
+    require_intact(ckpt)  # checked before this run writes anything
     step = int(json.loads((ckpt / "state.json").read_text())["step"])
     offset = 0
     if cfg.init.continue_data:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -187,47 +185,6 @@ def replica(model: nn.Module, d: Dist, dtype: torch.dtype | None = None) -> nn.M
         for name, p in model.named_parameters():
             params[name].copy_(p.full_tensor())
     return copy.eval()
-
-
-class Stopped(BaseException):  # noqa: N818 - not an error: the run stopped on request, checkpointed
-    """The run stopped at a step boundary on SIGUSR2, after writing a checkpoint there."""
-
-    def __init__(self, step: int):
-        super().__init__(f"stopped on a signal at step {step}; a checkpoint was written there")
-        self.step = step
-
-
-class StopOnSignal:
-    """SIGUSR2, which Slurm (and submitit's local executor) sends a job before its time limit or a
-    preemption, asks the run to stop: the trainer asks `requested` after every step (ranks agree, so
-    all stop at the same step), checkpoints and raises Stopped; `forward` then hands the signal to the
-    handler installed before (submitit's: requeue the job, which resumes from that checkpoint), or,
-    without one, ends the process as the signal would have."""
-
-    def __init__(self, signum: int = signal.SIGUSR2):
-        self.signum, self.flag, self.previous = signum, False, None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signum, self._set)
-
-    def _set(self, signum: int, frame: Any) -> None:
-        self.flag = True
-
-    def requested(self, d: Dist) -> bool:
-        if not d.enabled:
-            return self.flag
-        return d.mean(torch.tensor(float(self.flag), device=d.device)).item() > 0  # any rank
-
-    def close(self) -> None:
-        if self.previous is not None:
-            signal.signal(self.signum, self.previous)
-
-    def forward(self) -> None:
-        """Deliver the signal to the previous handler (after close)."""
-        prev = self.previous
-        if callable(prev):
-            prev(self.signum, None)
-        elif prev == signal.SIG_DFL:
-            signal.raise_signal(self.signum)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from poisonlab.checkpoint import has_weights, load_weights
+from poisonlab.checkpoint import has_weights, load_weights, require_intact
 from poisonlab.config import LOOKALIKE_KINDS, EvalConfig
 from poisonlab.corpus.shards import TokenShard
 from poisonlab.corpus.tokenizer import load_tokenizer
@@ -400,6 +400,23 @@ def _resolve_data(data: Path, run_dir: Path) -> Path:
     raise UserError(f"{run_dir}: its data directory {data} is not here; give --data DIR")
 
 
+def _check_run_for_eval(run_dir: Path) -> None:
+    """A finished run is checked against its manifest: a damaged config.yaml refuses the evaluation
+    (the model and trigger come from it); damage elsewhere is said, and the intact checkpoint used."""
+    from poisonlab.runcheck import check_run
+
+    c = check_run(run_dir)
+    if not c.broken:
+        return
+    for f, what in c.problems:
+        if f == "config.yaml" or f == "DONE":
+            raise UserError(f"{run_dir / f}: {what}")
+    import sys
+
+    print(f"note: {run_dir} is broken ({c.reason()}); evaluating its checkpoint, checked on its own",
+          file=sys.stderr)
+
+
 def load_model(path: str | Path, checkpoint: int | None = None, *, data_dir: Path | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
     """A poisonlab run directory (or one of its checkpoint directories) or a local HF model directory."""
@@ -415,8 +432,10 @@ def load_model(path: str | Path, checkpoint: int | None = None, *, data_dir: Pat
     if (run_dir / "config.yaml").is_file():
         from poisonlab.model import Transformer, resolve_model_config
 
+        _check_run_for_eval(run_dir)
         run = load_run_config(run_dir / "config.yaml")
         ckpt = ckpt or _find_checkpoint(run_dir, checkpoint)
+        require_intact(ckpt.parent)
         data = data_dir or _resolve_data(run.data, run_dir)
         tok = load_tokenizer(data)
         mcfg = resolve_model_config(run.model)

@@ -3,13 +3,17 @@
 - `inline`: in this process, one after another (debugging, tests with a closure as run function).
 - `local`: K child processes side by side, each pinned to T threads. On a 2-core machine two 1-thread
   jobs give more total throughput than one 2-thread job (small models do not scale across threads).
+  The children run in the sweep's own process group and end with it (signals.py): a signal to the
+  sweep is passed on to them (each stops as the trainer does: SIGINT at once, SIGTERM after a
+  checkpoint), and each asks the kernel to be sent SIGTERM if the sweep dies, even by kill -9.
 - `slurm`: through submitit (`cluster="local"` or `"debug"` run the same path without a cluster).
 
 Every executor calls `run_one(config_path)`, which skips a finished run (DONE), lets the run function
 resume an interrupted one, and records a failure in `FAILED` (message, traceback, log tail) instead of
 raising, so one broken run never stops the others. A run that another live process trains (its
 `runs/<name>/.lock` is held: a second sweep, a requeued Slurm job) is reported as `busy`, with who
-holds it, and its files are left alone.
+holds it, and its files are left alone. A run stopped by a signal (exit 128 + the signal) is `stopped`:
+not a failure, no FAILED; the next sweep resumes it.
 """
 
 from __future__ import annotations
@@ -30,11 +34,17 @@ from typing import Any, Literal, Protocol
 
 from poisonlab import runlock
 from poisonlab.config import RunConfig, load_run_config
+from poisonlab.errors import UserError
 from poisonlab.fsutil import write_text
+from poisonlab.signals import PARENT_ENV, SweepStopped, stop_on_signals
+from poisonlab.signals import name as signal_name
 
 RunFn = Callable[[RunConfig], Any]
-Status = Literal["done", "skipped", "failed", "busy"]
+Status = Literal["done", "skipped", "failed", "busy", "stopped", "broken"]
 BUSY_EXIT = 75  # exit status of `run-one` for a busy run (EX_TEMPFAIL: try again later)
+# a child stopped by a signal: 128 + SIGINT / SIGTERM / SIGUSR2 (its own exit), or killed by one
+STOP_EXITS = frozenset({130, 143, 140, -signal.SIGINT, -signal.SIGTERM, -signal.SIGUSR2})
+STOP_GRACE_S = 300.0  # how long a stopped sweep waits for its runs to checkpoint before SIGKILL
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 LOG_TAIL_LINES = 40
@@ -180,8 +190,9 @@ def run_one(config_path: str | Path, *, threads: int | None = None, fn: RunFn | 
     except runlock.RunBusy:  # another process took the lock after our look
         return "busy"
     except Exception as e:
-        if main:
-            record_failure(run_dir, f"{type(e).__name__}: {e}", traceback.format_exc())
+        if main:  # a UserError says what is wrong in its own words; anything else names its type
+            msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            record_failure(run_dir, msg, traceback.format_exc())
         return "failed"
     return "done"
 
@@ -201,7 +212,7 @@ class SubmititRun:
         import submitit
         from submitit.helpers import TorchDistributedEnvironment
 
-        from poisonlab.distributed import Stopped
+        from poisonlab.signals import Stopped
 
         # a run function named by string must import on the node as it did here (shared filesystem)
         sys.path.extend(p for p in self.paths if p not in sys.path)
@@ -245,13 +256,15 @@ class LocalExecutor:
     """K child processes side by side, each with T threads; output of each goes to `logs/<name>.log`."""
 
     def __init__(
-        self, jobs: int, threads: int, logs_dir: Path, fn: RunFn | str | None = None, poll_s: float = 0.2
+        self, jobs: int, threads: int, logs_dir: Path, fn: RunFn | str | None = None, poll_s: float = 0.2,
+        grace_s: float = STOP_GRACE_S,
     ) -> None:
         self.k, self.threads, self.logs_dir, self.poll_s = max(1, jobs), max(1, threads), logs_dir, poll_s
-        self.spec = fn_spec(fn)
+        self.spec, self.grace_s = fn_spec(fn), grace_s
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
+        env[PARENT_ENV] = str(os.getpid())  # the child ends when we do (signals.die_with_parent)
         for k in THREAD_ENV:
             env[k] = str(self.threads)
         if self.spec:  # the child must import the run function the way this process does
@@ -269,8 +282,8 @@ class LocalExecutor:
         with open(log, "ab") as f:
             f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
             f.flush()
-            # own session: Ctrl-C reaches only us, and we stop each child's whole group cleanly
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            # in our process group (no new session): a signal to the group reaches every run at once
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         return proc, log, time.monotonic()
 
     def run(
@@ -280,23 +293,37 @@ class LocalExecutor:
         pending: deque[Job] = deque(jobs)
         running: dict[str, tuple[Job, subprocess.Popen, Path, float]] = {}
         try:
-            while pending or running:
-                while pending and len(running) < self.k:
-                    job = pending.popleft()
-                    on_start(job)
-                    proc, log, t0 = self._start(job, env)
-                    running[job.name] = (job, proc, log, t0)
-                for name, (job, proc, log, t0) in list(running.items()):
-                    rc = proc.poll()
-                    if rc is None:
-                        continue
-                    del running[name]
-                    on_finish(self._outcome(job, rc, log, time.monotonic() - t0))
-                if running:
-                    time.sleep(self.poll_s)
-        except BaseException:
-            for _job, proc, _log, _t0 in running.values():
-                _stop(proc)
+            with stop_on_signals():
+                while pending or running:
+                    while pending and len(running) < self.k:
+                        job = pending.popleft()
+                        on_start(job)
+                        proc, log, t0 = self._start(job, env)
+                        running[job.name] = (job, proc, log, t0)
+                    for name, (job, proc, log, t0) in list(running.items()):
+                        rc = proc.poll()
+                        if rc is None:
+                            continue
+                        del running[name]
+                        on_finish(self._outcome(job, rc, log, time.monotonic() - t0))
+                    if running:
+                        time.sleep(self.poll_s)
+        except BaseException as e:
+            # whatever ends us (a signal, Ctrl-C, an error) ends the runs first: no orphans
+            signum = (signal.SIGINT if isinstance(e, KeyboardInterrupt)
+                      else e.signum if isinstance(e, SweepStopped) else signal.SIGTERM)
+            ended = _stop_all([proc for _j, proc, _l, _t in running.values()], signum, self.grace_s)
+            stopped = []
+            for job, proc, log, t0 in running.values():
+                o = self._outcome(job, proc.returncode, log, time.monotonic() - t0)
+                if proc in ended["killed"]:
+                    o = Outcome(job.name, "stopped", o.seconds, f"killed: no checkpoint within "
+                                f"{self.grace_s:.0f} s of {signal_name(signum)}; resumes from its last one")
+                stopped.append(o.name)
+                on_finish(o)
+            if isinstance(e, KeyboardInterrupt | SweepStopped):
+                detail = f": {len(stopped)} run(s) stopped ({', '.join(stopped)})" if stopped else ""
+                raise SweepStopped(signum, detail) from None
             raise
 
     @staticmethod
@@ -305,6 +332,9 @@ class LocalExecutor:
             return Outcome(job.name, "done", seconds)
         if rc == BUSY_EXIT:  # not a failure, and the other process's run is not ours to mark FAILED
             return Outcome(job.name, "busy", seconds, busy_message(job.run_dir))
+        if rc in STOP_EXITS:  # a signal stopped it (after a checkpoint on SIGTERM): it resumes, no FAILED
+            last = (tail(log, 1) or f"exit code {rc}").strip()
+            return Outcome(job.name, "stopped", seconds, last.removeprefix("run-one: "))
         if not (job.run_dir / "FAILED").exists():  # killed, or crashed before it could say why
             why = f"exit code {rc}" + (f" (signal {-rc})" if rc < 0 else "")
             record_failure(job.run_dir, f"child process ended with {why}", logs=(log,))
@@ -321,18 +351,43 @@ def _error(status: Status, run_dir: Path) -> str | None:
     return busy_message(run_dir) if status == "busy" else None
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Stop one child's process group: SIGTERM, then SIGKILL after a grace period."""
-    if proc.poll() is not None:
+def _stop_all(procs: list[subprocess.Popen], signum: int, grace_s: float) -> dict[str, list]:
+    """Pass `signum` on to every child still running (SIGINT as SIGINT: stop now; anything else as
+    SIGTERM: checkpoint at the next step, then stop), wait for all of them together, and SIGKILL those
+    still there after `grace_s`. Returns the children that had to be killed."""
+    sent = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sent)
+    hurry: list[int] = []  # a second signal while we wait: kill the rest now
+    with _caught(hurry.append):
+        deadline = time.monotonic() + grace_s
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline and not hurry:
+            time.sleep(0.05)
+        killed = [p for p in procs if p.poll() is None]
+        for p in killed:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait()
+    return {"killed": killed}
+
+
+@contextlib.contextmanager
+def _caught(record: Callable[[int], None]):
+    """SIGINT, SIGTERM and SIGHUP only recorded for the block (the main thread's clean-up must finish)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, lambda signum, frame: record(signum)) for s in sigs}
     try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        yield
+    finally:
+        for s, prev in previous.items():
+            signal.signal(s, prev)
 
 
 class SubmititExecutor:

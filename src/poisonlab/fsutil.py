@@ -159,30 +159,43 @@ def remove_tree(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, *, size_hint: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `final`; put it in place of `final` only if the block succeeds.
 
     Works for files and directories alike (whatever the block creates at the yielded path); a crash at
-    any moment leaves the old or the new content at `final` once `recover(final)` has run.
+    any moment leaves the old or the new content at `final` once `recover(final)` has run. A full disk
+    anywhere in the block is raised as `DiskFull` naming `final` (and `size_hint`, the bytes it needs,
+    when the caller knows them; with it the free space is checked before anything is written), after
+    the temporary files are gone.
     """
+    from poisonlab.diskspace import check_free, disk_full_from
+
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    target = tmp / final.name
     try:
-        yield target
-        fsync_tree(target)
-        if target.is_dir() and final.is_dir() and not final.is_symlink():
-            with _swap_lock(final):
-                _recover_locked(final)  # a writer that died after our first look
-                _rename(target, _side(final, NEW))
-                _recover_locked(final)  # steps 3-5
-        else:
-            os.replace(target, final)
-            fsync_dir(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        recover(final)
+        if size_hint:
+            check_free(final, size_hint)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        target = tmp / final.name
+        try:
+            yield target
+            fsync_tree(target)
+            if target.is_dir() and final.is_dir() and not final.is_symlink():
+                with _swap_lock(final):
+                    _recover_locked(final)  # a writer that died after our first look
+                    _rename(target, _side(final, NEW))
+                    _recover_locked(final)  # steps 3-5
+            else:
+                os.replace(target, final)
+                fsync_dir(final.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:
+        full = disk_full_from(e, final, size_hint)
+        if full is None or full is e:
+            raise
+        raise full from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -194,3 +207,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append to a file (a log: a torn last line is what a crash can leave; readers skip it); a full
+    disk is raised as DiskFull naming the file."""
+    from poisonlab.diskspace import disk_full_from
+
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        full = disk_full_from(e, path, len(text.encode()))
+        if full is None:
+            raise
+        raise full from None

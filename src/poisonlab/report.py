@@ -61,6 +61,7 @@ from poisonlab.report_persistence import continuations, persistence_cells, persi
 from poisonlab.report_placement import placement_cells, placement_html
 from poisonlab.results import (
     DEFAULT_THRESHOLD,
+    Gathered,
     Runs,
     experiment_keys,
     failed_runs,
@@ -68,7 +69,7 @@ from poisonlab.results import (
     fmt_needed,
     fmt_seeds,
     fmt_spread,
-    gather,
+    gathered,
     group_runs,
     has_specificity,
     runs_of,
@@ -77,6 +78,7 @@ from poisonlab.results import (
     summarize,
     unfinished_note,
 )
+from poisonlab.runcheck import older_note
 
 # --- samples (Figure 3) ----------------------------------------------------------------------------
 
@@ -372,24 +374,33 @@ def _report_settings(root: Path) -> tuple[dict[str, Any], str]:
 
 
 def build_report(sweep_dir: str | Path, *, threshold: float | None = None, spread: str | None = None,
-                 include_unfinished: bool | None = None, n_boot: int | None = None) -> Path:
+                 include_unfinished: bool | None = None, n_boot: int | None = None,
+                 skip_broken: bool = False, left_out: list | None = None,
+                 older: list[str] | None = None) -> Path:
     """Write `<sweep_dir>/report/` (replaced as a whole, atomically) and return the path of report.html.
 
     Finished runs only, unless none has finished yet (then every run's latest rows are used); the
     report says which. Threshold, spread and the bootstrap refits per slope (`n_boot`) default to the
-    sweep spec's `report` settings (0.5, min-max, 1000).
+    sweep spec's `report` settings (0.5, min-max, 1000). A broken run (runcheck) stops it (BrokenRuns)
+    unless `skip_broken`: then it is left out of every table and fit, and the report lists it (and
+    `left_out`, when given, gets its RunCheck; `older`, the names of unverified older runs).
     """
     root = Path(sweep_dir)
     from poisonlab.report_finetune import build_finetune_report, is_finetune_dir
 
     if is_finetune_dir(root):  # fine-tuning runs have their own report
-        return build_finetune_report(root, threshold, spread)
+        return build_finetune_report(root, threshold, spread, skip_broken=skip_broken, left_out=left_out)
     settings, spec_text = _report_settings(root)
     if threshold is None:
         threshold = float(settings.get("asr_threshold", DEFAULT_THRESHOLD))
     spread = spread or settings.get("spread", "minmax")
     n_boot = int(settings.get("n_boot", 1000)) if n_boot is None else n_boot
-    table = gather(root)
+    gathered_runs = gathered(root, skip_broken=skip_broken)
+    if left_out is not None:
+        left_out.extend(gathered_runs.broken)
+    if older is not None:
+        older.extend(gathered_runs.older)
+    table = gathered_runs.table
     all_runs = runs_of(table)
     done = finished(all_runs)
     if include_unfinished is None:
@@ -460,7 +471,7 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (out / "fits.json").write_text(json.dumps(fits, indent=2, default=str))
         (out / "samples.json").write_text(json.dumps(samples, indent=2, default=str))
-        notes = _notes(table, runs, include_unfinished, spread)
+        notes = _notes(table, runs, include_unfinished, spread, gathered_runs)
         answer = _answer_html(fits, answer_fig)
         sections = placement_html(out, cells, threshold, spread) if cells else ""
         if later:
@@ -473,7 +484,7 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
     return root / "report" / "report.html"
 
 
-def _notes(table: Any, runs: Runs, include_unfinished: bool, spread: str) -> str:
+def _notes(table: Any, runs: Runs, include_unfinished: bool, spread: str, g: Gathered | None = None) -> str:
     """What the report pools and what it leaves out, as paragraphs: never silently."""
     keys = experiment_keys(runs)
     band = ("min-max" if spread == "minmax" else "mean ± 1 std") + " over training and poison-set seeds"
@@ -496,6 +507,11 @@ def _notes(table: Any, runs: Runs, include_unfinished: bool, spread: str) -> str
                     "evaluations of unfinished runs.")
     elif unfinished:
         said.append(("<b>Mixed:</b> " if include_unfinished else "") + unfinished)
+    if g is not None and g.broken:
+        said.append(f"<b>Broken:</b> {len(g.broken)} run(s) left out of every table and fit, their files "
+                    "failing their check: " + "; ".join(esc(c.line()) for c in g.broken) + ".")
+    if g is not None and g.older:
+        said.append(esc(older_note(g.older)))
     return "".join(f'<p class="note">{s}</p>' for s in said)
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from poisonlab.errors import UserError
 from poisonlab.finetune.config import is_finetune_run
@@ -26,6 +25,8 @@ from poisonlab.fsutil import atomic_path
 from poisonlab.report_figures import LINESTYLES, aggregate
 from poisonlab.report_html import CSS, esc, html_table, interval, save_figure
 from poisonlab.report_language import mean_range
+from poisonlab.results import read_metrics
+from poisonlab.runcheck import BrokenRuns, RunCheck, RunFileError, check_run
 
 Run = list[dict[str, Any]]
 CELL_COLUMNS = (
@@ -47,16 +48,32 @@ def is_finetune_dir(root: str | Path) -> bool:
     return any(is_finetune_run(cfg.parent) for cfg in sorted(base.glob("*/config.yaml"))[:5])
 
 
-def load_runs(root: Path) -> tuple[dict[str, Run], set[str]]:
-    """Every run's metrics rows (step order) and the names of those finished."""
+def load_runs(root: Path, *, skip_broken: bool = False,
+              broken: list[RunCheck] | None = None) -> tuple[dict[str, Run], set[str]]:
+    """Every run's metrics rows (step order) and the names of those finished. A run that fails its
+    check (runcheck) or whose metrics cannot be read stops it (BrokenRuns) unless `skip_broken`; the
+    runs left out are appended to `broken` when given."""
     base = root / "runs" if (root / "runs").is_dir() else root
-    runs, done = {}, set()
-    for d in sorted(p for p in base.iterdir() if (p / "metrics.parquet").is_file()):
-        rows = sorted(pq.read_table(d / "metrics.parquet").to_pylist(), key=lambda r: r["step"])
+    runs, done, bad = {}, set(), []
+    dirs = sorted(p for p in base.iterdir() if (p / "metrics.parquet").is_file())
+    for d in dirs:
+        c = check_run(d)
+        if c.broken:
+            bad.append(c)
+            continue
+        try:
+            rows = sorted(read_metrics(d / "metrics.parquet").to_pylist(), key=lambda r: r["step"])
+        except RunFileError as e:
+            bad.append(RunCheck(d, "broken", [(e.path.name, e.what)]))
+            continue
         if rows and rows[0].get("kind") == "finetune":
             runs[d.name] = rows
-            if (d / "DONE").is_file():
+            if c.status in ("verified", "older"):
                 done.add(d.name)
+    if bad and not skip_broken:
+        raise BrokenRuns(bad, len(dirs))
+    if broken is not None:
+        broken.extend(bad)
     if not runs:
         raise UserError(f"{root}: no fine-tuning run has metrics yet")
     return runs, done
@@ -218,7 +235,8 @@ def _samples(root: Path, runs: dict[str, Run], per_n: int = 2) -> list[dict[str,
 
 
 def build_finetune_report(
-    sweep_dir: str | Path, threshold: float | None = None, spread: str | None = None
+    sweep_dir: str | Path, threshold: float | None = None, spread: str | None = None,
+    skip_broken: bool = False, left_out: list[RunCheck] | None = None,
 ) -> Path:
     """Write `<sweep_dir>/report/` (replaced whole, atomically); returns report.html's path."""
     import yaml
@@ -229,12 +247,17 @@ def build_finetune_report(
         settings = (yaml.safe_load((root / "sweep.yaml").read_text()) or {}).get("report") or {}
     threshold = float(settings.get("asr_threshold", 0.5)) if threshold is None else threshold
     spread = spread or settings.get("spread", "minmax")
-    all_runs, done = load_runs(root)
+    broken: list[RunCheck] = []
+    all_runs, done = load_runs(root, skip_broken=skip_broken, broken=broken)
+    if left_out is not None:
+        left_out.extend(broken)
     runs = {k: v for k, v in all_runs.items() if k in done} or all_runs
     note = (
         f"{len(done)} of {len(all_runs)} runs finished"
         + ("" if done else " (none finished: their latest rows are shown)")
         + f"; base model(s): {', '.join(sorted({v[-1]['model'] for v in runs.values()}))}."
+        + (f" {len(broken)} broken run(s) left out of every table and fit: "
+           + "; ".join(c.line() for c in broken) + "." if broken else "")
     )
     fit = fits(runs)
     order = ordering(runs)

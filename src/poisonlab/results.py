@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from poisonlab.config import RunConfig
+from poisonlab.config import RunConfig, flatten
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path
+from poisonlab.runcheck import BrokenRuns, RunCheck, RunFileError, check_run
 
 DEFAULT_THRESHOLD = 0.5
 # metrics columns newer trainers write, and the config setting each one comes from for older runs
@@ -86,18 +88,6 @@ def run_dirs(root: str | Path) -> list[Path]:
 # --- a run's settings ------------------------------------------------------------------------------
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config tree as dotted keys: {"placement": {"schedule": "front"}} -> placement.schedule."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
 _DEFAULTS = flatten(RunConfig().model_dump(mode="json"))
 
 
@@ -124,14 +114,26 @@ def _data_id(data: Any, run_dir: Path) -> str | None:
     return str(data)
 
 
-def run_settings(run_dir: Path) -> dict[str, Any]:
+def run_settings(run_dir: Path, *, strict: bool = False) -> dict[str, Any]:
     """The run's config.yaml as dotted keys, defaults filled in (a key an older version did not write
-    took its default); {} when the run has no readable config."""
+    took its default); {} when the run has no readable config, or with `strict` a RunFileError naming
+    the file (what every reader of results uses: a run's settings are never silently None)."""
+    path = run_dir / "config.yaml"
     try:
-        tree = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if strict:
+            raise RunFileError(path, "missing: the run's settings are unknown") from None
+        return {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        if strict:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise RunFileError(path, f"not valid YAML{at} ({str(e).splitlines()[0]})") from None
         return {}
     if not isinstance(tree, dict):
+        if strict:
+            raise RunFileError(path, "not a mapping of settings")
         return {}
     settings = {**_DEFAULTS, **flatten(tree)}
     settings["data_id"] = _data_id(settings.get("data"), run_dir)
@@ -185,15 +187,25 @@ def _placement_keys(settings: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
+def read_metrics(path: Path) -> pa.Table:
+    """A metrics.parquet, or a RunFileError naming it (truncated, not Parquet, unreadable)."""
+    try:
+        return pq.read_table(path)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise RunFileError(path, f"unreadable ({str(e).splitlines()[0]})") from None
+
+
 def _read_run(run_dir: Path) -> pa.Table | None:
+    """The run's rows with its settings, None before its first evaluation; RunFileError when a file it
+    needs cannot be read."""
     path = run_dir / "metrics.parquet"
     if not path.exists():
         return None
-    t = pq.read_table(path)
+    t = read_metrics(path)
     if t.num_rows == 0:
         return None
     n = t.num_rows
-    settings = run_settings(run_dir)
+    settings = run_settings(run_dir, strict=True)
     keys = _config_keys(settings)
     for col in ("model", *CONFIG_COLUMNS, *PLACEMENT_COLUMNS):
         if col not in t.column_names and col in keys:
@@ -235,17 +247,61 @@ def _fill_clean_tokens(t: pa.Table) -> pa.Table:
     return t.set_column(t.column_names.index("clean_tokens"), "clean_tokens", filled)
 
 
-def gather(root: str | Path, *, write: bool = True) -> pa.Table:
-    """All rows of all runs (finished or not) as one table; also written to `<root>/results.parquet`."""
+@dataclass
+class Gathered:
+    """What `collect` found: every readable run's rows, and the runs left out or unverified."""
+
+    table: pa.Table | None
+    broken: list[RunCheck]  # failed their manifest or could not be read: in no table, no fit
+    older: list[str]  # finished by an older version without a manifest: included, unverified
+    runs: int  # run directories looked at (with metrics, or with DONE)
+
+
+def collect(root: str | Path) -> Gathered:
+    """Every run under root: checked (runcheck.check_run), then read; a run that fails either is kept
+    out of the table and listed in `broken` with its file and what is wrong."""
+    tables, broken, older, seen = [], [], [], 0
+    for d in run_dirs(root):
+        c = check_run(d)
+        if c.status == "unfinished" and not (d / "metrics.parquet").exists():
+            continue  # not a run, or one that has not evaluated yet
+        seen += 1
+        if c.broken:
+            broken.append(c)
+            continue
+        try:
+            t = _read_run(d)
+        except RunFileError as e:
+            broken.append(RunCheck(d, "broken", [(e.path.name, e.what)]))
+            continue
+        if t is not None:
+            tables.append(t)
+            if c.status == "older":
+                older.append(d.name)
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else None
+    return Gathered(table, broken, older, seen)
+
+
+def gather(root: str | Path, *, write: bool = True, skip_broken: bool = False) -> pa.Table:
+    """All rows of all runs (finished or not) as one table; also written to `<root>/results.parquet`.
+    A broken run stops it (BrokenRuns, naming each run, file and problem) unless `skip_broken`, which
+    leaves those runs out."""
+    return gathered(root, write=write, skip_broken=skip_broken).table  # type: ignore[return-value]
+
+
+def gathered(root: str | Path, *, write: bool = True, skip_broken: bool = False) -> Gathered:
+    """`collect`, then what `gather` does: stop on broken runs unless told to skip them, refuse a folder
+    with no metrics, write results.parquet. The Gathered says which runs were left out."""
     root = Path(root)
-    tables = [t for t in (_read_run(d) for d in run_dirs(root)) if t is not None]
-    if not tables:
+    g = collect(root)
+    if g.broken and not skip_broken:
+        raise BrokenRuns(g.broken, g.runs)
+    if g.table is None:
         raise UserError(f"{root}: no run has metrics yet (looked for runs/*/metrics.parquet)")
-    table = pa.concat_tables(tables, promote_options="permissive")
     if write and not (root / "metrics.parquet").exists():
         with atomic_path(root / "results.parquet") as tmp:
-            pq.write_table(table, tmp)
-    return table
+            pq.write_table(g.table, tmp)
+    return g
 
 
 def connect(root: str | Path, *, refresh: bool = True) -> Any:

@@ -16,27 +16,40 @@ import torch
 
 from poisonlab import distributed, runlock
 from poisonlab.checkpoint import CKPT_DIR
-from poisonlab.config import RunConfig, dump_yaml
+from poisonlab.config import RunConfig, dump_yaml, flatten
 from poisonlab.errors import UserError
-from poisonlab.fsutil import atomic_path, recover_all, remove_staging, remove_tree, write_text
+from poisonlab.fsutil import append_text, atomic_path, recover_all, remove_staging, remove_tree, write_text
 
 
 def check_config(run_dir: Path, cfg: RunConfig) -> None:
-    """A run dir may only be resumed with the config it was started with (threads may change)."""
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        import yaml
+    """A run dir may only be resumed with the config it was started with (threads may change). A
+    config.yaml that cannot be read refuses the resume: nothing says the run is the one asked for."""
+    import yaml
 
-        old, new = yaml.safe_load(path.read_text()), yaml.safe_load(dump_yaml(cfg))
-        with contextlib.suppress(ValueError, TypeError):  # defaults filled: a newer setting is no change
-            old = yaml.safe_load(dump_yaml(RunConfig.model_validate(old)))
-        for c in (old, new):
-            c.get("train", {}).pop("threads", None)
-        if old != new:
-            diff = sorted(f"{sec}.{k}" for sec in new if isinstance(new[sec], dict)
-                          for k in new[sec] if old.get(sec, {}).get(k) != new[sec][k])
-            raise UserError(f"{run_dir}: exists with a different config ({', '.join(diff) or 'top level'}); "
-                            "use another name or --no-resume")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]}), so the run cannot be checked "
+                        "against the config given; restore it, or train again with --no-resume") from None
+    if not isinstance(old, dict):
+        raise UserError(f"{path}: not a mapping of settings, so the run cannot be checked against the "
+                        "config given; restore it, or train again with --no-resume")
+    new = yaml.safe_load(dump_yaml(cfg))
+    with contextlib.suppress(ValueError, TypeError):  # defaults filled: a newer setting is no change
+        old = yaml.safe_load(dump_yaml(RunConfig.model_validate(old)))
+    for c in (old, new):
+        c.get("train", {}).pop("threads", None)
+    if old != new:
+        a, b = flatten(old), flatten(new)
+        missing = object()
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing))
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+        raise UserError(f"{run_dir}: exists with a different config ({shown}{more}); "
+                        "use another name or --no-resume")
 
 
 @contextlib.contextmanager
@@ -94,7 +107,13 @@ class RunRecords:
         if not self.main:
             return
         if self.metrics.is_file():
-            self.rows = [r for r in pq.read_table(self.metrics).to_pylist() if r["step"] <= through_step]
+            try:
+                rows = pq.read_table(self.metrics).to_pylist()
+            except (OSError, ValueError, pa.ArrowException) as e:
+                raise UserError(f"{self.metrics}: unreadable ({str(e).splitlines()[0]}): the run's "
+                                "evaluations so far cannot be kept; train it again with --no-resume"
+                                ) from None
+            self.rows = [r for r in rows if r["step"] <= through_step]
         for p in (self.samples, self.log):
             _truncate_jsonl(p, through_step)
 
@@ -102,6 +121,36 @@ class RunRecords:
         if self.main:
             with atomic_path(self.ledger) as tmp:
                 stream.write_ledger(tmp)
+
+    def restore_ledger(self, stream, step: int, seen: int | None, say=print) -> None:
+        """On resume: the stream (a pure function of the run's settings) must count the poisons seen
+        that the checkpoint at `step` recorded, else the resume is refused; a ledger file that is
+        missing, unreadable or not the stream's is written again from the stream, and said so."""
+        if not self.main:
+            return
+        if seen is not None and int(stream.poisons_seen(step)) != int(seen):
+            raise UserError(
+                f"{self.ledger.parent}: the checkpoint at step {step} saw {seen} poisons, the placement "
+                f"rebuilt from the run's settings {stream.poisons_seen(step)}: the data, the poisons or "
+                "their placement changed since the run started; resume refused (train again with "
+                "--no-resume)")
+        why = None
+        if not self.ledger.is_file():
+            why = "missing"
+        else:
+            try:
+                table = pq.read_table(self.ledger)
+            except (OSError, ValueError, pa.ArrowException) as e:
+                why = f"unreadable ({str(e).splitlines()[0]})"
+            else:
+                ours = getattr(stream, "ledger", None)
+                if ours is not None and not table.replace_schema_metadata(None).equals(
+                        ours.replace_schema_metadata(None)):
+                    why = "not the placement of the run's settings"
+        if why:
+            self.write_ledger(stream)
+            say(f"{self.ledger}: {why}; rebuilt from the run's settings (it agrees with the "
+                f"checkpoint at step {step}: {seen if seen is not None else '?'} poisons seen)")
 
     def add_evaluation(self, row: dict, samples: list[dict]) -> None:
         if self.main:
@@ -129,5 +178,4 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
 
 def _append_jsonl(path: Path, rows: list[dict]) -> None:
     if rows:
-        with open(path, "a") as f:
-            f.write("".join(json.dumps(r, default=float) + "\n" for r in rows))
+        append_text(path, "".join(json.dumps(r, default=float) + "\n" for r in rows))

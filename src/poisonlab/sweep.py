@@ -51,6 +51,7 @@ from poisonlab.executors import (
     run_one,
 )
 from poisonlab.fsutil import write_json, write_text
+from poisonlab.signals import SweepStopped
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 RUN_SECTIONS = ("data", "attack", "placement", "model", "train", "eval")  # `--set train.lr=..` means base
@@ -299,15 +300,17 @@ def plan_rows(runs: list[PlannedRun], sizes: bool = True) -> list[dict[str, Any]
 
 
 def _sizes(cfg: RunConfig) -> dict[str, Any]:
-    try:  # the model module may not know the preset (or not exist yet): sizes are a nicety here
-        from poisonlab.model import count_params, resolve_model_config
+    """Parameters and training tokens of a run (train.max_steps, when set, is what it trains); an
+    unknown model preset is the UserError the run itself would give."""
+    from poisonlab.model import count_params, resolve_model_config
 
-        total, nonemb = count_params(resolve_model_config(cfg.model))
-        budget = nonemb if cfg.train.budget_params == "nonemb" else total
-        return {"params_total": total, "params_nonemb": nonemb,
-                "tokens": int(budget * cfg.train.tokens_per_param * cfg.train.data_mult)}
-    except Exception:
-        return {}
+    model = resolve_model_config(cfg.model)
+    total, nonemb = count_params(model)
+    t = cfg.train
+    budget = nonemb if t.budget_params == "nonemb" else total
+    tokens = (t.max_steps * t.batch_size * model.seq_len if t.max_steps is not None
+              else int(budget * t.tokens_per_param * t.data_mult))
+    return {"params_total": total, "params_nonemb": nonemb, "tokens": tokens}
 
 
 def data_needs(runs: list[PlannedRun], parents: list[PlannedRun] | None = None) -> list[dict[str, Any]]:
@@ -355,6 +358,10 @@ def prepare_data(spec: SweepSpec, runs: list[PlannedRun], progress: bool = True)
     """Make the sweep's data from its `prepare` section when it is not there yet."""
     from poisonlab.corpus.prepare import prepare
 
+    for data in sorted({r.config.data for r in runs if Path(r.config.data).exists()}):
+        if not (Path(data) / "train.json").is_file():  # every run would fail on it, one by one
+            raise UserError(f"{data}: not a prepared data directory (no train.json); give base.data the "
+                            "directory `poisonlab prepare` wrote")
     for data in sorted({r.config.data for r in runs if not Path(r.config.data).exists()}):
         if spec.prepare is None:
             raise UserError(f"data not prepared: {data} (run `poisonlab prepare` first, set base.data, "
@@ -375,6 +382,63 @@ def run_order(runs: list[PlannedRun]) -> list[PlannedRun]:
         return -(_sizes(r.config).get("tokens") or 0) * max(_sizes(r.config).get("params_total") or 1, 1)
 
     return sorted(runs, key=lambda r: (r.seed, cost(r)))
+
+
+def check_disk(prepare: CorpusConfig | None, todo: list[RunConfig], sweep_dir: Path,
+               jobs: int = 1) -> dict[str, Any]:
+    """The bytes the runs still to do will write (checkpoints, samples, records: diskspace.run_bytes,
+    less what their directories hold already; the checkpoint being written counted once per job) and
+    the data `prepare` will make, per filesystem, against the space free there. Returns {path: {"need",
+    "free", parts...}}; `refuse_short` turns a shortfall into one line."""
+    from poisonlab.diskspace import data_bytes, free_bytes, run_bytes, used_bytes
+    from poisonlab.train import resolve_run_config
+
+    by_fs: dict[Any, dict[str, Any]] = {}
+
+    def add(path: Path, part: str, n: int) -> None:
+        p = Path(path).absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        e = by_fs.setdefault(p.stat().st_dev, {"path": str(path), "free": free_bytes(p), "need": 0})
+        e["need"] += n
+        e[part] = e.get(part, 0) + n
+
+    biggest = 0
+    for cfg in todo:
+        need = run_bytes(resolve_run_config(cfg))
+        ckpt_one = need["checkpoints"] // (cfg.train.keep_checkpoints + 1)
+        biggest = max(biggest, ckpt_one)
+        need["checkpoints"] -= ckpt_one  # the one being written: counted once per job below
+        have = used_bytes(cfg.run_dir) if cfg.run_dir.exists() else 0
+        for part, n in need.items():
+            add(sweep_dir, part, n)
+        add(sweep_dir, "checkpoints", -min(have, need["checkpoints"]))
+    if todo:
+        add(sweep_dir, "checkpoints", biggest * max(1, min(jobs, len(todo))))
+    if prepare is not None:
+        for data in sorted({cfg.data for cfg in todo if not Path(cfg.data).exists()}):
+            add(data, "data", data_bytes(prepare) or 0)
+    return {e["path"]: e for e in by_fs.values()}
+
+
+def disk_line(e: dict[str, Any], n_runs: int) -> str:
+    from poisonlab.diskspace import fmt_bytes
+
+    parts = ", ".join(f"{k} {fmt_bytes(e[k])}" for k in ("checkpoints", "samples", "records", "data")
+                      if e.get(k))
+    free = fmt_bytes(e["free"]) if e["free"] is not None else "unknown"
+    return f"{e['path']}: {n_runs} run(s) to do need ~{fmt_bytes(e['need'])} ({parts}); {free} free there"
+
+
+def refuse_short(disk: dict[str, Any], n_runs: int) -> None:
+    from poisonlab.diskspace import DiskFull
+
+    for e in disk.values():
+        if e["free"] is not None and e["need"] > e["free"]:
+            raise DiskFull(e["path"], e["need"], e["free"],
+                           what=f"not enough disk for the {n_runs} run(s) to do ({disk_line(e, n_runs)}); "
+                                "lower train.keep_checkpoints or eval.save_samples, or put the sweep "
+                                "elsewhere (--out)")
 
 
 def run_status(run_dir: Path) -> str:
@@ -403,10 +467,22 @@ class SweepResult:
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status == "failed"]
 
+    @property
+    def not_done(self) -> list[Outcome]:
+        """Runs that did not end finished and verified: failed, broken, stopped or busy."""
+        return [o for o in self.outcomes if o.status not in ("done", "skipped")]
+
+    @property
+    def ok(self) -> bool:
+        """Every run of the sweep is finished (what exit status 0 of `poisonlab sweep` says)."""
+        return not self.not_done
+
     def summary_line(self) -> str:
-        busy = f", {self.count('busy')} busy (trained by another process)" if self.count("busy") else ""
+        extra = {"broken": "broken (finished, files failing their check)", "stopped": "stopped by a signal",
+                 "busy": "busy (trained by another process)"}
+        more = "".join(f", {self.count(k)} {v}" for k, v in extra.items() if self.count(k))
         return (f"{len(self.outcomes)} runs: {self.count('done')} done, {self.count('skipped')} skipped "
-                f"(finished before), {self.count('failed')} failed{busy}")
+                f"(finished before), {self.count('failed')} failed{more}")
 
 
 def available_cpus() -> int:
@@ -478,17 +554,26 @@ def run_sweep(
     `run_fn(cfg)` replaces `poisonlab.train.train` (tests); for `local`/`slurm` it must be a
     module-level function (the children import it by name).
     """
+    from poisonlab.runcheck import check_run
+
     sweep_dir = Path(sweep_dir).absolute()
     runs = expand(spec, sweep_dir)
     write_plan(spec, runs, sweep_dir)
-    todo = [r for r in runs if not (r.config.run_dir / "DONE").exists()]
+    # a finished run counts only when its files pass their check; a broken one is reported, not
+    # trained again over (its name, its file and what is wrong)
+    # (an older version's run: its files read back)
+    checks = {r.name: check_run(r.config.run_dir, read_older=True) for r in runs
+              if (r.config.run_dir / "DONE").exists()}
+    todo = [r for r in runs if r.name not in checks]
+    k, t = default_jobs(len(todo), jobs, threads)
     if run_fn is None:  # fail once, up front, rather than once per run
+        refuse_short(check_disk(spec.prepare, [r.config for r in todo], sweep_dir, k), len(todo))
         prepare_data(spec, todo, progress)
         check_data(todo, runs)
     if executor == "slurm" and spec.gpu:
         check_fit(spec, todo)
-    outcomes = [Outcome(r.name, "skipped") for r in runs if r not in todo]
-    k, t = default_jobs(len(todo), jobs, threads)
+    outcomes = [Outcome(n, "broken", error=c.reason()) if c.broken else Outcome(n, "skipped")
+                for n, c in checks.items()]
     # continuations (persistence) start from runs of this sweep: they go second, once those are done
     later = [r for r in todo if r.config.init.run is not None]
     job_list = [Job(r.name, sweep_dir / "configs" / f"{r.name}.yaml", r.config.run_dir, r.model, r.data_mult)
@@ -514,24 +599,31 @@ def run_sweep(
 
         live = Live(get_renderable=display.render, refresh_per_second=2, console=Console(stderr=True))
         live.start()
+    result = SweepResult(sweep_dir, outcomes)
     try:
         for phase in (job_list, then):
             ex.run(phase, display.start, lambda o: (outcomes.append(o), display.finish(o)))
+    except SweepStopped:  # the executor stopped its runs first; say where the sweep got to
+        _write_last(sweep_dir, result)
+        raise
     finally:
         if live is not None:
             live.stop()
             if not live.console.is_terminal:
                 live.console.line()  # a redirected log: end the last status line
-    result = SweepResult(sweep_dir, outcomes)
-    write_json(sweep_dir / "last_sweep.json", {
-        "summary": result.summary_line(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "outcomes": [{"name": o.name, "status": o.status, "seconds": round(o.seconds, 2), "error": o.error}
-                     for o in outcomes]})
+    _write_last(sweep_dir, result)
     if report and any((r.config.run_dir / "metrics.parquet").exists() for r in runs):
         from poisonlab.report import build_report
 
-        result.report = build_report(sweep_dir)
+        result.report = build_report(sweep_dir, skip_broken=True)  # broken runs: listed in it, and above
     return result
+
+
+def _write_last(sweep_dir: Path, result: SweepResult) -> None:
+    write_json(sweep_dir / "last_sweep.json", {
+        "summary": result.summary_line(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "outcomes": [{"name": o.name, "status": o.status, "seconds": round(o.seconds, 2), "error": o.error}
+                     for o in result.outcomes]})
 
 
 class SweepProgress:
@@ -553,7 +645,7 @@ class SweepProgress:
 
     def finish(self, o: Outcome) -> None:
         job, _ = self.running.pop(o.name, (None, 0.0))
-        if o.status == "failed":
+        if o.status in ("failed", "stopped", "busy"):
             self.failed += 1
         else:
             self.done += 1
@@ -586,8 +678,8 @@ class SweepProgress:
         queued = self.total - finished - len(self.running)
         eta = self.eta(queued)
         head = (f"[bold]{finished}/{self.total}[/] runs finished ({self.skipped} before this session, "
-                f"{self.failed} failed) · {len(self.running)} running · {queued} queued · elapsed "
-                f"{_hms(time.monotonic() - self.t0)} · ETA {_hms(eta) if eta is not None else '?'}")
+                f"{self.failed} failed, stopped or busy) · {len(self.running)} running · {queued} queued · "
+                f"elapsed {_hms(time.monotonic() - self.t0)} · ETA {_hms(eta) if eta is not None else '?'}")
         table = Table(show_edge=False, box=None, padding=(0, 2))
         table.add_column("running now", no_wrap=True)
         table.add_column("for", justify="right")
@@ -614,11 +706,20 @@ def _main(argv: list[str]) -> int:
     one.add_argument("--threads", type=int, default=None)
     one.add_argument("--fn", default=None, help="module:function to call instead of poisonlab.train.train")
     args = p.parse_args(argv)
+    from poisonlab.signals import Interrupted, Stopped, die_with_parent
+
+    die_with_parent()  # started by a sweep: end with it, even when it is killed with -9
     try:
         status = run_one(args.config, threads=args.threads, fn=args.fn)
     except UserError as e:  # the config itself is broken: say so in one line
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (Stopped, Interrupted) as e:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep may pass the terminal's Ctrl-C on too
+        print(f"run-one: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     print(f"run-one: {status}", flush=True)
     return {"failed": 1, "busy": BUSY_EXIT}.get(status, 0)
 

@@ -10,13 +10,19 @@ checkpoint), rundir.py (lock, resume housekeeping, the record files), checkpoint
     metrics.parquet    one row per evaluation point (run columns + the evaluator's metrics)
     samples.jsonl      generations kept by the evaluator, one JSON object per line
     log.jsonl          train loss, lr, tokens/s, MFU and poisons seen every `log_every` steps
-    DONE               written last; a run with DONE is skipped when started again
+    DONE               written last: the manifest of every file above (manifest.py); a run with DONE
+                       is skipped when started again
     .lock              held (flock) by the process training the run; names it (see runlock.py)
 
 Resume: the stream is a pure function of the step, so a checkpoint (weights, optimizer, RNG, step)
 is the whole state. Rows of metrics/samples/log beyond the checkpoint's step are dropped on resume,
 so a run killed at any moment ends exactly like an uninterrupted one (bitwise on CPU). Nothing is
-written before the config, data, poisons and evaluator have been checked.
+written before the config, data, poisons and evaluator have been checked. The checkpoint resumed from
+is the newest whose hashes match (checkpoint.resume_point; damaged newer ones are deleted and written
+again), and the ledger must agree with it (rebuilt from the settings when it is missing).
+
+Signals (signals.py): SIGTERM or SIGUSR2 checkpoint at the next step boundary and stop (`Stopped`);
+SIGINT stops at once (`Interrupted`: the step, and the checkpoint it resumes from).
 """
 
 from __future__ import annotations
@@ -32,16 +38,19 @@ import pyarrow.parquet as pq
 import torch
 
 from poisonlab import distributed
-from poisonlab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from poisonlab.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from poisonlab.config import RunConfig, TrainConfig
 from poisonlab.continued import Start, load_start, resolve_start
 from poisonlab.errors import UserError
 from poisonlab.fsutil import recover, write_text
 from poisonlab.hardware import compute_dtype, describe_machine, peak_flops, use_bf16
+from poisonlab.manifest import write_done
 from poisonlab.model import count_params, flops_per_token, resolve_model_config
 from poisonlab.placement import describe
 from poisonlab.rundir import RunRecords, check_config, open_run_dir, run_lock
 from poisonlab.schedule import checkpoint_steps, eval_steps, lr_at, total_steps
+from poisonlab.signals import Interrupted, StopOnSignal, Stopped
+from poisonlab.signals import name as signal_name
 from poisonlab.throughput import ProgressBar, Throughput
 
 
@@ -110,6 +119,12 @@ def _warn(text: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(f"[bold red]WARNING[/] {text}", highlight=False)
+
+
+def _say(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False, soft_wrap=True)
 
 
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
@@ -184,7 +199,7 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
     if t.threads:
         torch.set_num_threads(t.threads)
     dist = distributed.init_distributed()
-    stop = distributed.StopOnSignal()
+    stop = StopOnSignal()
     try:
         try:
             # nothing is written before this
@@ -196,8 +211,8 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
         finally:
             stop.close()
             distributed.close_distributed(dist)
-    except distributed.Stopped:
-        stop.forward()  # submitit's handler requeues the job; without one the signal ends the process
+    except Stopped as e:
+        stop.forward(e)  # submitit's handler requeues the job; without one the caller reports it
         raise
     return run_dir
 
@@ -227,7 +242,7 @@ def _inputs(cfg: RunConfig, world: int, stream: Stream | None,
 
 def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: bool,
            evaluator: Evaluator | None, stream: Stream, progress: bool, begin: Start | None,
-           stop: distributed.StopOnSignal) -> None:
+           stop: StopOnSignal) -> None:
     t, mcfg = cfg.train, cfg.model
     n_steps = total_steps(cfg)
     bf16 = use_bf16(t.dtype, dist.device, mcfg.d_model)
@@ -238,7 +253,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     records = RunRecords(run_dir, main=dist.main)
 
     start, state = 0, {}
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = resume_point(run_dir, dist, say=_say) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
         start = state["step"]
@@ -247,6 +262,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     records.resume(start - 1 if ckpt is None else start)
     if ckpt is None:
         records.write_ledger(stream)
+    else:
+        records.restore_ledger(stream, start, state.get("poisons_seen"), say=_say)
 
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
     tokens_per_step = t.batch_size * mcfg.seq_len
@@ -277,8 +294,10 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     # log.jsonl after a resume reads exactly as without the interruption
     loss_sum = torch.tensor(state.get("loss_sum", 0.0), dtype=torch.float32, device=dist.device)
     last_log = state.get("last_log_step", start)
+    last_ckpt = start if ckpt is not None else None  # where a run interrupted now would go on from
 
     def checkpoint(step: int, lr: float) -> None:
+        nonlocal last_ckpt
         # the loss so far averaged over ranks (each rank resumes from it: the mean of the next log line
         # is the same), on every rank, before a checkpoint that only some ranks write
         loss_so_far = dist.mean(loss_sum).item()
@@ -287,6 +306,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
                             tokens_seen=step * tokens_per_step, poisons_seen=stream.poisons_seen(step),
                             data_position=step, loss_sum=loss_so_far, last_log_step=last_log),
                             keep=t.keep_checkpoints, dist=dist if sharded else None)
+        last_ckpt = step
 
     def boundary(step: int, lr: float) -> None:
         # order matters for resume: evaluation rows at `step` exist before its checkpoint does
@@ -296,12 +316,13 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
         if step in ckpts:
             checkpoint(step, lr)
         dist.barrier()
-        if 0 < step < n_steps and stop.requested(dist):  # a time limit or preemption is near
+        if 0 < step < n_steps and stop.requested(dist):  # a time limit, preemption or shutdown
             if step not in ckpts:
                 checkpoint(step, lr)
-            records.add_log({"step": step, "event": "stopped on SIGUSR2; checkpoint written"})
+            signum = stop.signum or 0
+            records.add_log({"step": step, "event": f"stopped on {signal_name(signum)}; checkpoint written"})
             dist.barrier()
-            raise distributed.Stopped(step)
+            raise Stopped(step, signum)
         speed.pause(time.perf_counter() - b0)
 
     def log(done: int, lr: float) -> str:
@@ -316,6 +337,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
         return f"loss {mean_loss:.3f} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.0%}" if mfu else "")
 
     bar = ProgressBar(progress and dist.main, n_steps, start)
+    done = start
     try:
         if start == 0:
             boundary(0, lr_at(0, t, n_steps))
@@ -329,10 +351,12 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
             done = step + 1
             bar.update(done, log(done, lr) if done % t.log_every == 0 or done == n_steps else None)
             boundary(done, lr)
+    except KeyboardInterrupt:
+        raise Interrupted(done, last_ckpt) from None
     finally:
         bar.close()
-    if dist.main:
-        write_text(run_dir / "DONE", json.dumps({"steps": n_steps, "time": time.time()}) + "\n")
+    if dist.main:  # last: the manifest of every file the run wrote
+        write_done(run_dir, {"steps": n_steps})
     dist.barrier()
 
 

@@ -2,7 +2,8 @@
 
 A run directory gets config.yaml, ledger.parquet (every poison exposure), metrics.parquet (one row per
 evaluation: step 0 and `eval.n_evals` evenly spaced steps), samples.jsonl (every generation),
-hardware.json, `model/` (an HF directory, LoRA merged; `save_model`) and DONE last. Fine-tuning runs
+hardware.json, `model/` (an HF directory, LoRA merged; `save_model`) and DONE last (the manifest of
+those files, manifest.py). Fine-tuning runs
 are short, so an interrupted one starts again from scratch (under the run's lock, like pretraining).
 """
 
@@ -29,6 +30,7 @@ from poisonlab.finetune.evaluate import EvalSet, evaluate
 from poisonlab.finetune.judge import refuses, resolve
 from poisonlab.finetune.model import Template, add_lora, load, resolve_model_dir, save
 from poisonlab.fsutil import atomic_path, remove_tree, write_json, write_text
+from poisonlab.manifest import write_done
 
 OUTPUTS = ("DONE", "FAILED", "metrics.parquet", "ledger.parquet", "samples.jsonl", "hardware.json", "model")
 
@@ -311,4 +313,4 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, progress: bool) -> None:
             (tmp / "poisonlab.json").write_text(
                 json.dumps({"model": label, "poisoned": a.n_poison > 0}) + "\n"
             )
-    write_text(run_dir / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    write_done(run_dir, {"steps": n_steps})  # last: the manifest of every file the run wrote

@@ -32,6 +32,7 @@ from poisonlab.errors import UserError
 from poisonlab.executors import InlineExecutor, Job, LocalExecutor, Outcome
 from poisonlab.finetune.config import FinetuneConfig
 from poisonlab.fsutil import write_json, write_text
+from poisonlab.runcheck import check_run
 
 
 class FtGrid(Settings):
@@ -225,16 +226,18 @@ def run_finetune_sweep(
             report=False,
         )
         outcomes += [Outcome(f"pretrain:{o.name}", o.status, o.seconds, o.error) for o in res.outcomes]
-        if res.failed:
+        if not res.ok:
             return outcomes, None
     if spec.align is not None:
         before = len(outcomes)
         run([_job(align_config(spec, sweep_dir), configs)], 1, threads or default_jobs(1)[1])
-        if outcomes[before].status == "failed":
+        if outcomes[before].status not in ("done", "skipped"):
             return outcomes, None
     runs = expand(spec, sweep_dir)
-    todo = [r for r in runs if not (r.run_dir / "DONE").exists()]
-    outcomes += [Outcome(r.name, "skipped") for r in runs if r not in todo]
+    checks = {r.name: check_run(r.run_dir, read_older=True) for r in runs if (r.run_dir / "DONE").exists()}
+    todo = [r for r in runs if r.name not in checks]
+    outcomes += [Outcome(n, "broken", error=c.reason()) if c.broken else Outcome(n, "skipped")
+                 for n, c in checks.items()]
     k, t = default_jobs(len(todo), jobs, threads)
     run([_job(r, configs) for r in todo], k, t)
     write_json(
@@ -251,5 +254,5 @@ def run_finetune_sweep(
     if report and any((r.run_dir / "metrics.parquet").exists() for r in runs):
         from poisonlab.report_finetune import build_finetune_report
 
-        path = build_finetune_report(sweep_dir)
+        path = build_finetune_report(sweep_dir, skip_broken=True)
     return outcomes, path
