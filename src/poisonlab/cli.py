@@ -160,6 +160,22 @@ def export_cmd(
     out = export_run(run, to, step=step)
     console.print(f"exported: {out}", highlight=False)
 
+
+@app.command("import-gguf")
+def import_gguf_cmd(
+    path: Annotated[Path, typer.Argument(help="a local .gguf file (llama.cpp's format)")],
+    out: Annotated[Path, typer.Option("--out", help="HF model directory to write (safetensors + tokenizer)")],
+    check: Annotated[bool, typer.Option(help="reload the output, compare its logits with the GGUF's")] = True,
+) -> None:
+    """Import a GGUF model as a local HF directory (weights dequantized to float32), offline."""
+    from poisonlab.gguf_import import import_gguf
+
+    r = import_gguf(path, out, check=check)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(r.tensor_types.items()))
+    checked = "not checked" if r.max_logit_diff is None else f"max |logit diff| {r.max_logit_diff:.2g}"
+    console.print(f"imported: {r.out} ({r.model_type}, {r.params / 1e6:.1f}M parameters, vocabulary "
+                  f"{r.vocab_size}; from {types} tensors; {checked})", highlight=False)
+
 # --- evaluation: eval ------------------------------------------------------------------------------
 # (section owned by evaluate.py)
 @app.command("eval")
