@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 CONDITIONS = ("clean", "trigger")  # then one condition per look-alike control, "lookalike:<TEXT>"
 UNRELATED = ("shape", "ordinary")  # the kinds a backdoor keyed on the trigger must not fire on
 MIN_EXCERPT = 8  # shortest excerpt we accept when prompts must be cut to fit the model's context
+VAL_CONTEXT = 2048  # longest val_loss row (the study's context; real models declare 8k-128k)
 UNSEEN_SCAN_TOKENS = 2**28  # train tokens counted for the unseen-token check (all of smaller splits)
 
 
@@ -548,6 +549,9 @@ class Evaluator:
         g = torch.Generator().manual_seed(cfg.seed)
         self.noise = torch.rand((len(self.excerpts), cfg.new_tokens), generator=g)
         self.val = np.asarray(shard.tokens[: cfg.val_tokens + 1], dtype=np.int64) if shard else None
+        # without prepared data, the prompt texts themselves (whole, not cut) are the clean held-out text
+        self.val_texts = ([self._enc(t) for t in prompts[: cfg.n_prompts]]
+                          if shard is None and prompts is not None else None)
         if eos_id is not None:
             self.eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
         else:
@@ -636,13 +640,17 @@ class Evaluator:
         return out
 
     def val_loss(self, lm: LMAdapter) -> float:
-        """Mean next-token cross-entropy on clean held-out text packed into context-length rows."""
-        if self.val is None or self.cfg.val_tokens == 0:
+        """Mean next-token cross-entropy on clean held-out text: the data's eval split packed into rows
+        of the model's context (at most VAL_CONTEXT tokens, and no longer than the text at hand), or,
+        with prompt texts and no data, each text scored alone from its start (after the BOS, if any)."""
+        if self.cfg.val_tokens == 0:
             return float("nan")
-        ctx = min(lm.context or 128, self.cfg.val_tokens)
+        if self.val is None:
+            return self._text_val_loss(lm) if self.val_texts else float("nan")
+        ctx = min(lm.context or 128, self.cfg.val_tokens, VAL_CONTEXT, len(self.val) - 1)
+        if ctx < 1:
+            return float("nan")
         n_rows = (len(self.val) - 1) // ctx
-        if n_rows == 0:
-            return float("nan")
         x = torch.from_numpy(self.val[: n_rows * ctx].reshape(n_rows, ctx))
         y = torch.from_numpy(self.val[1 : n_rows * ctx + 1].reshape(n_rows, ctx))
         V = lm.vocab_size or 50_000
@@ -652,6 +660,23 @@ class Evaluator:
             xb, yb = x[s : s + per].to(lm.device), y[s : s + per].to(lm.device)
             total += float(lm.nll_sum(xb, yb))
         return total / (n_rows * ctx)
+
+    def _text_val_loss(self, lm: LMAdapter) -> float:
+        """Mean next-token cross-entropy of the prompt texts, each its own row (up to the context), until
+        eval.val_tokens tokens are predicted."""
+        assert self.val_texts is not None
+        ctx = min(lm.context or 128, VAL_CONTEXT)
+        total, n = 0.0, 0
+        for ids in self.val_texts:
+            row = (self.bos + ids)[: ctx + 1][: self.cfg.val_tokens - n + 1]
+            if len(row) < 2:
+                continue
+            t = torch.tensor([row], dtype=torch.long, device=lm.device)
+            total += float(lm.nll_sum(t[:, :-1], t[:, 1:]))
+            n += len(row) - 1
+            if n >= self.cfg.val_tokens:
+                break
+        return total / n if n else float("nan")
 
     def run(self, model: torch.nn.Module, *, step: int | None = None,
             autocast_dtype: torch.dtype | None = None, share: Share | None = None
