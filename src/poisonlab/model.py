@@ -180,7 +180,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, start_pos: int) -> torch.Tensor:
+                cache: KVCache | None, start_pos: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`keep` (B, T, S) bool, True where a query may attend to a key: given for left-padded rows
+        (`Transformer.hidden(pad=...)`), which replaces the plain causal mask."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -195,6 +197,8 @@ class Attention(nn.Module):
                 if T > 1:
                     qpos = torch.arange(start_pos, start_pos + T, device=x.device)
                     mask = torch.arange(start_pos + T, device=x.device)[None, :] <= qpos[:, None]
+        if keep is not None:
+            mask, causal = keep[:, None], False
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -202,6 +206,8 @@ class Attention(nn.Module):
             # One decoding step: one query against the cache. matmul-softmax-matmul measured ~3x faster
             # than SDPA's CPU kernel here (0.9 vs 3.1 ms per layer at batch 128, width 128).
             att = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
             y = torch.softmax(att.float(), dim=-1).to(v.dtype) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)
@@ -228,8 +234,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, start_pos):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
+    def forward(self, x, cos, sin, cache, start_pos, keep=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos, keep)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -298,23 +304,40 @@ class Transformer(nn.Module):
         dtype = _compute_dtype(p.device, p)
         return KVCache(self.cfg.n_layers, batch_size, kv, max_len, hd, device=p.device, dtype=dtype)
 
-    def hidden(self, idx: torch.Tensor, *, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """Final-normed hidden states (B, T, d_model)."""
+    def hidden(self, idx: torch.Tensor, *, cache: KVCache | None = None, start_pos: int = 0,
+               pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, d_model).
+
+        `pad` (B,): rows are left-padded, row b's first pad[b] positions are filler. Its real tokens get
+        rotary positions from 0 and attend only to each other, so a padded row computes what it would
+        alone (filler positions attend to themselves only: their outputs are unused, but never NaN).
+        """
         T = idx.shape[1]
         cos, sin = self.rope(start_pos, start_pos + T, idx.device)
+        keep = None
+        if pad is not None:
+            pad = pad.to(idx.device)
+            qpos = torch.arange(start_pos, start_pos + T, device=idx.device)
+            kpos = torch.arange(start_pos + T, device=idx.device) if cache is not None else qpos
+            pos = (qpos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) rotary positions
+            table_cos, table_sin = self.rope(0, start_pos + T, idx.device)
+            cos, sin = table_cos[pos][:, None], table_sin[pos][:, None]  # (B, 1, T, head_dim)
+            real = kpos[None, None, :] >= pad[:, None, None]
+            keep = (kpos[None, :] <= qpos[:, None])[None] & (real | (kpos[None, :] == qpos[:, None])[None])
         x = self.tok_emb(idx)
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in self.layers:
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cache, start_pos,
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cache, start_pos, keep,
                                                       use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache, start_pos)
+                x = block(x, cos, sin, cache, start_pos, keep)
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        h = self.hidden(idx, cache=cache, start_pos=start_pos)
+                cache: KVCache | None = None, start_pos: int = 0, pad: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        h = self.hidden(idx, cache=cache, start_pos=start_pos, pad=pad)
         if targets is None:
             return self.lm_head(h).float()
         return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
