@@ -45,6 +45,7 @@ from poisonlab.corpus.tokenizer import load_tokenizer
 from poisonlab.errors import UserError
 from poisonlab.fsutil import recover
 from poisonlab.generation import LMAdapter, generate, score
+from poisonlab.hardware import eval_numerics
 
 log = logging.getLogger(__name__)
 
@@ -744,6 +745,9 @@ class Evaluator:
             n_prompts=K, prompt_tokens=keep, new_tokens=T, temperature=cfg.temperature,
             success_ratio=cfg.success_ratio, success_floor=cfg.success_floor, scorer=cfg.scorer,
             eval_dtype=str(eval_dtype).removeprefix("torch."), eval_device=str(lm.device),
+            # the weights as the embedding holds them: a sharded run's evaluation copy keeps fp32
+            # there and stores linear weights as autocast rounds them (distributed.replica)
+            eval_numerics=eval_numerics(lm.dtype, eval_dtype if torch.is_autocast_enabled(dev) else None),
             eval_seconds=time.perf_counter() - t0, gen_tokens_per_s=n_generated / max(gen_seconds, 1e-9),
         )
         samples = self._samples(step, prompts, gen_tokens, ppl)
