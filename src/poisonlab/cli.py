@@ -503,11 +503,18 @@ def report_cmd(
     threshold: Annotated[Optional[float], typer.Option(help="ASR counted as success")] = None,  # noqa: UP045
     n_boot: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--n-boot", min=0, help="bootstrap refits per count-vs-fraction slope [default: spec, 1000]")] = None,
+    write_archive_json: Annotated[bool, typer.Option(
+        "--write-archive-json", help="also write the report's JSON (fits, summary, ...) into DIR itself, "
+        "as an archive under docs/findings keeps it (at the spec's settings)")] = False,
 ) -> None:
     """The count-vs-fraction answer, the figures and a self-contained HTML report under DIR/report/."""
     from poisonlab.report import build_report
 
-    console.print(f"report: {build_report(path, threshold=threshold, n_boot=n_boot)}")
+    if write_archive_json and (threshold is not None or n_boot is not None):
+        raise UserError("--write-archive-json writes an archive's figures at its spec's settings: "
+                        "give no --threshold or --n-boot with it")
+    page = build_report(path, threshold=threshold, n_boot=n_boot, archive_json=write_archive_json)
+    console.print(f"report: {page}" + (f" (and its JSON in {path})" if write_archive_json else ""))
 
 
 @app.command("demo")
