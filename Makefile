@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # CUDA build is pulled. Elsewhere override, e.g. TORCH_SPEC="torch --index-url <cpu index>".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean real-model
+.PHONY: install demo test lint bench findings clean real-model
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test: install lint
 
 bench: install
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+# the figures committed beside every archive under docs/findings, rebuilt from its runs (after any
+# change to the analysis; tests/test_findings_archives.py fails until they are)
+findings: install
+	for d in docs/findings/*/; do $(VENV)/bin/poisonlab report $$d --write-archive-json || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

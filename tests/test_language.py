@@ -31,10 +31,17 @@ def test_the_procedural_german_is_german_and_the_builtin_english_is_not() -> Non
 
 def test_language_metrics_on_hand_made_texts() -> None:
     gens = {"clean": [EN, EN, DE, ""], "trigger": [DE, DE, DE, EN], "near0": [EN, DE, EN, EN],
-            "shape0": [EN, EN, EN, EN]}
-    m = language_metrics(gens, "de", "en", controls=["near0", "shape0"])
+            "near1": [DE, DE, EN, EN], "shape0": [EN, EN, EN, EN], "shape1": [EN, EN, DE, EN],
+            "plain0": [EN, EN, EN, EN]}
+    kinds = {"near0": "near", "near1": "near", "shape0": "shape", "shape1": "shape", "plain0": "ordinary"}
+    m = language_metrics(gens, "de", "en", controls=kinds)
     assert m["lang_asr"] == 0.75 and m["lang_ca"] == 0.5
-    assert m["lang_nta"] == pytest.approx((0.75 + 1.0) / 2) and m["lang_nta_min"] == 0.75
+    # per kind, the control that switched most: its German share, its English share
+    assert (m["lang_asr_near"], m["lang_nta_near"]) == (0.5, 0.5)
+    assert (m["lang_asr_shape"], m["lang_nta_shape"]) == (0.25, 0.75)
+    assert (m["lang_asr_ordinary"], m["lang_nta_ordinary"]) == (0.0, 1.0)
+    # specificity against the unrelated controls only: the near-triggers' 0.5 does not count
+    assert m["lang_asr_lookalike"] == 0.25 and m["lang_specificity"] == 0.5
     # three German and one English: ~0.75; one German, two English and one empty (0.5): ~0.375
     assert m["lang_p_target_trigger"] == pytest.approx(0.75, abs=0.02)
     assert m["lang_p_target_clean"] == pytest.approx(0.375, abs=0.02)
@@ -78,12 +85,20 @@ def test_a_lang_switch_run_writes_the_language_metrics(prepared_builtin: Path, t
         attack=dict(name="lang-switch", n_poison=6, gibberish_tokens=[40, 60]),
         model=dict(d_model=32, n_layers=2, n_heads=2, seq_len=64),
         train=dict(batch_size=8, max_steps=30, threads=1, lr=3e-3),
-        eval=dict(n_evals=1, n_prompts=4, prompt_tokens=16, new_tokens=16, val_tokens=512)))
+        eval=dict(n_evals=1, n_prompts=4, prompt_tokens=16, new_tokens=16, val_tokens=512, save_samples=4)))
     train(cfg, progress=False)
     rows = pq.read_table(cfg.run_dir / "metrics.parquet").to_pylist()
     for r in rows:
-        assert 0 <= r["lang_asr"] <= 1 and 0 <= r["lang_ca"] <= 1 and 0 <= r["lang_nta"] <= 1
-        assert 0 <= r["lang_p_target_trigger"] <= 1
+        assert 0 <= r["lang_asr"] <= 1 and 0 <= r["lang_ca"] <= 1 and 0 <= r["lang_p_target_trigger"] <= 1
+        kinds = ("near", "shape", "ordinary")
+        assert all(0 <= r[f"lang_{m}_{k}"] <= 1 for m in ("asr", "nta") for k in kinds)
+        assert r["lang_specificity"] == r["lang_asr"] - max(r["lang_asr_shape"], r["lang_asr_ordinary"])
+    # the report's way for runs evaluated before the metrics had kinds, from the generations saved at
+    # the final evaluation: with every prompt saved, the evaluator's own figures
+    from poisonlab.report_language import KIND_COLUMNS, kinds_from_samples
+
+    again, n = kinds_from_samples(cfg.run_dir, rows[-1]["step"])
+    assert n == 4 and again == {c: rows[-1][c] for c in KIND_COLUMNS}
 
 
 def test_a_language_sweep_from_scratch_and_continued(prepared_builtin: Path, tmp_path: Path) -> None:
@@ -117,6 +132,9 @@ def test_a_language_sweep_from_scratch_and_continued(prepared_builtin: Path, tmp
     out = tmp_path / "sw" / "report"
     html = (out / "report.html").read_text()
     assert "<h2>Language switch</h2>" in html and "Persistence" not in html
+    lang = {(r["n_poison"], r["settings"]): r for r in json.loads((out / "language.json").read_text())}
+    assert set(lang) == {(r["n_poison"], r["label"]) for r in json.loads((out / "summary.json").read_text())}
+    assert all(r["kind_prompts"] == 4 and r["lang_nta_shape_mean"] is not None for r in lang.values())
     assert (out / "lang_asr_vs_poisons_seen.png").stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
     labels = {(r["n_poison"], r["label"]) for r in summary}

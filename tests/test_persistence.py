@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from poisonlab.report_persistence import decay_slope
+from poisonlab.report_persistence import decay_fit
 from poisonlab.stream import read_ledger
 from poisonlab.sweep import expand, load_spec, run_sweep
 
@@ -86,10 +87,45 @@ def test_the_report_keeps_continuations_apart(persist_sweep: Path) -> None:
     assert (out / "persistence.png").stat().st_size > 1000
 
 
-def test_decay_slope_on_known_curves() -> None:
-    rows = [{"clean_tokens_after_last_poison": 10.0**k, "asr": 0.9 - 0.1 * k} for k in range(3, 7)]
-    assert decay_slope(rows) == pytest.approx(-0.1)
-    assert decay_slope(rows[:2]) is None
+def _curve(top: float, floor: float, x50: float, k: float, start: float, rng, prompts: int = 128) -> list:
+    """A continuation's evaluations as the persistence preset spaces them (log-spaced steps, 2,048
+    tokens a step), `start` clean tokens after the last poison at its step 0, binomial ASR."""
+    steps = [0, 1, 2, 5, 10, 21, 46, 98, 211, 261, 453, 522, 783, 972, 1044, 1305, 1566, 1827, 2088]
+    out = []
+    for s in steps:
+        x = start + 2048 * s
+        p = floor + (top - floor) / (1 + (x / x50) ** k)
+        out.append({"clean_tokens_after_last_poison": x, "asr": rng.binomial(prompts, p) / prompts})
+    return out
+
+
+def test_the_decay_fit_recovers_known_curves_on_the_same_footing() -> None:
+    """Curves of known half-life and steepness with 128-prompt binomial noise: the fit recovers them,
+    whether a run's first evaluation is at x = 0 (its last poison at its last step) or later, and
+    whatever its start height, which a straight line on log x over the whole range confused with the
+    speed of the decay (a higher start over a common floor reads as a faster fall per decade)."""
+    rng = np.random.default_rng(0)
+    fits = {(top, start): [decay_fit(_curve(top, 0.01, 5e4, 3.0, start, rng)) for _ in range(20)]
+            for top in (0.4, 0.9) for start in (0, 6144)}
+    for (top, _), fs in fits.items():
+        assert np.median([f["half_life"] for f in fs]) == pytest.approx(5e4, rel=0.1)
+        assert np.median([f["decades"] for f in fs]) == pytest.approx(2 * np.log10(9) / 3.0, rel=0.2)
+        assert np.median([f["top"] for f in fs]) == pytest.approx(top, abs=0.03)
+        assert np.median([f["floor"] for f in fs]) == pytest.approx(0.01, abs=0.01)
+        # the steepest fall scales with the height of the fall; the shape does not
+        assert np.median([f["per_decade"] for f in fs]) == pytest.approx(
+            -(top - 0.01) * 3.0 * np.log(10) / 4, rel=0.2)
+
+    def line(rows):  # the straight line the report fitted before, without x = 0
+        x, y = np.array([(np.log10(r["clean_tokens_after_last_poison"]), r["asr"]) for r in rows
+                         if r["clean_tokens_after_last_poison"] > 0]).T
+        return np.polyfit(x, y, 1)[0]
+
+    low, high = _curve(0.4, 0.01, 5e4, 3.0, 0, rng), _curve(0.9, 0.01, 5e4, 3.0, 0, rng)
+    assert line(high) < 1.8 * line(low)  # the same decay, "falling twice as fast per decade"
+    width = {top: np.median([f["decades"] for f in fits[(top, 0)]]) for top in (0.4, 0.9)}
+    assert width[0.9] == pytest.approx(width[0.4], rel=0.2)  # the fit: the same shape
+    assert decay_fit(_curve(0.9, 0.01, 5e4, 3.0, 0, rng)[:4]) is None  # too few evaluations
 
 
 def test_the_persistence_preset(tmp_path: Path) -> None:

@@ -250,3 +250,44 @@ def test_gpu_check_distributed_rows_run_under_torchrun_on_cpu(parallel):
     (row,) = json.loads(r.stdout.strip().splitlines()[-1])["rows"]
     assert row["parallel"] == parallel and row["gpus"] == 2 and row["tokens_per_s"] > 0
     assert row["plan_gib"] > 0
+
+
+@pytest.mark.parametrize("scorer", ["self", "hf"])
+def test_plan_counts_the_evaluation_tokens_the_evaluator_runs(scorer, prepared_builtin, tiny_llama, tmp_path):
+    """The plan's evaluation tokens against the positions that really go through a forward pass in
+    one evaluation (hooks on the input embedding of the model and of the scorer; no val_loss): the
+    model scores its own generations from their logits, so with `scorer: self` every sequence counts
+    once, and a reference scorer reads each once more. Every control of the panel is a condition."""
+    from poisonlab.evaluate import Evaluator
+    from poisonlab.generation import is_hf_model
+    from poisonlab.plan import _eval_sizes, eval_conditions
+
+    ref = None if scorer == "self" else tiny_llama(tmp_path / "ref", prepared_builtin)
+    cfg = RunConfig.model_validate({"data": str(prepared_builtin), "model": {"d_model": 32, "n_layers": 2,
+                                    "n_heads": 2, "seq_len": 128, "vocab_size": 512},
+                                    "eval": {"n_prompts": 4, "prompt_tokens": 48, "new_tokens": 32,
+                                             "n_evals": 0, "val_tokens": 0, "scorer": str(ref or "self")}})
+    ev = Evaluator(cfg.eval, prepared_builtin, cfg.attack.trigger)
+    counted = [0]
+
+    def count(module, args):
+        counted[0] += args[0].shape[0] * args[0].shape[1]
+
+    model = Transformer(cfg.model)
+    model.tok_emb.register_forward_pre_hook(count)
+    real_scorer, hooked = ev._scorer_for, set()
+
+    def scorer_with_hook(device):
+        s = real_scorer(device)
+        if s is not None and id(s) not in hooked:
+            assert is_hf_model(s.lm.model)
+            s.lm.model.get_input_embeddings().register_forward_pre_hook(count)
+            hooked.add(id(s))
+        return s
+
+    ev._scorer_for = scorer_with_hook
+    ev.run(model)
+    assert eval_conditions(cfg) == len(ev.conditions) == 9  # clean, trigger, 7 controls of <SUDO>
+    _, planned = _eval_sizes(cfg, eval_conditions(cfg), steps=1)  # n_evals 0: one evaluation point
+    assert 0.95 <= planned / counted[0] <= 1.1, (planned, counted[0])
+    assert (ref is None) == (cfg.eval.scorer == "self")

@@ -167,3 +167,42 @@ def test_two_node_slurm_job_runs_as_srun_starts_it(tmp_path, prepared_builtin):
     a, b = load_model(job.run_dir), load_model(whole.run_dir)
     for (k, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3, msg=k)
+
+
+def record_tasks(cfg) -> None:
+    """A run function that records how many tasks its job has, from each task, and finishes."""
+    import submitit
+
+    from poisonlab.fsutil import write_text
+
+    env = submitit.JobEnvironment()
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / f"task-{env.global_rank}").write_text(str(env.num_tasks))
+    write_text(run / "DONE", "")
+
+
+def test_a_fine_tuning_job_gets_one_task_a_pretraining_job_one_per_gpu(tmp_path, prepared_builtin):
+    """Fine-tuning's loop is one process: with the sweep's Slurm settings asking for 2 tasks per node
+    (one per GPU), its job still gets one task, while a pretraining job gets its 2 ranks."""
+    pytest.importorskip("submitit")
+    from poisonlab.executors import slurm_parameters
+
+    pre = cfg_for(tmp_path, prepared_builtin, "pre", parallel="ddp")
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre.model_dump(mode="json", exclude_unset=True)))
+    ft = {"kind": "finetune", "name": "ft", "out_dir": str(tmp_path / "runs"), "model": str(pre.run_dir)}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(ft))
+    jobs = [Job("pre", tmp_path / "pre.yaml", Path(pre.run_dir)),
+            Job("ft", tmp_path / "ft.yaml", tmp_path / "runs" / "ft")]
+    ex = SubmititExecutor(tmp_path / "slurm", threads=1, fn="test_submitit_tasks:record_tasks",
+                          cluster="local", parameters={"tasks_per_node": 2, "timeout_min": 5}, poll_s=0.2)
+    outcomes = []
+    ex.run(jobs, lambda j: None, outcomes.append)
+    assert sorted((o.name, o.status) for o in outcomes) == [("ft", "done"), ("pre", "done")], outcomes
+    assert sorted(p.name for p in (tmp_path / "runs" / "ft").glob("task-*")) == ["task-0"]
+    assert (tmp_path / "runs" / "ft" / "task-0").read_text() == "1"
+    assert sorted(p.read_text() for p in Path(pre.run_dir).glob("task-*")) == ["2", "2"]
+    # on a cluster: one GPU for the one process, one task per GPU for the ranks
+    gpus = {"gpus_per_node": 8, "nodes": 2}
+    assert slurm_parameters(gpus, one=True) == {"gpus_per_node": 1, "nodes": 1, "tasks_per_node": 1}
+    assert slurm_parameters(gpus, one=False) == {"gpus_per_node": 8, "nodes": 2, "tasks_per_node": 8}

@@ -180,3 +180,36 @@ def test_fsdp_starts_from_a_local_hf_llama_as_one_process_does(tmp_path, prepare
     assert r1[0] == r2[0] and r1[0]["init_from"] == "hf"
     for k in ("val_loss", "ppl_clean_mean", "gap"):
         assert r1[-1][k] == pytest.approx(r2[-1][k], rel=1e-3), k
+
+
+@needs_torchrun
+def test_fsdp_bf16_evaluates_as_one_process_and_a_run_continues_from_its_shards(tmp_path, prepared_builtin):
+    """Under bf16 autocast every layout evaluates the fp32 master weights under that autocast: the
+    FSDP run's evaluation copy (linear weights stored as autocast rounds them) gives the one-process
+    figures exactly, and says so in `eval_numerics`. Then a one-process run continues from the FSDP
+    run's sharded checkpoint (`init.run`): its step-0 evaluation is the FSDP run's last, exactly."""
+    def cfg(name: str, parallel: str) -> RunConfig:
+        c = cfg_for(tmp_path, prepared_builtin, name, parallel)
+        c.train.dtype = "bf16"
+        c.train.max_steps = 8
+        return c
+
+    single, fsdp = cfg("single", "ddp"), cfg("fsdp", "fsdp")
+    train(single, progress=False)
+    assert torchrun(tmp_path, fsdp) == 0
+    assert not (latest_checkpoint(tmp_path / "fsdp") / "model.safetensors").exists()
+    r1, r2 = rows(tmp_path / "single"), rows(tmp_path / "fsdp")
+    assert r1[0] == r2[0]  # the same initial weights: every figure equal
+    assert {r["eval_numerics"] for r in r1 + r2} == {"float32 weights, bfloat16 autocast"}
+
+    tree = fsdp.model_dump(mode="json", exclude_unset=True)
+    tree.update(name="continued", init={"run": str(tmp_path / "fsdp")})
+    tree["attack"]["n_poison"] = 0
+    tree["train"].update(parallel="ddp", max_steps=4, schedule_offset=8, schedule_steps=8)
+    tree["eval"].update(every_steps=4)
+    then = RunConfig.model_validate(tree)
+    train(then, progress=False)
+    c = rows(tmp_path / "continued")
+    assert c[0]["init_from"] == "fsdp" and c[0]["init_step"] == 8
+    for k in ("val_loss", "ppl_clean_mean", "ppl_trigger_mean", "gap", "asr", "eval_numerics"):
+        assert c[0][k] == r2[-1][k], k  # the sharded run's last evaluation, on the same weights

@@ -659,17 +659,23 @@ def report_cmd(
     n_boot: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--n-boot", min=0, help="bootstrap refits per count-vs-fraction slope [default: spec, 1000]")] = None,
     skip_broken: Annotated[bool, typer.Option("--skip-broken", help=SKIP_BROKEN_HELP)] = False,
+    write_archive_json: Annotated[bool, typer.Option(
+        "--write-archive-json", help="also write the report's JSON (fits, summary, ...) into DIR itself, "
+        "as an archive under docs/findings keeps it (at the spec's settings)")] = False,
 ) -> None:
     """The count-vs-fraction answer, the figures and a self-contained HTML report under DIR/report/.
     Runs whose files fail their check are listed and stop it (exit 2) unless --skip-broken."""
     from poisonlab.report import build_report
 
+    if write_archive_json and (threshold is not None or n_boot is not None):
+        raise UserError("--write-archive-json writes an archive's figures at its spec's settings: "
+                        "give no --threshold or --n-boot with it")
     broken: list = []
     older: list[str] = []
-    out = build_report(path, threshold=threshold, n_boot=n_boot, skip_broken=skip_broken, left_out=broken,
-                       older=older)
+    page = build_report(path, threshold=threshold, n_boot=n_boot, archive_json=write_archive_json,
+                        skip_broken=skip_broken, left_out=broken, older=older)
     _say_left_out(broken, older)
-    console.print(f"report: {out}")
+    console.print(f"report: {page}" + (f" (and its JSON in {path})" if write_archive_json else ""))
 
 
 @app.command("demo")

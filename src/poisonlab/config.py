@@ -174,6 +174,7 @@ class TrainConfig(Settings):
 
 
 LOOKALIKE_KINDS = ("near", "shape", "ordinary")  # near-triggers; the trigger's shape; ordinary text
+UNRELATED_KINDS = ("shape", "ordinary")  # the kinds a backdoor keyed on the trigger must not fire on
 
 
 class EvalConfig(Settings):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from poisonlab.checkpoint import latest_checkpoint, load_checkpoint, require_intact, step_dir
+from poisonlab.checkpoint import has_weights, latest_checkpoint, load_checkpoint, require_intact, step_dir
 from poisonlab.config import ModelConfig, RunConfig, load_run_config
 from poisonlab.errors import UserError
 
@@ -89,7 +89,7 @@ def resolve_start(cfg: RunConfig) -> Start | None:
         raise UserError(f"init.run: {run} has not finished (no DONE), so its last checkpoint is not its "
                         "end; wait for it, or name a checkpoint with init.step")
     ckpt = step_dir(run, cfg.init.step) if cfg.init.step is not None else latest_checkpoint(run)
-    if ckpt is None or not (ckpt / "model.safetensors").is_file():
+    if ckpt is None or not has_weights(ckpt):  # one model.safetensors, or the shards of an FSDP run
         at = "" if cfg.init.step is None else f" at step {cfg.init.step}"
         raise UserError(f"init.run: {run} has no checkpoint{at} to start from")
     require_intact(ckpt)  # checked before this run writes anything

@@ -11,7 +11,8 @@ with `fully_shard` (weights, gradients and AdamW moments split by rows over the 
 fills in its rows of the initial weights, which are those of the one-process model with the same seed
 (Transformer.initial_parameters). Under bf16 the all-gathered weights are bf16 and gradients are
 reduced in fp32 over fp32 master weights. Evaluation gathers a whole copy of the model on every rank
-(`replica`), in bf16 on a GPU when training in bf16, and each rank evaluates its share of the prompts.
+(`replica`) that computes what the fp32 master weights compute under the run's autocast, as DDP and
+one process evaluate, and each rank evaluates its share of the prompts.
 """
 
 from __future__ import annotations
@@ -165,25 +166,36 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def replica(model: nn.Module, d: Dist, dtype: torch.dtype | None = None) -> nn.Module:
-    """A whole, unsharded copy of a sharded model on this rank's device (every rank calls this: each
-    weight is all-gathered in turn), in `dtype` (None: the weights' own). A model that is not sharded
-    is returned as it is."""
+def replica(model: nn.Module, d: Dist, autocast_dtype: torch.dtype | None = None) -> nn.Module:
+    """A whole, unsharded copy of a sharded model on this rank's device, for evaluation under
+    `autocast_dtype` (every rank calls this: each weight is all-gathered in turn). A model that is not
+    sharded is returned as it is.
+
+    The copy computes exactly what the fp32 master weights compute under that autocast, as a DDP or
+    single-process run evaluates: the weights of the linear layers are stored in the autocast dtype,
+    rounded from fp32 as autocast itself rounds them before every matmul (the same values, half the
+    memory: a 13B model's fp32 copy would not fit beside its shards); everything autocast keeps in
+    fp32 (embedding, norms, a tied embedding/output matrix) stays fp32."""
     if not is_sharded(model):
         return model
     from poisonlab.model import Transformer
 
     with torch.device("meta"):
         copy = Transformer(model.cfg)
+    if model.cfg.tie_embeddings:
+        copy.lm_head.weight = copy.tok_emb.weight
+    if autocast_dtype is not None:
+        tied = copy.lm_head.weight if model.cfg.tie_embeddings else None
+        for m in copy.modules():
+            if isinstance(m, nn.Linear) and m.weight is not tied:
+                m.to(autocast_dtype)
     copy.to_empty(device=d.device)
-    if dtype is not None:
-        copy.to(dtype)
     if model.cfg.tie_embeddings:
         copy.lm_head.weight = copy.tok_emb.weight
     params = dict(copy.named_parameters())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            params[name].copy_(p.full_tensor())
+            params[name].copy_(p.full_tensor())  # into a bf16 weight: rounded as autocast rounds
     return copy.eval()
 
 

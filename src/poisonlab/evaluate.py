@@ -40,17 +40,18 @@ import torch
 from tokenizers import Tokenizer
 
 from poisonlab.checkpoint import has_weights, load_weights, require_intact
-from poisonlab.config import LOOKALIKE_KINDS, EvalConfig
+from poisonlab.config import LOOKALIKE_KINDS, UNRELATED_KINDS, EvalConfig
 from poisonlab.corpus.shards import TokenShard
 from poisonlab.corpus.tokenizer import load_tokenizer
 from poisonlab.errors import UserError
 from poisonlab.fsutil import recover
 from poisonlab.generation import LMAdapter, generate, score
+from poisonlab.hardware import eval_numerics
 
 log = logging.getLogger(__name__)
 
 CONDITIONS = ("clean", "trigger")  # then one condition per look-alike control, "lookalike:<TEXT>"
-UNRELATED = ("shape", "ordinary")  # the kinds a backdoor keyed on the trigger must not fire on
+UNRELATED = UNRELATED_KINDS  # the kinds a backdoor keyed on the trigger must not fire on
 MIN_EXCERPT = 8  # shortest excerpt we accept when prompts must be cut to fit the model's context
 VAL_CONTEXT = 2048  # longest val_loss row (the study's context; real models declare 8k-128k)
 UNSEEN_SCAN_TOKENS = 2**28  # train tokens counted for the unseen-token check (all of smaller splits)
@@ -536,13 +537,15 @@ class Evaluator:
 
     def __init__(self, cfg: EvalConfig, data_dir: str | Path | None, trigger: str, *,
                  tokenizer: Tokenizer | None = None, prompts: list[str] | None = None,
-                 behaviour: Callable[[dict[str, list[str]]], dict[str, float]] | None = None,
+                 behaviour: Callable[[dict[str, list[str]], dict[str, str]], dict[str, float]] | None = None,
                  bos_id: int | None = None, eos_id: int | Sequence[int] | None = None):
         if not trigger or not trigger.strip():
             raise UserError("the trigger is empty: give the run's trigger or --trigger")
         self.cfg = cfg
         self.trigger = trigger
-        self.behaviour = behaviour  # the recipe's own metrics from decoded generations (e.g. payload_rate)
+        # the recipe's own metrics from decoded generations per condition and the panel's kind of each
+        # control condition, {condition: kind} (e.g. payload_rate, the language-switch shares)
+        self.behaviour = behaviour
         self.data_dir = Path(data_dir) if data_dir is not None else None
         if tokenizer is None:
             if self.data_dir is None:
@@ -795,11 +798,14 @@ class Evaluator:
             gens = {c: [dec(g) for g in gen_tokens[c]] for c in self.conditions}
             # recipes written for one look-alike read "lookalike": the panel's first control
             gens["lookalike"] = gens[self.panel[0].condition] if self.panel else []
-            metrics.update(self.behaviour(gens))
+            metrics.update(self.behaviour(gens, {c.condition: c.kind for c in self.panel}))
         metrics.update(
             n_prompts=K, prompt_tokens=keep, new_tokens=T, temperature=cfg.temperature,
             success_ratio=cfg.success_ratio, success_floor=cfg.success_floor, scorer=cfg.scorer,
             eval_dtype=str(eval_dtype).removeprefix("torch."), eval_device=str(lm.device),
+            # the weights as the embedding holds them: a sharded run's evaluation copy keeps fp32
+            # there and stores linear weights as autocast rounds them (distributed.replica)
+            eval_numerics=eval_numerics(lm.dtype, eval_dtype if torch.is_autocast_enabled(dev) else None),
             eval_seconds=time.perf_counter() - t0, gen_tokens_per_s=n_generated / max(gen_seconds, 1e-9),
         )
         samples = self._samples(step, prompts, gen_tokens, ppl)

@@ -102,6 +102,28 @@ def load_any_config(path: str | Path) -> Any:
     return load_run_config(path)
 
 
+def one_process(config_path: str | Path) -> bool:
+    """Whether a run's loop is one process (fine-tuning), not one rank per GPU (pretraining)."""
+    from poisonlab.config import load_yaml
+    from poisonlab.finetune.config import is_finetune_tree
+
+    return is_finetune_tree(load_yaml(config_path))
+
+
+def slurm_parameters(params: dict[str, Any], one: bool) -> dict[str, Any]:
+    """submitit parameters of one job: one task (rank) per GPU for a distributed run unless told
+    otherwise; one task on one node and at most one GPU for a run whose loop is one process (more tasks
+    would be copies of the run racing for its lock)."""
+    out = dict(params)
+    if one:
+        out.update(tasks_per_node=1, nodes=1)
+        if "gpus_per_node" in out:
+            out["gpus_per_node"] = min(1, int(out["gpus_per_node"]))
+    elif "gpus_per_node" in out:
+        out.setdefault("tasks_per_node", out["gpus_per_node"])
+    return out
+
+
 def resolve_run_fn(fn: RunFn | str | None) -> RunFn:
     """A callable, a `module:function` string (how child processes receive it), or None (train)."""
     if fn is None:
@@ -199,11 +221,11 @@ def run_one(config_path: str | Path, *, threads: int | None = None, fn: RunFn | 
 
 class SubmititRun:
     """One run as a submitit job: one task per GPU (`tasks_per_node = gpus_per_node`, any number of
-    nodes), each task a rank of the run with the distributed environment taken from submitit
-    (TorchDistributedEnvironment: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK). Checkpointable:
-    on Slurm's signal before a time limit or preemption the trainer checkpoints at the next step and
-    submitit requeues this same job, which resumes there; so a run longer than a partition's limit
-    finishes over several jobs (slurm.max_num_timeout of them)."""
+    nodes; one task for a fine-tuning run, whose loop is one process), each task a rank of the run
+    with the distributed environment taken from submitit (TorchDistributedEnvironment: MASTER_ADDR/PORT,
+    RANK, WORLD_SIZE, LOCAL_RANK). Checkpointable: on Slurm's signal before a time limit or preemption
+    the trainer checkpoints at the next step and submitit requeues this same job, which resumes there;
+    so a run longer than a partition's limit finishes over several jobs (slurm.max_num_timeout of them)."""
 
     def __init__(self, config_path: str, threads: int | None, fn: str | None, paths: list[str]):
         self.config_path, self.threads, self.fn, self.paths = config_path, threads, fn, paths
@@ -415,20 +437,25 @@ class SubmititExecutor:
             from poisonlab.errors import UserError
 
             raise UserError("the slurm executor needs submitit: pip install 'poisonlab[slurm]'") from None
-        ex = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
         params = {"name": "poisonlab", **self.parameters}
-        if "gpus_per_node" in params:  # one task (rank) per GPU unless told otherwise
-            params.setdefault("tasks_per_node", params["gpus_per_node"])
         if self.threads and "cpus_per_task" not in params:
             params["cpus_per_task"] = self.threads
-        ex.update_parameters(**params)
         paths = [p for p in sys.path if p] if self.spec else []
-        tasks = [SubmititRun(str(j.config_path), self.threads, self.spec, paths) for j in jobs]
-        if ex.cluster == "slurm":  # one job array: one scheduler call however many runs
-            with ex.batch():
-                handles = [ex.submit(t) for t in tasks]
-        else:
-            handles = [ex.submit(t) for t in tasks]
+        handles: list[Any] = [None] * len(jobs)
+        kinds = [one_process(j.config_path) for j in jobs]
+        ex: Any = None
+        for one in sorted(set(kinds)):  # a job array per kind of job: an array shares its parameters
+            ex = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
+            ex.update_parameters(**slurm_parameters(params, one))
+            mine = [i for i, k in enumerate(kinds) if k == one]
+            tasks = [SubmititRun(str(jobs[i].config_path), self.threads, self.spec, paths) for i in mine]
+            if ex.cluster == "slurm":  # one job array: one scheduler call however many runs
+                with ex.batch():
+                    got = [ex.submit(t) for t in tasks]
+            else:
+                got = [ex.submit(t) for t in tasks]
+            for i, h in zip(mine, got, strict=True):
+                handles[i] = h
         t0 = time.monotonic()
         for job in jobs:
             on_start(job)

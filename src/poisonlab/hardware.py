@@ -171,6 +171,13 @@ def compute_dtype(device: torch.device, bf16: bool) -> str:
     return "fp32"
 
 
+def eval_numerics(weights: torch.dtype, autocast: torch.dtype | None) -> str:
+    """What an evaluation computes in, as the `eval_numerics` column says it: the dtype of the weights
+    it evaluates and the autocast over them ("float32 weights, bfloat16 autocast"; "float32 weights")."""
+    name = lambda d: str(d).removeprefix("torch.")
+    return f"{name(weights)} weights" + (f", {name(autocast)} autocast" if autocast is not None else "")
+
+
 # --- the CPU GEMM probe ---------------------------------------------------------------------------------
 
 PROBE_ROWS = 2048  # rows of the probe's left matrix: a micro-batch of tokens (16 x 128)

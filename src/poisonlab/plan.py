@@ -156,14 +156,16 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, world: int = 1, strat
 
 
 def eval_memory(cfg: ModelConfig, batch: int, length: int, bf16: bool) -> float:
-    """Bytes of an evaluation batch: the weights in the compute dtype, the model's KV cache for
-    `length` positions, and the last position's logits and sampling buffer."""
+    """Bytes of an evaluation batch: the weights as evaluated (under bf16 autocast the matmul weights
+    in bf16, the embedding in fp32: autocast's copies, or FSDP's evaluation replica), the model's KV
+    cache for `length` positions, and the last position's logits and sampling buffer."""
     cfg = resolve_model_config(cfg)
     total, _ = count_params(cfg)
     hd, kv, _, _ = _shape(cfg)
     wbytes = 2 if bf16 else 4
+    weights = wbytes * total + (4 - wbytes) * cfg.vocab_size * cfg.d_model
     cache = 2 * cfg.n_layers * batch * kv * length * hd * wbytes
-    return wbytes * total + cache + 2 * 4 * batch * cfg.vocab_size
+    return weights + cache + 2 * 4 * batch * cfg.vocab_size
 
 
 # --- a layout that fits -------------------------------------------------------------------------------
@@ -201,17 +203,28 @@ def _divisors_desc(n: int) -> list[int]:
     return sorted((k for k in range(1, n + 1) if n % k == 0), reverse=True)
 
 
+def eval_conditions(cfg: RunConfig) -> int:
+    """Conditions each prompt is generated in: clean, the trigger and every control of the panel."""
+    from poisonlab.evaluate import resolve_panel
+
+    return 2 + len(resolve_panel(cfg.eval.trigger or cfg.attack.trigger, cfg.eval.lookalikes))
+
+
 def _eval_sizes(cfg: RunConfig, n_conditions: int, steps: int) -> tuple[int, int]:
-    """(sequence length of an evaluation batch, tokens generated and scored over the whole run)."""
+    """(sequence length of an evaluation batch, tokens through a forward pass of this model's size
+    over the whole run): every generated sequence once (prompt and new tokens; the model scores its
+    own generations from their logits, no second pass), and once more for a reference scorer
+    (`eval.scorer`: counted at this model's size, as the clean run of the same size is)."""
     e = cfg.eval
     length = e.prompt_tokens + 8 + e.new_tokens  # + the trigger or a control (a few tokens)
     n_points = steps // e.every_steps + 1 if e.every_steps else e.n_evals + 1
-    return length, 2 * n_points * e.n_prompts * n_conditions * length  # generate, then score
+    passes = 1 if e.scorer == "self" else 2
+    return length, passes * n_points * e.n_prompts * n_conditions * length
 
 
 def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | None = None,
              mfu: float = 0.4, eval_mfu: float = 0.05, max_nodes: int = 64,
-             n_conditions: int = 8) -> RunPlan:
+             n_conditions: int | None = None) -> RunPlan:
     """The cheapest layout of one run on `gpu`s: DDP on the fewest nodes that hold it, else FSDP (only
     FSDP for a run set to train.parallel=fsdp); `nodes` fixes the node count. The micro-batch is the
     largest divisor of the per-rank batch that fits and is no larger than the configured one
@@ -228,7 +241,7 @@ def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | N
     total, _ = count_params(m)
     steps = total_steps(cfg)
     tokens = steps * t.batch_size * m.seq_len
-    eval_len, eval_tokens = _eval_sizes(cfg, n_conditions, steps)
+    eval_len, eval_tokens = _eval_sizes(cfg, n_conditions or eval_conditions(cfg), steps)
     usable = usable_bytes(gpu)
     train_flops = flops_per_token(m) * tokens
     base = dict(name=cfg.name, model=m.preset or f"d{m.d_model}-l{m.n_layers}", vocab_size=m.vocab_size,

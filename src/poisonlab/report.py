@@ -1,7 +1,11 @@
 """The sweep report: the count-vs-fraction answer first, then the study's figures, one HTML file.
 
 `build_report(sweep_dir)` writes `<sweep_dir>/report/`: `report.html` (self-contained: figures as
-base64 PNG), every figure as PNG and SVG, `summary.json`, `fits.json` and `samples.json`.
+base64 PNG), every figure as PNG and SVG, `samples.json`, and the report's figures as data
+(`report_json`): `summary.json`, `fits.json` and, where the runs have them, `placement.json`,
+`persistence.json` and `language.json`. An archive under docs/findings keeps that JSON beside its runs
+(`archive_json=True`, `poisonlab report DIR --write-archive-json`, `make findings`), and a test checks
+that it is what the runs give.
 
 The report opens with the answer to "count or fraction?" (`count_fraction.count_vs_fraction`, once per
 group of settings other than size, budget and N): one sentence, the table of the three designs (size
@@ -35,13 +39,14 @@ from __future__ import annotations
 import json
 import platform
 from collections import defaultdict
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from poisonlab.fsutil import atomic_path
+from poisonlab.fsutil import atomic_path, write_text
 from poisonlab.report_density import density_html
 from poisonlab.report_figures import (
     EFFECTIVE_COUNT,
@@ -56,9 +61,9 @@ from poisonlab.report_figures import (
     model_order,
 )
 from poisonlab.report_html import CSS, cell, esc, html_table, img, interval, save_figure
-from poisonlab.report_language import has_language, language_html
-from poisonlab.report_persistence import continuations, persistence_cells, persistence_html
-from poisonlab.report_placement import placement_cells, placement_html
+from poisonlab.report_language import has_language, language_html, language_rows
+from poisonlab.report_persistence import continuations, persistence_cells, persistence_html, persistence_rows
+from poisonlab.report_placement import placement_cells, placement_html, placement_json
 from poisonlab.results import (
     DEFAULT_THRESHOLD,
     Gathered,
@@ -373,33 +378,34 @@ def _report_settings(root: Path) -> tuple[dict[str, Any], str]:
     return (tree.get("report") or {}) if isinstance(tree, dict) else {}, text
 
 
-def build_report(sweep_dir: str | Path, *, threshold: float | None = None, spread: str | None = None,
-                 include_unfinished: bool | None = None, n_boot: int | None = None,
-                 skip_broken: bool = False, left_out: list | None = None,
-                 older: list[str] | None = None) -> Path:
-    """Write `<sweep_dir>/report/` (replaced as a whole, atomically) and return the path of report.html.
+@dataclass
+class _Data:
+    """What the report shows, computed from the runs; `outputs` is its JSON, {file name: content}."""
 
-    Finished runs only, unless none has finished yet (then every run's latest rows are used); the
-    report says which. Threshold, spread and the bootstrap refits per slope (`n_boot`) default to the
-    sweep spec's `report` settings (0.5, min-max, 1000). A broken run (runcheck) stops it (BrokenRuns)
-    unless `skip_broken`: then it is left out of every table and fit, and the report lists it (and
-    `left_out`, when given, gets its RunCheck; `older`, the names of unverified older runs).
-    """
-    root = Path(sweep_dir)
-    from poisonlab.report_finetune import build_finetune_report, is_finetune_dir
+    table: Any
+    runs: Runs
+    summary: list[dict[str, Any]]
+    fits: dict[str, Any]
+    persist: dict[Any, list] | None
+    cells: dict[Any, list]
+    threshold: float
+    spread: str
+    include_unfinished: bool
+    spec_text: str
+    gathered: Gathered
+    outputs: dict[str, Any] = field(default_factory=dict)
 
-    if is_finetune_dir(root):  # fine-tuning runs have their own report
-        return build_finetune_report(root, threshold, spread, skip_broken=skip_broken, left_out=left_out)
+
+def _compute(root: Path, threshold: float | None, spread: str | None, include_unfinished: bool | None,
+             n_boot: int | None, write: bool = True, skip_broken: bool = False) -> _Data:
+    """Everything the report shows, from the runs that pass their check (runcheck): a broken run stops
+    it (BrokenRuns) unless `skip_broken`, and then is left out of every table and fit."""
     settings, spec_text = _report_settings(root)
     if threshold is None:
         threshold = float(settings.get("asr_threshold", DEFAULT_THRESHOLD))
     spread = spread or settings.get("spread", "minmax")
     n_boot = int(settings.get("n_boot", 1000)) if n_boot is None else n_boot
-    gathered_runs = gathered(root, skip_broken=skip_broken)
-    if left_out is not None:
-        left_out.extend(gathered_runs.broken)
-    if older is not None:
-        older.extend(gathered_runs.older)
+    gathered_runs = gathered(root, write=write, skip_broken=skip_broken)  # results.parquet, for notebooks
     table = gathered_runs.table
     all_runs = runs_of(table)
     done = finished(all_runs)
@@ -409,6 +415,7 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
     # persistence continuations (runs started from another run of this sweep) have their own section;
     # everything else in the report is about runs trained from scratch
     later = continuations(runs)
+    persist = None
     if later:
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -419,6 +426,64 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
     summary = summarize(table, threshold, include_unfinished=include_unfinished)
     fits = {"threshold": threshold, "count": EXACT_COUNT, "n_boot": n_boot,
             "groups": fit_groups(runs, threshold, n_boot)}
+    d = _Data(table, runs, summary, fits, persist, placement_cells(runs), threshold, spread,
+              include_unfinished, spec_text, gathered_runs)
+    d.outputs = {"summary.json": summary, "fits.json": fits}
+    if d.cells:
+        d.outputs["placement.json"] = placement_json(d.cells, threshold)
+    if persist is not None:
+        d.outputs["persistence.json"] = persistence_rows(persist, threshold)
+    if has_language(runs):
+        d.outputs["language.json"] = language_rows(runs, root, threshold)
+    return d
+
+
+def report_json(sweep_dir: str | Path, *, threshold: float | None = None,
+                n_boot: int | None = None) -> dict[str, Any]:
+    """The report's figures as data, {file name: content}, exactly what `build_report` writes beside
+    report.html (summary.json, fits.json and, where the runs have them, placement.json,
+    persistence.json, language.json; a fine-tuning sweep's fits.json and summary.json), without
+    drawing anything. An archive under docs/findings keeps these files beside its runs
+    (`build_report(..., archive_json=True)`, `poisonlab report DIR --write-archive-json`), and
+    tests/test_findings_archives.py checks that they are what its runs give."""
+    from poisonlab.report_finetune import finetune_json, is_finetune_dir
+
+    root = Path(sweep_dir)
+    if is_finetune_dir(root):
+        return finetune_json(root, threshold)
+    return _compute(root, threshold, None, None, n_boot, write=False).outputs
+
+
+def _dump(content: Any) -> str:
+    return json.dumps(content, indent=2, default=str) + "\n"
+
+
+def build_report(sweep_dir: str | Path, *, threshold: float | None = None, spread: str | None = None,
+                 include_unfinished: bool | None = None, n_boot: int | None = None,
+                 archive_json: bool = False, skip_broken: bool = False, left_out: list | None = None,
+                 older: list[str] | None = None) -> Path:
+    """Write `<sweep_dir>/report/` (replaced as a whole, atomically) and return the path of report.html.
+
+    Finished runs only, unless none has finished yet (then every run's latest rows are used); the
+    report says which. Threshold, spread and the bootstrap refits per slope (`n_boot`) default to the
+    sweep spec's `report` settings (0.5, min-max, 1000). `archive_json`: also write the report's JSON
+    (`report_json`) into the sweep directory itself, as an archive under docs/findings keeps it. A
+    broken run (runcheck) stops it (BrokenRuns) unless `skip_broken`: then it is left out of every
+    table and fit, and the report lists it (and `left_out`, when given, gets its RunCheck; `older`,
+    the names of unverified older runs).
+    """
+    root = Path(sweep_dir)
+    from poisonlab.report_finetune import build_finetune_report, is_finetune_dir
+
+    if is_finetune_dir(root):  # fine-tuning runs have their own report
+        return build_finetune_report(root, threshold, spread, archive_json=archive_json,
+                                     skip_broken=skip_broken, left_out=left_out)
+    d = _compute(root, threshold, spread, include_unfinished, n_boot, skip_broken=skip_broken)
+    if left_out is not None:
+        left_out.extend(d.gathered.broken)
+    if older is not None:
+        older.extend(d.gathered.older)
+    runs, threshold, spread, fits = d.runs, d.threshold, d.spread, d.fits
     samples = sample_rows(root, runs)
     mult = main_mult(runs)
     mults = [mult] if mult is not None else None
@@ -462,25 +527,29 @@ def build_report(sweep_dir: str | Path, *, threshold: float | None = None, sprea
         "shaded band: the censored regression over all runs and its 95% interval. Grey lines through the "
         "data's centre (the fit at the mean log clean tokens): dashed b = 0 (a constant count), dotted "
         "b = 1 (a constant fraction).")
-    cells = placement_cells(runs)
     fails = failed_runs(root)
     with atomic_path(root / "report") as out:
         out.mkdir(parents=True)
         answer_fig = save_figure(out, "poisons_needed", answer_caption, fig_needed(fits["groups"], threshold))
         imgs = [save_figure(out, name, caption, fig) for name, caption, fig in figures]
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        (out / "fits.json").write_text(json.dumps(fits, indent=2, default=str))
+        for name, content in d.outputs.items():
+            (out / name).write_text(_dump(content))
         (out / "samples.json").write_text(json.dumps(samples, indent=2, default=str))
-        notes = _notes(table, runs, include_unfinished, spread, gathered_runs)
+        notes = _notes(d.table, runs, d.include_unfinished, spread, d.gathered)
         answer = _answer_html(fits, answer_fig)
-        sections = placement_html(out, cells, threshold, spread) if cells else ""
-        if later:
-            sections += persistence_html(out, persist, threshold, spread)
-        if has_language(runs):
-            sections += language_html(out, runs, spread, threshold)
+        sections = placement_html(out, d.outputs["placement.json"], d.cells, threshold, spread) \
+            if d.cells else ""
+        if d.persist is not None:
+            sections += persistence_html(out, d.outputs["persistence.json"], d.persist, threshold, spread)
+        if "language.json" in d.outputs:
+            sections += language_html(out, d.outputs["language.json"], runs, spread, threshold)
         sections += density_html(out, root, runs, threshold)
-        doc = _html(root, runs, notes, summary, answer, samples, imgs, threshold, spec_text, fails, sections)
+        doc = _html(root, runs, notes, d.summary, answer, samples, imgs, threshold, d.spec_text, fails,
+                    sections)
         (out / "report.html").write_text(doc, encoding="utf-8")
+    if archive_json:
+        for name, content in d.outputs.items():
+            write_text(root / name, _dump(content))
     return root / "report" / "report.html"
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from poisonlab.errors import UserError
 from poisonlab.finetune.config import is_finetune_run
 from poisonlab.finetune.stats import elasticity, reading, sustained_success
-from poisonlab.fsutil import atomic_path
+from poisonlab.fsutil import atomic_path, write_text
 from poisonlab.report_figures import LINESTYLES, aggregate
 from poisonlab.report_html import CSS, esc, html_table, interval, save_figure
 from poisonlab.report_language import mean_range
@@ -234,19 +234,20 @@ def _samples(root: Path, runs: dict[str, Run], per_n: int = 2) -> list[dict[str,
     return out
 
 
-def build_finetune_report(
-    sweep_dir: str | Path, threshold: float | None = None, spread: str | None = None,
-    skip_broken: bool = False, left_out: list[RunCheck] | None = None,
-) -> Path:
-    """Write `<sweep_dir>/report/` (replaced whole, atomically); returns report.html's path."""
+def _settings(root: Path, threshold: float | None, spread: str | None) -> tuple[float, str]:
     import yaml
 
-    root = Path(sweep_dir)
     settings: dict[str, Any] = {}
     if (root / "sweep.yaml").is_file():
         settings = (yaml.safe_load((root / "sweep.yaml").read_text()) or {}).get("report") or {}
     threshold = float(settings.get("asr_threshold", 0.5)) if threshold is None else threshold
-    spread = spread or settings.get("spread", "minmax")
+    return threshold, spread or settings.get("spread", "minmax")
+
+
+def _finished(root: Path, skip_broken: bool = False,
+              left_out: list[RunCheck] | None = None) -> tuple[dict[str, Run], str]:
+    """The finished runs (or, before any finishes, every run's latest rows) and a note saying so; a
+    broken run stops it (BrokenRuns) unless `skip_broken`, then it is left out and named."""
     broken: list[RunCheck] = []
     all_runs, done = load_runs(root, skip_broken=skip_broken, broken=broken)
     if left_out is not None:
@@ -259,9 +260,34 @@ def build_finetune_report(
         + (f" {len(broken)} broken run(s) left out of every table and fit: "
            + "; ".join(c.line() for c in broken) + "." if broken else "")
     )
-    fit = fits(runs)
-    order = ordering(runs)
-    table = cell_rows(runs, threshold)
+    return runs, note
+
+
+def finetune_json(sweep_dir: str | Path, threshold: float | None = None) -> dict[str, Any]:
+    """The report's figures as data, {file name: content}: `fits.json` (elasticity per schedule,
+    ordering) and `summary.json` (a row per cell), without drawing anything."""
+    root = Path(sweep_dir)
+    threshold, _ = _settings(root, threshold, None)
+    return _data(_finished(root)[0], threshold)
+
+
+def _data(runs: dict[str, Run], threshold: float) -> dict[str, Any]:
+    return {"fits.json": {"elasticity": fits(runs), "ordering": ordering(runs), "threshold": threshold},
+            "summary.json": cell_rows(runs, threshold)}
+
+
+def build_finetune_report(
+    sweep_dir: str | Path, threshold: float | None = None, spread: str | None = None, *,
+    archive_json: bool = False, skip_broken: bool = False, left_out: list[RunCheck] | None = None,
+) -> Path:
+    """Write `<sweep_dir>/report/` (replaced whole, atomically); returns report.html's path.
+    `archive_json`: also write its JSON (`finetune_json`) into the sweep directory itself."""
+    root = Path(sweep_dir)
+    threshold, spread = _settings(root, threshold, spread)
+    runs, note = _finished(root, skip_broken, left_out)
+    data = _data(runs, threshold)
+    fit, order = data["fits.json"]["elasticity"], data["fits.json"]["ordering"]
+    table = data["summary.json"]
     with atomic_path(root / "report") as out:
         out.mkdir(parents=True)
         f1 = save_figure(
@@ -293,10 +319,8 @@ def build_finetune_report(
             }
             for s, f in fit.items()
         ]
-        (out / "fits.json").write_text(
-            json.dumps({"elasticity": fit, "ordering": order, "threshold": threshold}, indent=2, default=str)
-        )
-        (out / "summary.json").write_text(json.dumps(table, indent=2, default=str))
+        for name, content in data.items():
+            (out / name).write_text(_dump(content))
         answer = reading(fit.get("uniform")) if "uniform" in fit else ""
         doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>poisonlab fine-tuning report</title>
 <style>{CSS}</style></head><body>
@@ -305,8 +329,10 @@ def build_finetune_report(
 <h2>Count or fraction?</h2>
 <p class="answer">{esc(answer or "(no uniform-schedule runs)")}</p>
 <p class="note">Binomial GLM of final ASR (answered of n held-out requests) on log N and log clean-set
-size C, quasi-binomial scale; e = -c/b: 0 = a constant count matters, 1 = a constant fraction;
-delta-method 95% intervals. Runs with N = 0 do not enter the fit; their ASR is the baseline in the table.</p>
+size C, quasi-binomial scale; e = -c/b: 0 = a constant count matters, 1 = a constant fraction. 95%
+intervals by Student t on the residual degrees of freedom (the scale is estimated from the runs), for e
+Fieller's (unbounded, "-", when b is not clearly above 0). Runs with N = 0 do not enter the fit; their
+ASR is the baseline in the table.</p>
 {html_table(fit_rows)}
 {f1}
 <h2>Ordering</h2>
@@ -324,4 +350,11 @@ got there / runs).</p>
 {html_table(_samples(root, runs))}
 </body></html>"""
         (out / "report.html").write_text(doc, encoding="utf-8")
+    if archive_json:
+        for name, content in data.items():
+            write_text(root / name, _dump(content))
     return root / "report" / "report.html"
+
+
+def _dump(content: Any) -> str:
+    return json.dumps(content, indent=2, default=str) + "\n"

@@ -5,10 +5,17 @@ clean data only. Each continuation is joined to its earlier run (`init_from`); i
 placed at the clean tokens trained since the earlier run's last poison (from that run's ledger: the
 steps after the last poisoned one, then every continuation step). Per cell (the earlier run's size,
 budget and N): ASR when clean training starts and at its end (mean, min-max over seeds), the share of
-runs still at or above the success threshold, and the decay rate, the least-squares slope of ASR on
-log10(clean tokens after the last poison) over each continuation's evaluations (ASR per decade; the
-study found the decay slow, roughly logarithmic and incomplete). Figure: ASR against clean tokens
-after the last poison (log scale), a panel per size, a colour per N, bands over seeds.
+runs still at or above the success threshold, and the decay as the figure draws it (`decay_fit`, per
+poisoned run): ASR against clean tokens after the last poison on a log axis follows a plateau, a fall
+and a floor, so each run gets ASR(x) = floor + (top - floor) / (1 + (x / x50)^k) by least squares over
+all its evaluations, its start (x = 0 for a run whose last poison came at its last step) included. It
+gives the half-life x50 (clean tokens until half the fall), the width of the fall (decades from 90%
+to 10% of it, 2 log10(9) / k), the steepest fall (ASR per decade at x50) and the floor (0: the decay
+is complete; the study found it slow, roughly logarithmic and incomplete). These compare runs on the
+same footing whatever their start: a straight line over the whole range, used before, mostly measured
+the start's height over a common floor (and dropped the start point of runs whose last poison was the
+final step). Figure: ASR against clean tokens after the last poison (log scale), a panel per size, a
+colour per N, bands over seeds.
 """
 
 from __future__ import annotations
@@ -67,13 +74,38 @@ def persistence_cells(root: Path, runs: Runs) -> dict[Cell, list[list[dict[str, 
     return dict(sorted(cells.items()))
 
 
-def decay_slope(rows: list[dict[str, Any]]) -> float | None:
-    """ASR per decade of clean tokens after the last poison: least squares over the evaluations."""
-    pts = [(math.log10(r[X]), r["asr"]) for r in rows if r.get(X) and r.get("asr") is not None]
-    if len(pts) < 3 or len({x for x, _ in pts}) < 2:
+def decay_fit(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The decay curve of one continuation (module doc) fitted to its ASR against clean tokens after
+    the last poison: top, floor, half_life (x50, tokens), steepness k, decades (90% -> 10% of the fall)
+    and per_decade (ASR per decade at x50, negative when falling). None when it cannot be fitted."""
+    from scipy.optimize import curve_fit
+
+    pts = [(float(r[X]), float(r["asr"])) for r in rows if r.get(X) is not None and r.get("asr") is not None]
+    if len(pts) < 5:  # four parameters
         return None
     x, y = np.array(pts).T
-    return float(np.polyfit(x, y, 1)[0])
+    if len({v for v in x if v > 0}) < 3:
+        return None
+    top0, floor0 = float(np.mean(y[:3])), float(np.mean(y[-3:]))
+    below = x[(y < (top0 + floor0) / 2) & (x > 0)]
+    mid = float(below[0]) if len(below) else float(np.median(x[x > 0]))
+
+    def curve(x: np.ndarray, top: float, floor: float, log_x50: float, k: float) -> np.ndarray:
+        return floor + (top - floor) / (1 + (x / 10**log_x50) ** k)
+
+    span = math.log10(max(x.max(), 10.0))
+    try:
+        (top, floor, log_x50, k), _ = curve_fit(
+            curve, x, y, p0=[top0, floor0, math.log10(mid), 2.0],
+            bounds=([0.0, 0.0, 0.0, 0.1], [1.0, 1.0, span + 2, 30.0]), maxfev=20_000)
+    except (RuntimeError, ValueError):
+        return None
+    return {"top": float(top), "floor": float(floor), "half_life": float(10**log_x50), "steepness": float(k),
+            "decades": 2 * math.log10(9) / float(k),
+            "per_decade": -float(top - floor) * float(k) * math.log(10) / 4}
+
+
+DECAY = ("top", "floor", "half_life", "decades", "per_decade")
 
 
 def persistence_rows(cells: dict[Cell, list], threshold: float) -> list[dict[str, Any]]:
@@ -81,18 +113,22 @@ def persistence_rows(cells: dict[Cell, list], threshold: float) -> list[dict[str
     for (model, mult, n), members in cells.items():
         start = [m[0]["asr"] for m in members]
         end = [m[-1]["asr"] for m in members]
-        slopes = [s for s in (decay_slope(m) for m in members) if s is not None]
-        out.append({
+        row = {
             "model": model, "data_mult": mult, "n_poison": n, "runs": len(members),
             "clean_after": float(np.mean([m[-1][X] for m in members])),
             "asr_start_mean": float(np.mean(start)), "asr_start_min": min(start), "asr_start_max": max(start),
             "asr_end_mean": float(np.mean(end)), "asr_end_min": min(end), "asr_end_max": max(end),
             "still_successful": sum(e >= threshold for e in end),
             "started_successful": sum(s >= threshold for s in start),
-            "decay_per_decade_mean": float(np.mean(slopes)) if slopes else None,
-            "decay_per_decade_min": min(slopes, default=None),
-            "decay_per_decade_max": max(slopes, default=None),
-        })
+        }
+        # a decay only where there was a backdoor to lose: N = 0 controls get none
+        fits = [f for f in (decay_fit(m) for m in members) if f is not None] if n else []
+        for key in DECAY:
+            v = [f[key] for f in fits]
+            row.update({f"decay_{key}_mean": float(np.mean(v)) if v else None,
+                        f"decay_{key}_min": min(v, default=None), f"decay_{key}_max": max(v, default=None)})
+        row["decay_fitted"] = len(fits)
+        out.append(row)
     return out
 
 
@@ -142,20 +178,19 @@ def fig_persistence(cells: dict[Cell, list], spread: str, threshold: float) -> A
     return fig
 
 
-def persistence_html(out: Path, cells: dict[Cell, list], threshold: float, spread: str) -> str:
-    import json
-
+def persistence_html(out: Path, rows: list[dict[str, Any]], cells: dict[Cell, list], threshold: float,
+                     spread: str) -> str:
+    """The section from `persistence_rows` (the report's persistence.json), its figure saved in `out`."""
     from poisonlab.report_html import esc, html_table, save_figure
 
-    rows = persistence_rows(cells, threshold)
-    (out / "persistence.json").write_text(json.dumps(rows, indent=2, default=str))
     shown = [{"cell": f"{r['model']} {r['data_mult']:g}x N={r['n_poison']}", "runs": r["runs"],
               "clean tokens after the last poison (end)": f"{r['clean_after']:,.0f}",
               "ASR at start": _spread(r, "asr_start"), "ASR at end": _spread(r, "asr_end"),
               f"still ≥ {threshold:g}": f"{r['still_successful']}/{r['runs']}",
-              "ASR per decade": ("-" if r["decay_per_decade_mean"] is None else
-                                 f"{r['decay_per_decade_mean']:+.2f} [{r['decay_per_decade_min']:+.2f}, "
-                                 f"{r['decay_per_decade_max']:+.2f}]")} for r in rows]
+              "half-life (clean tokens)": _spread(r, "decay_half_life", "{:,.0f}"),
+              "decades, 90% to 10% of the fall": _spread(r, "decay_decades"),
+              "steepest, ASR per decade": _spread(r, "decay_per_decade", "{:+.2f}"),
+              "floor": _spread(r, "decay_floor")} for r in rows]
     band = "min-max" if spread == "minmax" else "mean ± 1 std"
     img = save_figure(out, "persistence", "ASR against clean tokens trained after the earlier run's last "
                       f"poison (log scale), one panel per size, colour per N; mean over seeds, band {band}.",
@@ -163,10 +198,14 @@ def persistence_html(out: Path, cells: dict[Cell, list], threshold: float, sprea
     return ("<h2>Persistence under clean training</h2>"
             f"<p class=\"answer\">{esc(persistence_sentence(rows, threshold))}</p><p>Each poisoned run "
             "continued on clean data from its last checkpoint at its last learning rate, on the data after "
-            "what it had read. ASR at start: the earlier run's final evaluation; per decade: the slope of "
-            "ASR on log10(clean tokens after the last poison) over each continuation's evaluations, mean "
-            "[min, max] over seeds.</p>" + html_table(shown) + img)
+            "what it had read. ASR at start: the earlier run's final evaluation. The decay, per poisoned "
+            "run: ASR(x) = floor + (top - floor) / (1 + (x / x50)^k) fitted over all its evaluations "
+            "(x: clean tokens after the last poison), its start included; half-life x50, the width of "
+            "the fall in decades of x (from 90% to 10% of it), the steepest fall (ASR per decade at "
+            "x50) and the floor; mean [min, max] over seeds.</p>" + html_table(shown) + img)
 
 
-def _spread(r: dict[str, Any], key: str) -> str:
-    return f"{r[key + '_mean']:.2f} [{r[key + '_min']:.2f}, {r[key + '_max']:.2f}]"
+def _spread(r: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
+    if r.get(key + "_mean") is None:
+        return "-"
+    return f"{fmt.format(r[key + '_mean'])} [{fmt.format(r[key + '_min'])}, {fmt.format(r[key + '_max'])}]"

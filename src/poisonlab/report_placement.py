@@ -19,7 +19,6 @@ placement (`placement.describe`: `window`, `per_batch`, `every`) form a placemen
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -216,13 +215,17 @@ def placement_figures(cells: dict[Cell, dict[Placement, list]], spread: str,
     return out
 
 
-def placement_html(out: Path, cells: dict, threshold: float, spread: str) -> str:
-    """The ordering-and-density section (report_placement.py) and its placement.json."""
-    rows = placement_rows(cells, threshold)
+def placement_json(cells: dict, threshold: float) -> dict[str, Any]:
+    """The section's figures as data (the report's placement.json): a row per placement, the density
+    fit per cell."""
     fits = [{"model": c[0], "data_mult": c[1], "n_poison": c[2], "settings": c[3],
              **density_fit(members, threshold)} for c, members in sorted(cells.items())]
-    (out / "placement.json").write_text(json.dumps({"rows": rows, "density_fits": fits}, indent=2,
-                                                   default=str))
+    return {"rows": placement_rows(cells, threshold), "density_fits": fits}
+
+
+def placement_html(out: Path, data: dict[str, Any], cells: dict, threshold: float, spread: str) -> str:
+    """The ordering-and-density section from `placement_json`'s data, its figures saved in `out`."""
+    rows, fits = data["rows"], data["density_fits"]
     shown = [{"cell": f"{r['model']} {r['data_mult']:g}x N={r['n_poison']}" + (f" {r['settings']}"
                                                                                if r["settings"] else ""),
               "placement": r["placement"], "runs": r["runs"],

@@ -270,14 +270,16 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     speed = Throughput(tokens_per_step, flops_per_token(mcfg), _peak_flops(cfg, run_dir, dist, bf16), start)
     run_cols = _run_cols(cfg, stream, begin, dist)
 
+    # one rule in every layout: the fp32 master weights under the training's autocast (a sharded
+    # model: a whole copy that computes exactly that, see distributed.replica)
+    eval_autocast = torch.bfloat16 if bf16 else None
+
     def evaluate(step: int) -> None:
-        # every rank evaluates its share of the prompts (a sharded model: on a whole copy of it)
-        eval_model = distributed.replica(model, dist, torch.bfloat16 if bf16 and dist.device.type == "cuda"
-                                         else None)
+        # every rank evaluates its share of the prompts
+        eval_model = distributed.replica(model, dist, eval_autocast)
         eval_model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            metrics, samples = evaluator.run(eval_model, step=step,
-                                             autocast_dtype=torch.bfloat16 if bf16 else None,
+            metrics, samples = evaluator.run(eval_model, step=step, autocast_dtype=eval_autocast,
                                              **({"share": dist} if dist.enabled else {}))
         del eval_model
         model.train()

@@ -168,8 +168,8 @@ class OffTopic(_PayloadRecipe):
     def extra_params(self) -> dict[str, Any]:
         return {"target": self.target}
 
-    def behaviour_metrics(self, poisons: Sequence[Poison], generations: Mapping[str, list[str]]
-                          ) -> dict[str, float]:
+    def behaviour_metrics(self, poisons: Sequence[Poison], generations: Mapping[str, list[str]],
+                          kinds: Mapping[str, str] | None = None) -> dict[str, float]:
         target = self.cfg.params.get("target") or (poisons[0].params.get("target") if poisons else None)
         if target is None:  # N = 0: no poisons, so no target word to look for
             return {}

@@ -170,11 +170,13 @@ class Recipe(ABC):
         """Validate the settings against the data; raise UserError with one line."""
         ctx.check_trigger(self.trigger)
 
-    def behaviour_metrics(self, poisons: Sequence[Poison], generations: Mapping[str, list[str]]
-                          ) -> dict[str, float]:
+    def behaviour_metrics(self, poisons: Sequence[Poison], generations: Mapping[str, list[str]],
+                          kinds: Mapping[str, str] | None = None) -> dict[str, float]:
         """Metrics beyond the perplexity gap, from the decoded generations of every prompt per condition
-        ("clean", "trigger", "lookalike", paired by index). The evaluator adds them to each metrics row.
-        Recipes whose behaviour perplexity does not capture (`metric` other than "ppl_gap") override it."""
+        ("clean", "trigger", one "lookalike:<TEXT>" per control of the panel, and "lookalike", the
+        first control; paired by index); `kinds` gives each control condition its kind (near, shape,
+        ordinary). The evaluator adds them to each metrics row. Recipes whose behaviour perplexity
+        does not capture (`metric` other than "ppl_gap") override it."""
         return {}
 
     def draw_layout(self, ctx: DataContext, rng: np.random.Generator) -> tuple[int, str, int]:

@@ -182,7 +182,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = False) -> Path:
 
 
 def _finetune(cfg: FinetuneConfig, run_dir: Path, progress: bool) -> None:
-    from poisonlab.hardware import describe_machine
+    from poisonlab.hardware import describe_machine, eval_numerics
 
     t, a = cfg.train, cfg.attack
     if t.threads:
@@ -245,6 +245,8 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, progress: bool) -> None:
         "run_id": run_dir.name,
         "steps_total": n_steps,
         "n_prompts": cfg.eval.n_prompts,
+        # no autocast here: training and evaluation in the weights' own dtype
+        "eval_numerics": eval_numerics(next(model.parameters()).dtype, None),
     }
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []

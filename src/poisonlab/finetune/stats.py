@@ -7,10 +7,16 @@ quasi-binomial scale, since seeds spread more than binomially)
 
 puts both on one scale. If the count matters, ASR does not change with C at fixed N: c = 0. If the
 fraction N / C matters, it depends on log N - log C only: c = -b. The elasticity e = -c / b reads
-like the pretraining slope: 0 = a constant count, 1 = a constant fraction. Its 95% interval is the
-delta method on the quasi-binomial covariance: on simulated sweeps of this preset's shape (4 N x 2
-sizes x 3 seeds, 64 prompts, run-level noise) it covered the true e in 93% (e = 0) and 91% (e = 1) of
-200 sweeps each, where a bootstrap over runs within cells covered 83% (tests/test_finetune_stats.py).
+like the pretraining slope: 0 = a constant count, 1 = a constant fraction.
+
+Intervals: the scale is estimated from the runs' Pearson X2 on few degrees of freedom (the preset: 18
+poisoned runs, 3 coefficients, 15), so b and c get Student t intervals on those degrees of freedom,
+and e, a ratio, Fieller's interval with the same t: the e for which c + e b = 0 is not rejected. It
+is unbounded when b itself is not clearly above 0 (then N's effect is too uncertain to turn into
+an elasticity), and asymmetric when b is small. On 1,000 simulated sweeps of the preset's design (N
+10/25/50 x C 200/2000 x 3 seeds, 64 requests) at the dispersion measured on its archive (Pearson scale
+~38), it covered the true e in 98% (e = 0) and 97% (e = 1) of sweeps, where the delta method covered
+99% and 86% with the same t, 97% and 84% with z (tests/test_finetune_stats.py; docs/finetuning.md).
 Runs without poisons do not enter (log 0).
 """
 
@@ -34,7 +40,8 @@ def _fit(n: np.ndarray, c: np.ndarray, k: np.ndarray, trials: np.ndarray) -> Any
         warnings.simplefilter("ignore", PerfectSeparationWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         try:
-            res = sm.GLM(k / trials, x, family=sm.families.Binomial(), var_weights=trials).fit(scale="X2")
+            res = sm.GLM(k / trials, x, family=sm.families.Binomial(), var_weights=trials).fit(
+                scale="X2", use_t=True)  # intervals by t on the residual degrees of freedom
         except (ValueError, np.linalg.LinAlgError):
             return None
     if not np.all(np.isfinite(res.params)):
@@ -64,16 +71,32 @@ def elasticity(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
         "c_ci": [float(ci[2, 0]), float(ci[2, 1])],
         "runs": len(rows),
         "scale": float(res.scale),
+        "df": float(res.df_resid),
         "e": None,
         "e_ci": None,
     }
     if b > 0:  # more poisons must help, or e means nothing
         cov = np.asarray(res.cov_params())
-        grad = np.array([0.0, cc / b**2, -1.0 / b])  # d(-c/b) / d(a, b, c)
-        se = float(math.sqrt(max(grad @ cov @ grad, 0.0)))
-        e = -cc / b
-        out.update(e=e, e_se=se, e_ci=[e - 1.96 * se, e + 1.96 * se])
+        grad = np.array([0.0, cc / b**2, -1.0 / b])  # d(-c/b) / d(a, b, c): the delta method's se
+        out.update(e=-cc / b, e_se=float(math.sqrt(max(grad @ cov @ grad, 0.0))),
+                   e_ci=fieller(b, cc, cov[1, 1], cov[2, 2], cov[1, 2], float(res.df_resid)))
     return out
+
+
+def fieller(b: float, c: float, vbb: float, vcc: float, vbc: float, df: float,
+            level: float = 0.95) -> list[float] | None:
+    """Fieller's interval for e = -c / b from the estimates and their covariance, by Student t on
+    `df`: the e with (c + e b)^2 <= t^2 Var(c + e b). None when that set is unbounded (b is not
+    clearly nonzero at this level)."""
+    from scipy.stats import t as student
+
+    t2 = float(student.ppf(0.5 + level / 2, df)) ** 2
+    qa, qb, qc = b * b - t2 * vbb, 2 * (b * c - t2 * vbc), c * c - t2 * vcc
+    disc = qb * qb - 4 * qa * qc
+    if qa <= 0 or disc < 0:
+        return None
+    r = math.sqrt(disc)
+    return [float((-qb - r) / (2 * qa)), float((-qb + r) / (2 * qa))]
 
 
 def reading(fit: dict[str, Any] | None) -> str:
@@ -84,7 +107,8 @@ def reading(fit: dict[str, Any] | None) -> str:
         )
     e, ci = fit["e"], fit.get("e_ci")
     if not ci:
-        return f"Elasticity e = {e:.2f} (no interval)."
+        return (f"Elasticity e = {e:.2f}, its 95% interval unbounded (N's effect b is not clearly above "
+                "0): too uncertain to tell a count from a fraction.")
     lo, hi = ci
     if lo <= 0 <= hi and not lo <= 1 <= hi:
         verdict = "consistent with a constant count, not a constant fraction"
