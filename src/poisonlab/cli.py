@@ -451,13 +451,17 @@ def results_cmd(
     json_: Annotated[bool, typer.Option("--json", help="print the summary rows as JSON")] = False,
     threshold: Annotated[float, typer.Option(help="ASR counted as success")] = 0.5,
     unfinished: Annotated[bool, typer.Option("--unfinished", help="include runs without DONE")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="every column (about 200 characters wide)")] = False,
 ) -> None:
-    """Summary per size and N over seeds: final gap, ASR, specificity, the poisons each seed needed for
-    sustained success (median, min-max, censored runs)."""
+    """Summary per size and N over seeds: final ASR, gap, the highest unrelated look-alike's ASR, the
+    poisons each seed needed for sustained success (median, min-max, censored runs); --wide adds
+    parameters, seeds, specificity, near-trigger ASR, validation loss, effective poisons, first success
+    and poisons per token."""
     import json
 
     from poisonlab.report_finetune import is_finetune_dir
-    from poisonlab.results import failed_runs, gather, summarize, summary_table, unfinished_note
+    from poisonlab.results import failed_runs, gather, summarize, unfinished_note
+    from poisonlab.results_table import COMPACT_WIDTH, compact_table, wide_table
 
     if path.is_dir() and is_finetune_dir(path):
         _finetune_results(path, json_, threshold, unfinished)
@@ -470,11 +474,14 @@ def results_cmd(
     if not rows:
         console.print("no finished runs yet (use --unfinished to see runs in progress)")
     else:
-        wide = None if sys.stdout.isatty() else 200  # piped: do not squeeze the table into 80 columns
-        title = (f"{path}: final evaluation over training / poison-set seeds, mean ± std or mean (min to "
-                 "max); needed: poisons seen when ASR became sustained, median (min-max), '>' a lower bound "
-                 "where seeds never got there (censored)")
-        Console(width=wide).print(summary_table(rows, title=title))
+        tty = sys.stdout.isatty()
+        if wide:  # piped: do not squeeze the wide table into 80 columns
+            title = (f"{path}: final evaluation over training / poison-set seeds, mean ± std or mean (min "
+                     "to max); needed: poisons seen when ASR became sustained, median (min-max), '>' a lower "
+                     "bound where seeds never got there (censored)")
+            Console(width=None if tty else 200).print(wide_table(rows, title=title))
+        else:
+            Console(width=None if tty else COMPACT_WIDTH).print(compact_table(rows, title=str(path)))
     note = unfinished_note(table, unfinished)
     if note:  # never mix in or leave out unfinished runs silently
         console.print(note + ("" if unfinished else " Use --unfinished to include them."), highlight=False)
