@@ -24,7 +24,7 @@ from poisonlab.finetune.config import is_finetune_run
 from poisonlab.finetune.stats import elasticity, reading, sustained_success
 from poisonlab.fsutil import atomic_path
 from poisonlab.report_figures import LINESTYLES, aggregate
-from poisonlab.report_html import CSS, esc, html_table, interval, save_figure
+from poisonlab.report_html import CSS, VIEWPORT, esc, html_table, interval, save_figure
 from poisonlab.report_language import mean_range
 
 Run = list[dict[str, Any]]
@@ -275,7 +275,8 @@ def build_finetune_report(
         )
         (out / "summary.json").write_text(json.dumps(table, indent=2, default=str))
         answer = reading(fit.get("uniform")) if "uniform" in fit else ""
-        doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>poisonlab fine-tuning report</title>
+        doc = f"""<!doctype html><html><head><meta charset="utf-8">{VIEWPORT}
+<title>poisonlab fine-tuning report</title>
 <style>{CSS}</style></head><body>
 <h1>Fine-tuning backdoors: {esc(root.name)}</h1>
 <p class="note">{esc(note)}</p>
