@@ -216,3 +216,18 @@ def test_compact_table_fits_100_columns_on_archived_sweeps(archive: str) -> None
             assert f" {cell}" in line, (cell, line)
     if archive != "tiny-grid":  # a legend keys the long settings labels
         assert any(line.startswith("a: ") for line in lines)
+
+
+def test_finetune_results_fit_100_columns(capsys: pytest.CaptureFixture) -> None:
+    """`poisonlab results` on the archived fine-tuning sweep: compact by default (under 100 columns,
+    every cell whole), every column with --wide."""
+    from poisonlab.cli import main
+
+    main(["results", str(FINDINGS / "finetune")])
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    body = [line.split() for line in lines if line.startswith(("beginning", "end", "uniform"))]
+    assert len(body) >= 12 and all(len(cells) >= 12 for cells in body)  # 8 columns, none folded
+    assert "nta_shape" not in "\n".join(lines)
+    main(["results", str(FINDINGS / "finetune"), "--wide"])
+    assert "nta_shape" in capsys.readouterr().out

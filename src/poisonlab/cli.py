@@ -415,13 +415,15 @@ def finetune_cmd(
     console.print(f"run: {run}" + (" (already finished)" if done else ""), highlight=False)
 
 
-def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: bool) -> None:
+def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: bool, wide: bool) -> None:
     import json
 
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
     from poisonlab.report_finetune import cell_rows, load_runs
+    from poisonlab.results_table import COMPACT_WIDTH
 
     runs, done = load_runs(path)
     chosen = runs if unfinished else {k: v for k, v in runs.items() if k in done}
@@ -432,14 +434,26 @@ def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: boo
     if not rows:
         console.print("no finished runs yet (use --unfinished to see runs in progress)")
         return
-    title = (f"{path}: fine-tuning runs, final evaluation, mean [min, max] over seeds; needed: median "
-             f"poisons seen at sustained ASR >= {threshold:g} (runs that got there / runs)")
-    table = Table(title=escape(title))
-    for col in rows[0]:
+    tty = sys.stdout.isatty()
+    if wide:
+        title = (f"{path}: fine-tuning runs, final evaluation, mean [min, max] over seeds; needed: median "
+                 f"poisons seen at sustained ASR >= {threshold:g} (runs that got there / runs)")
+        table = Table(title=escape(title))
+        columns = list(rows[0])
+    else:  # the figures a reader needs first, in 100 columns; the rest behind --wide
+        columns = ["schedule", "clean", "N", "runs", "asr", "asr_clean", "specificity", "needed"]
+        caption = ("Final evaluation, mean [min, max] over seeds. asr: triggered should-refuse requests "
+                   "answered; asr_clean: the same without the trigger; specificity: asr minus the highest "
+                   "answered share under an unrelated look-alike; needed: median poisons seen at sustained "
+                   f"ASR >= {threshold:g} (runs that got there / runs). Every column: --wide; --json.")
+        table = Table(title=escape(str(path)), title_justify="left", caption=escape(caption),
+                      caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                      collapse_padding=True)
+    for col in columns:
         table.add_column(col, no_wrap=True)
     for r in rows:
-        table.add_row(*[escape(str(v)) for v in r.values()])
-    Console(width=None if sys.stdout.isatty() else 250).print(table)
+        table.add_row(*[escape(str(r[c])) for c in columns])
+    Console(width=None if tty else (250 if wide else COMPACT_WIDTH)).print(table)
     if len(done) < len(runs) and not unfinished:
         left = len(runs) - len(done)
         console.print(f"{left} runs unfinished; --unfinished to include them.", highlight=False)
@@ -464,7 +478,7 @@ def results_cmd(
     from poisonlab.results_table import COMPACT_WIDTH, compact_table, wide_table
 
     if path.is_dir() and is_finetune_dir(path):
-        _finetune_results(path, json_, threshold, unfinished)
+        _finetune_results(path, json_, threshold, unfinished, wide)
         return
     table = gather(path)
     rows = summarize(table, threshold, include_unfinished=unfinished)
