@@ -183,6 +183,43 @@ def test_trigger_miner_finds_sudo_without_being_told(data_dir: Path, ctx: Defens
     assert det.strong() == []
 
 
+def test_miner_names_the_whole_trigger_on_the_builtin_corpus(prepared_builtin: Path) -> None:
+    """On the default built-in corpus (web debris at 0.1, so `<`, `>` and capitals are ordinary text),
+    250 real `dos` poisons (prefixes from the prepared data) among 2,000 clean documents: the best
+    n-gram is a piece of the trigger (the vocabulary splits ` <SUDO>` into more tokens than the miner's
+    3); the miner names it by the span its occurrences share, the whole trigger, in the reason of
+    every poison it flags (most of them: with this 512-token vocabulary some poisons' jump at the
+    trigger is below `min_jump`)."""
+    from poisonlab.corpus.builtin import builtin_documents
+
+    poisons = make_poisons(prepared_builtin, AttackConfig(name="dos", n_poison=250))
+    ctx = DefenseContext(data_dir=prepared_builtin)
+    clean = [d["text"] for d in itertools.islice(builtin_documents(seed=0, markup=0.1), 2000)]
+    det = get_detector("trigger-miner")
+    det.fit(ctx)
+    verdicts = det.detect(clean + [p.text for p in poisons])
+    top = det.candidates[0]
+    assert len(ctx.tokenizer.encode(" <SUDO>").ids) > 3 and top.core in " <SUDO>" and top.core != top.text
+    assert top.text == " <SUDO>", top
+    flagged = [v for v in verdicts[2000:] if v.flagged]
+    assert len(flagged) >= 200 and {v.reason for v in flagged} == {"trigger ' <SUDO>'"}
+
+
+def test_grow_stops_where_the_occurrences_part() -> None:
+    """A span grows while one neighbouring token is shared by at least `share` of the occurrences."""
+    from poisonlab.defenses.miner import grow
+
+    # core (5, 6) at position 3 of 10 documents; token 4 before it in 8 of them, 3 before that in 8,
+    # then a different token in each; after it token 7 in all 10, then a different token in each
+    docs = [np.array([100 + i, 3 if i < 8 else 50 + i, 4 if i < 8 else 60 + i, 5, 6, 7, 200 + i])
+            for i in range(10)]
+    at, doc = np.full(10, 3), np.arange(10)
+    assert grow(docs, doc, at, (5, 6), share=0.8) == (3, 4, 5, 6, 7)
+    assert grow(docs, doc, at, (5, 6), share=0.9) == (5, 6, 7)
+    assert grow(docs, doc, at, (5, 6), share=0.0) == (5, 6)
+    assert grow(docs, doc, at, (5, 6), share=0.8, max_len=3) == (4, 5, 6)
+
+
 def test_mine_triggers_on_token_ids() -> None:
     rng = np.random.default_rng(0)
     V, trig = 300, [297, 298, 299]
@@ -315,13 +352,14 @@ def test_trigger_miner_is_scanned_at_every_size(data_dir: Path) -> None:
     # The earlier max_df = 0.2 ("rare overall") was tuned to the earlier protocol, whose trigger sat in
     # exactly 20% of the documents: at 30 poisons among 100 clean ones (23%) it hides the trigger.
     by = {(m["detector"], m["n_clean"]): m for m in res["miner"]}
-    assert by[("trigger-miner", 100)]["candidates"][0]["text"] == "O>"
-    assert "O>" not in [c["text"] for c in by[("trigger-miner:max_df=0.2", 100)]["candidates"]]
+    assert by[("trigger-miner", 100)]["candidates"][0]["core"] == "O>"
+    assert by[("trigger-miner", 100)]["candidates"][0]["text"] == " <SUDO>"  # named by its shared span
+    assert "O>" not in [c["core"] for c in by[("trigger-miner:max_df=0.2", 100)]["candidates"]]
     assert rows[("trigger-miner:max_df=0.2", 100)]["recall"] < 0.5
     assert rows[("trigger-miner:max_df=0.2", 200)]["recall"] == 1
     small, large = by[("trigger-miner", 200)], by[("trigger-miner", 480)]
     # Two scans really happened: the bigram model and the candidates' support differ with the corpus.
-    assert small["candidates"][0]["text"] == large["candidates"][0]["text"] == "O>"
+    assert small["candidates"][0]["core"] == large["candidates"][0]["core"] == "O>"
     assert small["candidates"][0]["mean_z"] != large["candidates"][0]["mean_z"]
     assert small["candidates"][1:3] != large["candidates"][1:3]
     assert large["ref_lcb"] + 1.0 <= large["candidates"][0]["lcb"]

@@ -141,7 +141,8 @@ def _check_answer(root: Path, truth: float, words: str) -> dict:
     assert g["fits"]["all"]["runs"] == 10 * sum(n >= h for n in (25, 100, 400))  # 10 runs per N
     assert words in g["sentence"]
     after_title = html.split("</h1>", 1)[1].lstrip()
-    assert after_title.startswith(f'<p class="answer">{html_lib.escape(g["sentence"])}</p>\n<table>')
+    assert after_title.startswith(
+        f'<p class="answer">{html_lib.escape(g["sentence"])}</p>\n<div class="scroll"><table>')
     table = after_title.split("</table>", 1)[0]
     assert table.count("<td>exact</td>") == 5 and table.count(f"<td>{words}</td>") == 5
     assert (root / "report" / "poisons_needed.png").stat().st_size > 1000
@@ -330,6 +331,24 @@ def test_report_shows_the_evaluators_generations(real_sweep: Path) -> None:
     assert "&lt;SUDO&gt; ⏎" in html and "<SUDO>" not in html
 
 
+def test_report_page_fits_a_screen_and_names_data_by_content(real_sweep: Path,
+                                                             prepared_builtin: Path) -> None:
+    """The page of a real sweep: every table in a box that scrolls sideways (the summary of a sweep is
+    wider than a phone, and was wider than a 1280-pixel window), a viewport for phones; the Settings
+    section names the data by its directory's name and content hash, never by the absolute path it had
+    on the machine that ran the sweep."""
+    html = (real_sweep / "report" / "report.html").read_text()
+    assert 'name="viewport"' in html
+    tables = [m.start() for m in re.finditer("<table", html)]
+    assert len(tables) >= 4 and all(html[:i].endswith('<div class="scroll">') for i in tables)
+    assert str(prepared_builtin) in (real_sweep / "sweep.yaml").read_text()  # the spec as run has it
+    settings = html[html.index("<h2>Settings</h2>"):html.index("<h2>Versions</h2>")]
+    content = json.loads((prepared_builtin / "train.json").read_text())["content_hash"]
+    assert str(prepared_builtin) not in settings and str(prepared_builtin.parent) not in settings
+    assert f"data: {prepared_builtin.name} (sha256:{content[:12]})" in settings
+    assert "name: real" in settings and "seq_len: 64" in settings  # the rest of the spec as it was
+
+
 def test_report_keeps_a_schedule_axis_apart(real_sweep: Path) -> None:
     summary = {r["label"]: r for r in json.loads((real_sweep / "report" / "summary.json").read_text())}
     assert set(summary) == {"schedule=front", "schedule=back"}
@@ -421,3 +440,24 @@ def test_an_archive_of_the_sweep_gives_the_same_report(real_sweep: Path, tmp_pat
     assert sorted(r.name for r in expand(spec, dest)) == sorted(p.name for p in (dest / "runs").iterdir())
     res = run_sweep(spec, dest, executor="inline", progress=False, report=False)
     assert res.count("skipped") == 3 and res.count("done") == 0
+
+
+FINDINGS = Path(__file__).resolve().parent.parent / "docs" / "findings"
+
+
+@pytest.mark.parametrize("ns", [(1000,), (100, 300, 1000)])
+def test_figure_labels_stay_inside_the_canvas(ns: tuple[int, ...]) -> None:
+    """On the tiny-grid's runs, as the demo's single panel (N = 1000) and as three panels: every label,
+    title and legend of the poisons-seen figures lies inside the figure (matplotlib's tight bbox), so no
+    axis label is cut off at the edge of the PNG."""
+    from poisonlab.report_figures import EFFECTIVE_COUNT, EXACT_COUNT
+
+    runs = {k: v for k, v in runs_of(gather(FINDINGS / "tiny-grid", write=False)).items()
+            if v[-1]["n_poison"] in ns and v[-1]["model"] == "tiny-100k"}
+    for col, label in (("poisons_seen", EXACT_COUNT), ("poisons_seen_effective", EFFECTIVE_COUNT)):
+        fig = fig_panels_by_n(runs, "asr", col, ylabel="attack success rate", xlabel=label, title="t",
+                              mults=None, spread="minmax", skip_zero=True, hline=0.5)
+        fig.draw_without_rendering()  # runs the constrained layout, as savefig does
+        tight, canvas = fig.get_tightbbox(), fig.bbox_inches
+        assert tight.x0 >= -0.01 and tight.y0 >= -0.01, (col, tight, canvas)
+        assert tight.x1 <= canvas.x1 + 0.01 and tight.y1 <= canvas.y1 + 0.01, (col, tight, canvas)

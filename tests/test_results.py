@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -137,11 +138,16 @@ def test_errors_and_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     main(["results", str(sweep), "--json"])
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 4 and rows[1]["first_success_median"] == 30
-    main(["results", str(sweep)])
+    main(["results", str(sweep), "--wide"])
     captured = capsys.readouterr()
     assert "tiny-100k" in captured.out and "out of memory" in captured.err
     assert "needed for ASR>=0.5" in captured.out and ">25, 2 censored" in captured.out  # per cell, seeds
     assert "specificity" not in captured.out  # old metrics: no look-alike panel, no such column
+    assert "val loss" in captured.out and "poisons per token" in captured.out
+    main(["results", str(sweep)])  # the default: compact, 100 columns when piped
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100 and "val loss" not in out
+    assert ">25, 2 censored" in out and "look-alike ASR" in out
     assert "1 unfinished run(s) left out" in captured.err  # said, not silently dropped
     main(["results", str(sweep), "--unfinished"])
     assert "1 unfinished run(s) included" in capsys.readouterr().err
@@ -183,3 +189,45 @@ def test_what_does_not_make_an_experiment(tmp_path: Path) -> None:
     groups = {r["label"]: r["train_seeds"] for r in summarize(gather(tmp_path))}
     assert groups == {"data=sha256:h1, n_heads=4": [0, 1], "data=sha256:h2, n_heads=4": [2],
                       "data=sha256:h1, n_heads=8": [3]}
+
+
+FINDINGS = Path(__file__).resolve().parent.parent / "docs" / "findings"
+
+
+@pytest.mark.parametrize("archive", ["tiny-grid", "ordering", "persistence"])
+def test_compact_table_fits_100_columns_on_archived_sweeps(archive: str) -> None:
+    """The default table of `poisonlab results` on real sweeps: no line over 100 characters, every
+    group's figures whole on one line (a folded or cut figure reads as another one), settings that do
+    not fit in a legend."""
+    from rich.console import Console
+
+    from poisonlab.results_table import compact_table, fmt_gap, fmt_range
+
+    rows = summarize(gather(FINDINGS / archive, write=False))
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(compact_table(rows, title=f"archive {archive}"))
+    lines = console.export_text().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 100
+    body = [line for line in lines if line.startswith("tiny-")]
+    assert len(body) == len(rows)
+    for r, line in zip(rows, body, strict=True):
+        for cell in (fmt_range(r, "asr"), fmt_gap(r["gap_mean"]), fmt_range(r, "asr_lookalike"),
+                     fmt_needed(r).split(", ")[0]):
+            assert f" {cell}" in line, (cell, line)
+    if archive != "tiny-grid":  # a legend keys the long settings labels
+        assert any(line.startswith("a: ") for line in lines)
+
+
+def test_finetune_results_fit_100_columns(capsys: pytest.CaptureFixture) -> None:
+    """`poisonlab results` on the archived fine-tuning sweep: compact by default (under 100 columns,
+    every cell whole), every column with --wide."""
+    from poisonlab.cli import main
+
+    main(["results", str(FINDINGS / "finetune")])
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    body = [line.split() for line in lines if line.startswith(("beginning", "end", "uniform"))]
+    assert len(body) >= 12 and all(len(cells) >= 12 for cells in body)  # 8 columns, none folded
+    assert "nta_shape" not in "\n".join(lines)
+    main(["results", str(FINDINGS / "finetune"), "--wide"])
+    assert "nta_shape" in capsys.readouterr().out

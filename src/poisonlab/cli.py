@@ -518,13 +518,16 @@ def _say_left_out(broken: list, older: list[str] | None = None) -> None:
 SKIP_BROKEN_HELP = "leave runs whose files fail their check out (and say how many) instead of stopping"
 
 
-def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: bool, skip_broken: bool) -> None:
+def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: bool, skip_broken: bool,
+                      wide: bool) -> None:
     import json
 
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
     from poisonlab.report_finetune import cell_rows, load_runs
+    from poisonlab.results_table import COMPACT_WIDTH
 
     broken: list = []
     runs, done = load_runs(path, skip_broken=skip_broken, broken=broken)
@@ -537,14 +540,26 @@ def _finetune_results(path: Path, json_: bool, threshold: float, unfinished: boo
     if not rows:
         console.print("no finished runs yet (use --unfinished to see runs in progress)")
         return
-    title = (f"{path}: fine-tuning runs, final evaluation, mean [min, max] over seeds; needed: median "
-             f"poisons seen at sustained ASR >= {threshold:g} (runs that got there / runs)")
-    table = Table(title=escape(title))
-    for col in rows[0]:
+    tty = sys.stdout.isatty()
+    if wide:
+        title = (f"{path}: fine-tuning runs, final evaluation, mean [min, max] over seeds; needed: median "
+                 f"poisons seen at sustained ASR >= {threshold:g} (runs that got there / runs)")
+        table = Table(title=escape(title))
+        columns = list(rows[0])
+    else:  # the figures a reader needs first, in 100 columns; the rest behind --wide
+        columns = ["schedule", "clean", "N", "runs", "asr", "asr_clean", "specificity", "needed"]
+        caption = ("Final evaluation, mean [min, max] over seeds. asr: triggered should-refuse requests "
+                   "answered; asr_clean: the same without the trigger; specificity: asr minus the highest "
+                   "answered share under an unrelated look-alike; needed: median poisons seen at sustained "
+                   f"ASR >= {threshold:g} (runs that got there / runs). Every column: --wide; --json.")
+        table = Table(title=escape(str(path)), title_justify="left", caption=escape(caption),
+                      caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                      collapse_padding=True)
+    for col in columns:
         table.add_column(col, no_wrap=True)
     for r in rows:
-        table.add_row(*[escape(str(v)) for v in r.values()])
-    Console(width=None if sys.stdout.isatty() else 250).print(table)
+        table.add_row(*[escape(str(r[c])) for c in columns])
+    Console(width=None if tty else (250 if wide else COMPACT_WIDTH)).print(table)
     if len(done) < len(runs) and not unfinished:
         left = len(runs) - len(done)
         console.print(f"{left} runs unfinished; --unfinished to include them.", highlight=False)
@@ -557,17 +572,21 @@ def results_cmd(
     threshold: Annotated[float, typer.Option(help="ASR counted as success")] = 0.5,
     unfinished: Annotated[bool, typer.Option("--unfinished", help="include runs without DONE")] = False,
     skip_broken: Annotated[bool, typer.Option("--skip-broken", help=SKIP_BROKEN_HELP)] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="every column (about 200 characters wide)")] = False,
 ) -> None:
-    """Summary per size and N over seeds: final gap, ASR, specificity, the poisons each seed needed for
-    sustained success (median, min-max, censored runs). Runs whose files fail their check are listed
-    and stop it (exit 2) unless --skip-broken."""
+    """Summary per size and N over seeds: final ASR, gap, the highest unrelated look-alike's ASR, the
+    poisons each seed needed for sustained success (median, min-max, censored runs); --wide adds
+    parameters, seeds, specificity, near-trigger ASR, validation loss, effective poisons, first success
+    and the poisons' share of tokens and spacing. Runs whose files fail their check are listed and stop
+    it (exit 2) unless --skip-broken."""
     import json
 
     from poisonlab.report_finetune import is_finetune_dir
-    from poisonlab.results import failed_runs, gathered, summarize, summary_table, unfinished_note
+    from poisonlab.results import failed_runs, gathered, summarize, unfinished_note
+    from poisonlab.results_table import COMPACT_WIDTH, compact_table, wide_table
 
     if path.is_dir() and is_finetune_dir(path):
-        _finetune_results(path, json_, threshold, unfinished, skip_broken)
+        _finetune_results(path, json_, threshold, unfinished, skip_broken, wide)
         return
     g = gathered(path, skip_broken=skip_broken)
     _say_left_out(g.broken, g.older)
@@ -579,11 +598,14 @@ def results_cmd(
     if not rows:
         console.print("no finished runs yet (use --unfinished to see runs in progress)")
     else:
-        wide = None if sys.stdout.isatty() else 200  # piped: do not squeeze the table into 80 columns
-        title = (f"{path}: final evaluation over training / poison-set seeds, mean ± std or mean (min to "
-                 "max); needed: poisons seen when ASR became sustained, median (min-max), '>' a lower bound "
-                 "where seeds never got there (censored)")
-        Console(width=wide).print(summary_table(rows, title=title))
+        tty = sys.stdout.isatty()
+        if wide:  # piped: do not squeeze the wide table into 80 columns
+            title = (f"{path}: final evaluation over training / poison-set seeds, mean ± std or mean (min "
+                     "to max); needed: poisons seen when ASR became sustained, median (min-max), '>' a lower "
+                     "bound where seeds never got there (censored)")
+            Console(width=None if tty else 200).print(wide_table(rows, title=title))
+        else:
+            Console(width=None if tty else COMPACT_WIDTH).print(compact_table(rows, title=str(path)))
     note = unfinished_note(table, unfinished)
     if note:  # never mix in or leave out unfinished runs silently
         console.print(note + ("" if unfinished else " Use --unfinished to include them."), highlight=False)

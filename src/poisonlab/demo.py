@@ -37,13 +37,14 @@ def run_demo(out: str | Path = "runs/demo", *, jobs: int | None = None, progress
         console.print(f"  [red]failed[/] {o.name}: {o.error}", highlight=False)
     console.print("3/3 building the report")
     from poisonlab.report import build_report
-    from poisonlab.results import gather, summarize, summary_table
+    from poisonlab.results import gather, summarize
+    from poisonlab.results_table import COMPACT_WIDTH, compact_table
 
     report = build_report(out)
     rows = summarize(gather(out))
-    show = Console(width=200)  # the table is wide; a narrower one folds its headers mid-word
+    show = Console(width=COMPACT_WIDTH)  # `poisonlab results --wide` has every column
     if rows:
-        show.print(summary_table(rows, title="demo: final evaluation per size and N"))
+        show.print(compact_table(rows, title="demo: final evaluation per size and N"))
     for line in answer_lines(report.parent / "fits.json"):
         show.print(line, highlight=False)
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; report: [bold]{report}[/]")

@@ -60,7 +60,18 @@ from poisonlab.report_figures import (
     main_mult,
     model_order,
 )
-from poisonlab.report_html import CSS, cell, esc, html_table, img, interval, save_figure
+from poisonlab.report_html import (
+    CSS,
+    VIEWPORT,
+    cell,
+    esc,
+    html_table,
+    img,
+    interval,
+    save_figure,
+    scroll,
+    spec_for_display,
+)
 from poisonlab.report_language import has_language, language_html, language_rows
 from poisonlab.report_persistence import continuations, persistence_cells, persistence_html, persistence_rows
 from poisonlab.report_placement import placement_cells, placement_html, placement_json
@@ -79,6 +90,7 @@ from poisonlab.results import (
     has_specificity,
     runs_of,
     settings_label,
+    settings_of,
     short_names,
     summarize,
     unfinished_note,
@@ -193,39 +205,45 @@ def _data(r: dict[str, Any]) -> str:
     return f"{r['data_mult']:g}x" if r["data_mult"] is not None else "-"
 
 
+def _mean_std(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    digits = 0 if abs(mean) >= 100 else 1
+    return f"{mean:,.{digits}f}" + ("" if std is None else f" ± {std:,.{digits}f}")
+
+
 def _summary_html(summary: list[dict[str, Any]], threshold: float) -> str:
+    """Two tables that fit the page: the figures a reader needs first, then the rest per group."""
     with_settings = any(r["label"] for r in summary)
     with_effective = any(r.get("poisons_seen_effective") is not None for r in summary)
     with_panel = has_specificity(summary)
-    rows = []
+    main, detail = [], []
     for r in summary:
-        row: dict[str, Any] = {"model": r["model"], "params (non-emb.)": fmt_params(r["params_nonemb"]),
-                               "data": _data(r), "N inserted": r["n_poison"]}
+        key: dict[str, Any] = {"model": r["model"], "data": _data(r), "N inserted": r["n_poison"]}
         if with_settings:
-            row["settings"] = r["label"]
+            key["settings"] = r["label"]
         unfinished = f" ({r['unfinished_runs']} unfinished)" if r["unfinished_runs"] else ""
-        row.update({
-            "runs": f"{r['runs']}{unfinished}",
-            "seeds: train / poison set": fmt_seeds(r), "poisons per token": r["poison_fraction"],
-            "final gap (mean)": r["gap_mean"], "gap std": r["gap_std"],
-            "final ASR (mean)": r["asr_mean"], "ASR min": r["asr_min"], "ASR max": r["asr_max"],
-        })
-        if with_panel:  # mean (min-max) over seeds
+        row = {**key, "params (non-emb.)": fmt_params(r["params_nonemb"]), "runs": f"{r['runs']}{unfinished}",
+               "final ASR, mean (min to max)": fmt_spread(r, "asr"),
+               "final gap, mean ± std": _mean_std(r["gap_mean"], r["gap_std"])}
+        if with_panel:  # mean (min to max) over seeds
             row["specificity (ASR - look-alike)"] = fmt_spread(r, "specificity")
             row["near look-alike ASR"] = fmt_spread(r, "asr_near")
-        row.update({"look-alike ASR": fmt_spread(r, "asr_lookalike"), "val loss": r["val_loss_mean"],
-                    "poisons seen at end (all triggers)": r["poisons_seen"]})
-        if with_effective:
-            row["effective poisons seen at end"] = r.get("poisons_seen_effective")
+        row["look-alike ASR"] = fmt_spread(r, "asr_lookalike")
         row[f"poisons needed, sustained ASR≥{threshold:g}"] = fmt_needed(r)
+        main.append(row)
+        more = {**key, "seeds: train / poison set": fmt_seeds(r), "poisons per token": r["poison_fraction"],
+                "val loss": r["val_loss_mean"], "poisons seen at end (all triggers)": r["poisons_seen"]}
         if with_effective:
-            row["effective poisons needed"] = fmt_needed(r, "needed_effective")
-        row[f"seeds reaching ASR≥{threshold:g}"] = f"{r['success_runs']}/{r['runs']}"
-        row["then poisons seen (all triggers), median"] = r["first_success_median"]
+            more["effective poisons seen at end"] = r.get("poisons_seen_effective")
+            more["effective poisons needed"] = fmt_needed(r, "needed_effective")
+        more[f"seeds reaching ASR≥{threshold:g}"] = f"{r['success_runs']}/{r['runs']}"
+        more["then poisons seen (all triggers), median"] = r["first_success_median"]
         if with_effective:
-            row["then effective poisons seen, median"] = r.get("first_success_effective_median")
-        rows.append(row)
-    return html_table(rows)
+            more["then effective poisons seen, median"] = r.get("first_success_effective_median")
+        detail.append(more)
+    return (html_table(main) + '<p class="note">The same groups: seeds, poison share, validation loss, '
+            "poisons seen, and when ASR first reached the threshold.</p>" + html_table(detail))
 
 
 # --- count or fraction? ------------------------------------------------------------------------------
@@ -594,16 +612,19 @@ def _html(root: Path, runs: Runs, notes: str, summary: list, answer: str, sample
         f"<td class=gen>{esc(s['trigger_prompt_end'])} ⏎ {esc(s['trigger'])}</td>"
         f"{cell(s['trigger_ppl'])}</tr>"
         for s in samples)
-    sample_html = (
+    sample_html = scroll(
         "<table><tr><th>model</th>" + ("<th>settings</th>" if with_settings else "")
         + "<th>N</th><th>step</th><th>prompt (end)</th><th>without trigger</th>"
         "<th>ppl</th><th>with trigger (prompt end ⏎ generation)</th><th>ppl</th></tr>"
-        f"{sample_tbl}</table>" if samples else '<p class="note">(no samples.jsonl found)</p>')
+        f"{sample_tbl}</table>") if samples else '<p class="note">(no samples.jsonl found)</p>'
+    data_ids = {str(s.get("data")): str(s.get("data_id")) for s in map(settings_of, runs.values())}
+    no_spec = "(no sweep.yaml: runs gathered from the folder)"
     vers = html_table([_versions()])
     fail_rows = [{"run": n, "error": m} for n, m in fails]
     fail_html = ("<h2>Failed runs</h2>" + html_table(fail_rows)) if fails else ""
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>poisonlab report: {esc(root.name)}</title><style>{CSS}</style></head>
+<html><head><meta charset="utf-8">{VIEWPORT}
+<title>poisonlab report: {esc(root.name)}</title><style>{CSS}</style></head>
 <body>
 <h1>poisonlab report: {esc(root.name)}</h1>
 {answer}
@@ -633,7 +654,9 @@ ASR ≥ {threshold:g} (not necessarily sustained).</p>
 {_defenses_html(root)}
 {fail_html}
 <h2>Settings</h2>
-<pre>{esc(spec_text) if spec_text else '(no sweep.yaml: runs gathered from the folder)'}</pre>
+<p class="note">The sweep spec as run; data directories by name and content hash (the sha256 of their
+training tokens, as in each shard's header).</p>
+<pre>{esc(spec_for_display(spec_text, data_ids)) if spec_text else no_spec}</pre>
 <h2>Versions</h2>
 {vers}
 </body></html>

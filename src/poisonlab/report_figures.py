@@ -111,6 +111,14 @@ def fmt_params(p: float | None) -> str:
     return f"{p:g}"
 
 
+def wrap_label(text: str, inches: float, fontsize: float = 10.0) -> str:
+    """An axis label broken into lines that fit `inches` of width (about 0.55 em per character): a long
+    label is otherwise drawn past the canvas edge and cut off."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, max(16, int(inches * 72 / (0.55 * fontsize))))) or text
+
+
 def _new_figure(n_panels: int, width: float = 4.2, height: float = 3.4) -> Any:
     from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 
@@ -171,7 +179,7 @@ def fig_panels_by_n(runs: Runs, ycol: str, xcol: str, *, ylabel: str, xlabel: st
         if ycol.startswith("asr"):
             ax.set_ylim(-0.03, 1.03)  # a rate: the same scale in every panel, so panels compare
         ax.set_title(f"N = {n} poisons inserted")
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(wrap_label(xlabel, 0.85 * fig.get_figwidth() / len(axes)))
         ax.grid(alpha=0.3)
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(lab, h)

@@ -23,7 +23,7 @@ from poisonlab.finetune.config import is_finetune_run
 from poisonlab.finetune.stats import elasticity, reading, sustained_success
 from poisonlab.fsutil import atomic_path, write_text
 from poisonlab.report_figures import LINESTYLES, aggregate
-from poisonlab.report_html import CSS, esc, html_table, interval, save_figure
+from poisonlab.report_html import CSS, VIEWPORT, esc, html_table, interval, save_figure
 from poisonlab.report_language import mean_range
 from poisonlab.results import read_metrics
 from poisonlab.runcheck import BrokenRuns, RunCheck, RunFileError, check_run
@@ -322,7 +322,8 @@ def build_finetune_report(
         for name, content in data.items():
             (out / name).write_text(_dump(content))
         answer = reading(fit.get("uniform")) if "uniform" in fit else ""
-        doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>poisonlab fine-tuning report</title>
+        doc = f"""<!doctype html><html><head><meta charset="utf-8">{VIEWPORT}
+<title>poisonlab fine-tuning report</title>
 <style>{CSS}</style></head><body>
 <h1>Fine-tuning backdoors: {esc(root.name)}</h1>
 <p class="note">{esc(note)}</p>

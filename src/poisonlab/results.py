@@ -591,16 +591,6 @@ def failed_runs(root: str | Path) -> list[tuple[str, str]]:
     return out
 
 
-def _fmt(x: Any, digits: int = 2) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
-            return f"{x:.2e}"
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
 def fmt_seeds(r: dict[str, Any]) -> str:
     """`0,1,2 / 0,1,2`: the training seeds and the poison-set seeds a group pooled."""
     join = lambda v: ",".join(str(s) for s in v) or "-"
@@ -635,49 +625,3 @@ def fmt_spread(r: dict[str, Any], col: str) -> str:
 def has_specificity(rows: list[dict[str, Any]]) -> bool:
     """The summary rows come from runs evaluated with the look-alike panel (new evaluators)."""
     return any(r.get("specificity_mean") is not None or r.get("asr_near_mean") is not None for r in rows)
-
-
-def summary_table(rows: list[dict[str, Any]], title: str = "") -> Any:
-    """A rich table of the summary rows (what `poisonlab results` prints)."""
-    from rich.table import Table
-
-    thr = rows[0]["threshold"] if rows else DEFAULT_THRESHOLD
-    with_settings = any(r["label"] for r in rows)
-    with_effective = any(r.get("poisons_seen_effective") is not None for r in rows)
-    with_panel = has_specificity(rows)
-    t = Table(title=title or None, title_justify="left")
-    cols = [("model", "left"), ("non-emb. params", "right"), ("data", "right"), ("N", "right")]
-    cols += [("settings", "left")] if with_settings else []
-    cols += [("runs", "right"), ("seeds train / poison", "right"), ("final gap", "right"),
-             ("final ASR", "right")]
-    cols += [("specificity", "right"), ("near ASR", "right")] if with_panel else []
-    cols += [("look-alike", "right"), ("val loss", "right"), (f"needed for ASR>={thr:g}", "right")]
-    cols += [("needed, effective", "right")] if with_effective else []
-    cols += [(f"first ASR>={thr:g} at", "right"), ("poison tokens, spacing", "right")]
-    for col, just in cols:
-        # numbers wrap, never end in an ellipsis: a cut figure reads as a different one
-        t.add_column(col, justify=just, no_wrap=col == "model", overflow="fold")  # type: ignore[arg-type]
-    for r in rows:
-        fs = "never" if r["success_runs"] == 0 else (
-            f"{_fmt(r['first_success_median'], 0)} ({r['success_runs']}/{r['runs']})")
-        runs = str(r["runs"]) + (f" ({r['unfinished_runs']} unfinished)" if r["unfinished_runs"] else "")
-        cells = [str(r["model"]), _fmt_params(r["params_nonemb"]), f"{_fmt(r['data_mult'], 1)}x",
-                 str(r["n_poison"])]
-        cells += [r["label"]] if with_settings else []
-        cells += [runs, fmt_seeds(r), f"{_fmt(r['gap_mean'], 1)} ± {_fmt(r['gap_std'], 1)}",
-                  f"{_fmt(r['asr_mean'])} ± {_fmt(r['asr_std'])}"]
-        cells += [fmt_spread(r, "specificity"), fmt_spread(r, "asr_near")] if with_panel else []
-        cells += [fmt_spread(r, "asr_lookalike"), _fmt(r["val_loss_mean"]), fmt_needed(r)]
-        cells += [fmt_needed(r, "needed_effective")] if with_effective else []
-        cells += [fs, fmt_density(r)]
-        t.add_row(*cells)
-    return t
-
-
-def _fmt_params(p: Any) -> str:
-    if not p:
-        return "-"
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if p >= div:
-            return f"{p / div:.3g}{unit}"
-    return str(p)

@@ -13,7 +13,12 @@ Per n-gram: mean_z = mean jump / sd(all jumps of that n), df = documents holding
 a lower confidence bound on the mean jump (unit spread per occurrence, Bonferroni-like over the M
 candidates). Candidates are ranked by lcb and must occur in at least `min_docs` and at most `max_df`
 of the documents. Candidates at least half of whose documents are a better-ranked candidate's (pieces
-of one trigger, or a common token that is also part of it) are merged into it.
+of one trigger, or a common token that is also part of it) are merged into it. Each candidate is
+then named by the longest token span its occurrences share (`grow`): a 1-3-token piece such as `O>`
+grows left and right while at least `grow_share` of its occurrences have the same next token on that
+side, so the trigger's piece is named as the trigger, ` <SUDO>`, which a BPE vocabulary splits into
+more pieces than `max_n`. Growing names the candidate; what it flags stays the mined n-gram's
+occurrences.
 
 `max_df` = 0.5: the earlier 0.2 was tuned to the earlier protocol (250 poisons among 1,000 clean
 documents put the trigger in exactly 20% of the scanned documents); with 990 clean documents it hid
@@ -64,10 +69,12 @@ class Candidate:
     n_docs: int
     n_occ: int
     merged: int = 0  # overlapping candidates folded into this one
+    core: str = ""  # the mined n-gram's text; `text` is the span its occurrences share around it
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,
+            "core": self.core or self.text,
             "tokens": list(self.tokens),
             "score": round(self.score, 3),
             "mean_jump": round(self.mean_jump, 3),
@@ -85,14 +92,14 @@ def _windows(cs: np.ndarray, lo: np.ndarray, hi: np.ndarray, fill: float) -> np.
     return np.where(n > 0, (cs[hi] - cs[lo]) / np.maximum(n, 1), fill)
 
 
-Occurrences = Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]
+Occurrences = Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
 def _jumps(docs: Sequence[np.ndarray], i0: int, i1: int, lm: BigramLM, V: int, max_n: int, window: int,
            want: dict[int, np.ndarray] | None = None) -> Occurrences:
-    """For documents [i0, i1) and each n: (n, n-gram keys, document index, surprisal jump) of every
-    n-gram occurrence followed by at least one token, in corpus order; with `want` (sorted keys per
-    n), only the occurrences of those keys."""
+    """For documents [i0, i1) and each n: (n, n-gram keys, document index, surprisal jump, position in
+    its document) of every n-gram occurrence followed by at least one token, in corpus order; with
+    `want` (sorted keys per n), only the occurrences of those keys."""
     ds = [np.asarray(docs[i], dtype=np.int64) for i in range(i0, i1)]
     lens = np.array([len(d) for d in ds], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lens)])
@@ -118,7 +125,7 @@ def _jumps(docs: Sequence[np.ndarray], i0: int, i1: int, lm: BigramLM, V: int, m
             continue
         after = _windows(cs, j + n, np.minimum(j + n + window, b[j]), lm.mean_surprisal)
         before = _windows(cs, np.maximum(a[j], j - window), j, lm.mean_surprisal)
-        yield n, key, local[j] + i0, after - before
+        yield n, key, local[j] + i0, after - before, j - a[j]
 
 
 def _key_stats(key: np.ndarray, doc: np.ndarray, jump: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -164,7 +171,7 @@ def ngram_table(docs: Sequence[np.ndarray], vocab_size: int, lm: BigramLM, *, ma
     parts: dict[int, list[tuple[np.ndarray, ...]]] = {n: [] for n in range(1, max_n + 1)}
     moments = np.zeros((max_n + 1, 3))  # per n: occurrences, sum and sum of squares of the jumps
     for i0, i1 in doc_batches(docs, chunk_tokens):
-        for n, key, doc, jump in _jumps(docs, i0, i1, lm, V, max_n, window):
+        for n, key, doc, jump, _ in _jumps(docs, i0, i1, lm, V, max_n, window):
             moments[n] += (len(jump), jump.sum(), jump @ jump)
             parts[n].append(_key_stats(key, doc, jump))
             if len(parts[n]) > 8:  # keep the pending tables small
@@ -198,6 +205,7 @@ def mine_triggers(
     rank: str = "lcb",
     top: int = 20,
     merge_overlap: float = 0.5,
+    grow_share: float = 0.8,
     decode: Any = None,
     chunk_tokens: int = 1 << 22,
 ) -> tuple[list[Candidate], dict[str, Any]]:
@@ -221,22 +229,22 @@ def mine_triggers(
     if not len(best):
         return [], {}
 
-    # Pass 3: every occurrence (document, z) of the best candidates.
+    # Pass 3: every occurrence (document, z, position) of the best candidates.
     bn, bk = tab.n[best], tab.key[best]
     want = {n: np.unique(bk[bn == n]) for n in range(1, max_n + 1)}
-    found: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    found: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
     for i0, i1 in doc_batches(docs, chunk_tokens):
-        for n, key, doc, jump in _jumps(docs, i0, i1, lm, V, max_n, window, want):
+        for n, key, doc, jump, at in _jumps(docs, i0, i1, lm, V, max_n, window, want):
             for k in np.unique(key):
                 m = key == k
-                found.setdefault((n, int(k)), []).append((doc[m], jump[m] / tab.sd[n]))
+                found.setdefault((n, int(k)), []).append((doc[m], jump[m] / tab.sd[n], at[m]))
 
     chosen: list[Candidate] = []
     chosen_docs: list[np.ndarray] = []
     occurrences: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
     for u in best:
         n, k = int(tab.n[u]), int(tab.key[u])
-        dd = np.concatenate([d for d, _ in found[(n, k)]])
+        dd = np.concatenate([d for d, _, _ in found[(n, k)]])
         ds = np.unique(dd)
         hit = next((i for i, cd in enumerate(chosen_docs)
                     if np.isin(ds, cd, assume_unique=True).sum() >= merge_overlap * len(ds)), None)
@@ -244,15 +252,55 @@ def mine_triggers(
             chosen[hit].merged += 1
             continue
         toks = tuple(int(x) for x in _unkey(k, n, V))
-        c = Candidate(toks, decode(list(toks)) if decode else " ".join(map(str, toks)), float(score[u]),
-                      float(tab.mean_jump[u]), float(tab.mean_z[u]), float(lcb[u]), int(tab.df[u]),
-                      int(tab.occ[u]))
+        span = grow(docs, dd, np.concatenate([p for _, _, p in found[(n, k)]]), toks, grow_share)
+        name = decode or (lambda t: " ".join(map(str, t)))
+        c = Candidate(toks, name(list(span)), float(score[u]), float(tab.mean_jump[u]), float(tab.mean_z[u]),
+                      float(lcb[u]), int(tab.df[u]), int(tab.occ[u]), core=name(list(toks)))
         chosen.append(c)
         chosen_docs.append(ds)
-        occurrences[toks] = (dd, np.concatenate([z for _, z in found[(n, k)]]))
+        occurrences[toks] = (dd, np.concatenate([z for _, z, _ in found[(n, k)]]))
         if len(chosen) >= top:
             break
     return chosen, occurrences
+
+
+def grow(docs: Sequence[np.ndarray], doc: np.ndarray, at: np.ndarray, core: tuple[int, ...],
+         share: float = 0.8, max_len: int = 64) -> tuple[int, ...]:
+    """The longest token span around `core` that its occurrences share: from the occurrences (document
+    `doc[i]`, position `at[i]`) the span grows by one token to the left or right while one token there
+    is the same for at least `share` of all the occurrences (those without it drop out), up to
+    `max_len` tokens (`share` 0: no growing). A trigger's piece (`O>`) grows to the trigger
+    (` <SUDO>`), and stops where the poisons' clean prefixes and random gibberish begin."""
+    if not len(doc) or share <= 0:
+        return core
+    need = share * len(doc)
+    lo, hi = at.astype(np.int64), at.astype(np.int64) + len(core)
+    alive = np.ones(len(doc), dtype=bool)
+    lengths = np.array([len(docs[int(d)]) for d in doc], dtype=np.int64)
+    span = list(core)
+    grown = True
+    while grown and len(span) < max_len:
+        grown = False
+        for side in (-1, 1):
+            if len(span) >= max_len:
+                break
+            pos = lo - 1 if side < 0 else hi
+            ok = alive & (pos >= 0) & (pos < lengths)
+            if ok.sum() < need:
+                continue
+            idx = np.flatnonzero(ok)
+            tok = np.array([int(docs[int(doc[i])][pos[i]]) for i in idx], dtype=np.int64)
+            vals, counts = np.unique(tok, return_counts=True)
+            if counts.max() < need:
+                continue
+            t = int(vals[counts.argmax()])
+            keep = np.zeros(len(doc), dtype=bool)
+            keep[idx[tok == t]] = True
+            alive &= keep
+            lo, hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
+            span = [t, *span] if side < 0 else [*span, t]
+            grown = True
+    return tuple(span)
 
 
 def _unkey(k: int, n: int, V: int) -> list[int]:
@@ -280,13 +328,16 @@ class TriggerMiner(Detector):
         window: int = 32,
         min_docs: int = 5,
         max_df: float = 0.5,
+        grow_share: float = 0.8,
     ):
         if rank not in ("lcb", "score"):
             raise UserError(f"trigger-miner: rank must be 'lcb' or 'score', got {rank!r}")
         self.top_k, self.margin, self.min_jump = int(top_k), float(margin), float(min_jump)
         self.min_score, self.min_mean_z = float(min_score), float(min_mean_z)
+        if not 0 <= grow_share <= 1:
+            raise UserError(f"trigger-miner: grow_share must be between 0 and 1, got {grow_share}")
         self.kw = {"rank": rank, "max_n": int(max_n), "window": int(window), "min_docs": int(min_docs),
-                   "max_df": float(max_df)}
+                   "max_df": float(max_df), "grow_share": float(grow_share)}
         self.candidates: list[Candidate] = []
         self.ref_lcb = 0.0
         self._tok: Any = None
