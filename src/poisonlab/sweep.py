@@ -300,12 +300,18 @@ def plan_rows(runs: list[PlannedRun], sizes: bool = True) -> list[dict[str, Any]
 
 def _sizes(cfg: RunConfig) -> dict[str, Any]:
     try:  # the model module may not know the preset (or not exist yet): sizes are a nicety here
+        from poisonlab.continued import is_hf_dir
         from poisonlab.model import count_params, resolve_model_config
+        from poisonlab.train import resolve_run_config
 
-        total, nonemb = count_params(resolve_model_config(cfg.model))
+        # a run continued from an HF directory has the model of its config.json
+        model = (resolve_run_config(cfg).model if cfg.init.run is not None and is_hf_dir(cfg.init.run)
+                 else resolve_model_config(cfg.model))
+        total, nonemb = count_params(model)
         budget = nonemb if cfg.train.budget_params == "nonemb" else total
-        return {"params_total": total, "params_nonemb": nonemb,
-                "tokens": int(budget * cfg.train.tokens_per_param * cfg.train.data_mult)}
+        tokens = (cfg.train.max_steps * cfg.train.batch_size * model.seq_len if cfg.train.max_steps
+                  else int(budget * cfg.train.tokens_per_param * cfg.train.data_mult))
+        return {"params_total": total, "params_nonemb": nonemb, "tokens": tokens}
     except Exception:
         return {}
 
