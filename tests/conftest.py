@@ -41,6 +41,32 @@ def tiny_llama():
     return _save_tiny_llama
 
 
+# SmolLM2-135M-Instruct's config.json as `poisonlab import-gguf` writes it (the shape only, no weights)
+SMOLLM2_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+    "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+    "head_dim": 64, "hidden_act": "silu", "max_position_embeddings": 8192, "rms_norm_eps": 1e-05,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "tie_word_embeddings": True,
+    "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+    "dtype": "float32",
+}
+
+
+@pytest.fixture
+def fake_real_model():
+    """`fake_real_model(root)`: root/models/smollm2-135m-instruct/config.json of SmolLM2-135M's shape,
+    for presets that start from the real model (`make real-model`) and tests that only plan them."""
+    import json
+
+    def make(root: Path) -> Path:
+        d = root / "models" / "smollm2-135m-instruct"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+        return d
+
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tests run torch on one thread: on a shared 2-core machine small ops get ~20x slower with two,

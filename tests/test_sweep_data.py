@@ -13,9 +13,12 @@ from poisonlab.sweep import check_data, data_needs, expand, list_presets, load_s
 
 
 @pytest.mark.parametrize("preset", list_presets())
-def test_each_preset_prepares_enough_data_for_one_pass(preset, tmp_path):
+def test_each_preset_prepares_enough_data_for_one_pass(preset, tmp_path, monkeypatch, fake_real_model):
     from poisonlab.finetune.sweep import load_ft_spec, pretrain_spec
     from poisonlab.sweep import spec_tree
+
+    monkeypatch.chdir(tmp_path)  # presets that start from the real model find its config.json here
+    fake_real_model(tmp_path)
 
     tree, where = spec_tree(preset)  # a fine-tuning preset: its pretraining stage's data
     spec = pretrain_spec(load_ft_spec(tree, where)) if tree.get("kind") == "finetune" else load_spec(preset)

@@ -300,11 +300,15 @@ def plan_rows(runs: list[PlannedRun], sizes: bool = True) -> list[dict[str, Any]
 
 
 def _sizes(cfg: RunConfig) -> dict[str, Any]:
-    """Parameters and training tokens of a run (train.max_steps, when set, is what it trains); an
-    unknown model preset is the UserError the run itself would give."""
+    """Parameters and training tokens of a run (train.max_steps, when set, is what it trains; a run
+    continued from an HF directory has the model of its config.json); an unknown model preset is the
+    UserError the run itself would give."""
+    from poisonlab.continued import is_hf_dir
     from poisonlab.model import count_params, resolve_model_config
+    from poisonlab.train import resolve_run_config
 
-    model = resolve_model_config(cfg.model)
+    model = (resolve_run_config(cfg).model if cfg.init.run is not None and is_hf_dir(cfg.init.run)
+             else resolve_model_config(cfg.model))
     total, nonemb = count_params(model)
     t = cfg.train
     budget = nonemb if t.budget_params == "nonemb" else total
