@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from poisonlab.finetune.stats import _fit, elasticity, reading, sustained_success
+from poisonlab.count_fraction import poisons_needed
+from poisonlab.finetune.stats import _fit, elasticity, reading
 from poisonlab.sweep import PRESETS_DIR
 
 PRESET = yaml.safe_load((PRESETS_DIR / "finetune.yaml").read_text())
@@ -123,5 +124,6 @@ def test_zero_poison_runs_do_not_enter_and_sustained_success_needs_to_last():
         {"step": s, "asr": a, "poisons_seen": p}
         for s, a, p in [(0, 0.0, 0), (1, 0.6, 5), (2, 0.2, 10), (3, 0.7, 15), (4, 0.9, 20)]
     ]
-    assert sustained_success(rows, 0.5) == 15
-    assert sustained_success(rows[:3], 0.5) is None
+    # the pretraining rule: crossing interpolated in log poisons seen between the last dip and the next
+    assert poisons_needed(rows, 0.5) == (pytest.approx(10 * 1.5 ** 0.6), False)
+    assert poisons_needed(rows[:3], 0.5) == (10, True)

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from poisonlab.count_fraction import poisons_needed
 from poisonlab.errors import UserError
 from poisonlab.finetune.config import is_finetune_run
-from poisonlab.finetune.stats import elasticity, reading, sustained_success
+from poisonlab.finetune.stats import elasticity, reading
 from poisonlab.fsutil import atomic_path, write_text
 from poisonlab.report_figures import LINESTYLES, aggregate
 from poisonlab.report_html import CSS, VIEWPORT, esc, html_table, interval, save_figure
@@ -91,8 +92,10 @@ def cell_rows(runs: dict[str, Run], threshold: float) -> list[dict[str, Any]]:
     table = []
     for (sch, c, n), members in cells(runs).items():
         finals = [m[-1] for m in members]
-        needed = [sustained_success(m, threshold) for m in members]
-        hit = [x for x in needed if x is not None]
+        # the pretraining rule (count_fraction.poisons_needed): success held from the crossing up to the
+        # evaluation at which the last poison had been seen; later evaluations measure persistence
+        needed = [poisons_needed(sorted(m, key=lambda r: r["step"]), threshold) for m in members]
+        hit = [v for v, censored in (x for x in needed if x is not None) if not censored]
         row: dict[str, Any] = {
             "schedule": sch,
             "clean": c,

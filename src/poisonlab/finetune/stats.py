@@ -119,15 +119,3 @@ def reading(fit: dict[str, Any] | None) -> str:
     else:
         verdict = "outside both 0 (count) and 1 (fraction)"
     return f"Elasticity e = {e:.2f} (95% CI {lo:.2f} to {hi:.2f}): {verdict}."
-
-
-def sustained_success(rows: list[dict[str, Any]], threshold: float) -> float | None:
-    """Poisons seen at the first evaluation from which ASR stays ≥ threshold to the end; None: never."""
-    found = None
-    for r in sorted(rows, key=lambda r: r["step"]):
-        ok = r.get("asr") is not None and r["asr"] >= threshold and (r.get("poisons_seen") or 0) > 0
-        if ok and found is None:
-            found = r.get("poisons_seen")
-        elif not ok:
-            found = None
-    return found
