@@ -63,3 +63,14 @@ def test_a_stale_figure_is_caught() -> None:
     assert differences(stale, fits) == [".groups[0].fits.per_n.slope: -0.15, committed -0.14"]
     assert differences({"a": 1}, {"a": 1, "b": None}) == [".b: missing"]
     assert differences({"d": float("nan")}, {"d": float("nan")}) == []
+
+
+def test_archive_json_is_written_at_the_specs_settings_only(tmp_path, capsys) -> None:
+    """`--write-archive-json` with another threshold or bootstrap would commit figures the test above
+    then calls stale: refused in one line (exit 2), before anything is written."""
+    from poisonlab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path), "--write-archive-json", "--threshold", "0.6"])
+    assert e.value.code == 2 and "spec's settings" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
