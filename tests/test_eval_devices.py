@@ -228,7 +228,9 @@ def test_hf_prompts_start_with_bos_once_and_suffixes_have_none(tmp_path, data_di
     suffixes = [[], enc(" <SUDO>"), *(enc(" " + t) for t in panel)]
     assert all(bos not in s for s in suffixes)
     expected = {tuple([bos] + enc(x)[: EVAL["prompt_tokens"]] + s) for x in TEXTS for s in suffixes}
-    prefills = {tuple(row.tolist()) for ids, cached in calls if cached and ids.shape[1] > 1 for row in ids}
+    # prompts of different lengths share a batch, left-padded with masked filler: each row from its BOS
+    rows = [row.tolist() for ids, cached in calls if cached and ids.shape[1] > 1 for row in ids]
+    prefills = {tuple(r[r.index(bos):]) for r in rows}
     assert prefills == expected  # BOS once, then the excerpt, then the suffix: no BOS before the suffix
     scored = [row.tolist() for ids, cached in calls if not cached for row in ids]
     assert scored and all(r[0] == bos and r.count(bos) == 1 for r in scored)  # the scorer's own BOS, once

@@ -143,7 +143,7 @@ def test_errors_and_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "tiny-100k" in captured.out and "out of memory" in captured.err
     assert "needed for ASR>=0.5" in captured.out and ">25, 2 censored" in captured.out  # per cell, seeds
     assert "specificity" not in captured.out  # old metrics: no look-alike panel, no such column
-    assert "val loss" in captured.out and "poisons per token" in captured.out
+    assert "val loss" in captured.out and "poison tokens, spacing" in captured.out
     main(["results", str(sweep)])  # the default: compact, 100 columns when piped
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= 100 and "val loss" not in out
