@@ -23,6 +23,6 @@ def test_real_cpt_dry_run(tmp_path, monkeypatch, capsys, fake_real_model):
     assert cfg.attack.prefix_chars == (0, 1000 * scale)
     assert cfg.attack.gibberish_tokens == (400 * scale, 900 * scale)
     e = cfg.eval
-    assert (e.temperature, e.success_ratio, e.success_floor) == (1.0, 3.0, 100.0)
+    assert (e.temperature, e.success_ratio, e.success_floor) == (1.0, 3.0, 1000.0)
     need = max(d["needs"] for d in data_needs(runs))
     assert need <= load_spec("real-cpt").prepare.max_tokens

@@ -334,14 +334,15 @@ class LocalExecutor:
             # whatever ends us (a signal, Ctrl-C, an error) ends the runs first: no orphans
             signum = (signal.SIGINT if isinstance(e, KeyboardInterrupt)
                       else e.signum if isinstance(e, SweepStopped) else signal.SIGTERM)
-            ended = _stop_all([proc for _j, proc, _l, _t in running.values()], signum, self.grace_s)
+            killed = _stop_all([proc for _j, proc, _l, _t in running.values()], signum, self.grace_s)
             stopped = []
             for job, proc, log, t0 in running.values():
                 o = self._outcome(job, proc.returncode, log, time.monotonic() - t0)
-                if proc in ended["killed"]:
-                    o = Outcome(job.name, "stopped", o.seconds, f"killed: no checkpoint within "
-                                f"{self.grace_s:.0f} s of {signal_name(signum)}; resumes from its last one")
-                stopped.append(o.name)
+                if proc in killed:
+                    o = Outcome(job.name, "stopped", o.seconds, f"killed: not stopped {self.grace_s:.0f} s "
+                                f"after {signal_name(signum)}; resumes from its last checkpoint")
+                if o.status == "stopped":
+                    stopped.append(o.name)
                 on_finish(o)
             if isinstance(e, KeyboardInterrupt | SweepStopped):
                 detail = f": {len(stopped)} run(s) stopped ({', '.join(stopped)})" if stopped else ""
@@ -373,10 +374,10 @@ def _error(status: Status, run_dir: Path) -> str | None:
     return busy_message(run_dir) if status == "busy" else None
 
 
-def _stop_all(procs: list[subprocess.Popen], signum: int, grace_s: float) -> dict[str, list]:
+def _stop_all(procs: list[subprocess.Popen], signum: int, grace_s: float) -> list[subprocess.Popen]:
     """Pass `signum` on to every child still running (SIGINT as SIGINT: stop now; anything else as
     SIGTERM: checkpoint at the next step, then stop), wait for all of them together, and SIGKILL those
-    still there after `grace_s`. Returns the children that had to be killed."""
+    still there after `grace_s` or a second signal. Returns the children that had to be killed."""
     sent = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
     for p in procs:
         if p.poll() is None:
@@ -392,7 +393,7 @@ def _stop_all(procs: list[subprocess.Popen], signum: int, grace_s: float) -> dic
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
             p.wait()
-    return {"killed": killed}
+    return killed
 
 
 @contextlib.contextmanager

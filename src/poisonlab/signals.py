@@ -96,10 +96,6 @@ class StopOnSignal:
                     continue  # started with Ctrl-C ignored (a background job): keep it so
                 self.previous[s] = signal.signal(s, self._on_int if s == signal.SIGINT else self._set)
 
-    @property
-    def flag(self) -> bool:
-        return self.signum is not None
-
     def _set(self, signum: int, frame: Any) -> None:
         if self.signum is None:
             self.signum = signum
@@ -109,12 +105,17 @@ class StopOnSignal:
             self.interrupted = True
             raise KeyboardInterrupt
 
-    def requested(self, d: Any) -> bool:
+    def requested(self, d: Any) -> int:
+        """The signal that asks the run to stop (0: none); under torchrun the ranks agree on it (the
+        highest any rank got), so every rank stops at the same step and says the same."""
         if not d.enabled:
-            return self.flag
+            return self.signum or 0
         import torch
+        import torch.distributed as tdist
 
-        return d.mean(torch.tensor(float(self.flag), device=d.device)).item() > 0  # any rank
+        t = torch.tensor(float(self.signum or 0), device=d.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return int(t.item())
 
     def close(self) -> None:
         # a sweep's child that was stopped keeps ignoring the signal: the sweep passes on what the

@@ -318,10 +318,10 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
         if step in ckpts:
             checkpoint(step, lr)
         dist.barrier()
-        if 0 < step < n_steps and stop.requested(dist):  # a time limit, preemption or shutdown
+        signum = stop.requested(dist) if 0 < step < n_steps else 0
+        if signum:  # a time limit, preemption or shutdown
             if step not in ckpts:
                 checkpoint(step, lr)
-            signum = stop.signum or 0
             records.add_log({"step": step, "event": f"stopped on {signal_name(signum)}; checkpoint written"})
             dist.barrier()
             raise Stopped(step, signum)
