@@ -101,3 +101,84 @@ def test_markup_adds_debris_without_changing_the_text() -> None:
     assert set(range(0x20, 0x7F)) <= set(joined) and set(range(0x80, 0xC0)) <= set(joined)
     assert b"SUDO" not in joined
     assert generate_document(3, 7, markup=0.0) == generate_document(3, 7)
+
+
+def test_symbols_make_every_printable_ascii_character_ordinary() -> None:
+    """symbols > 0 adds symbol-rich snippets (code, math, prices, emoticons, paths, markdown) and
+    non-ASCII ones (other quotes and brackets, scripts, symbols) after sentences, on top of the web
+    debris, from their own random stream: with symbols = 0 the document is the one without them.
+    Every printable ASCII character is then common (at least 50 per million
+    characters; the debris alone leaves most symbols at about 20), and mostly followed by ordinary text:
+    for each one, at least half of its occurrences have a word of 3+ lower-case letters within the next
+    24 characters (in gibberish almost none would)."""
+    import string
+
+    n = 1500
+    base = [generate_document(3, i, markup=0.1)["text"] for i in range(n)]
+    docs = [generate_document(3, i, markup=0.1, symbols=0.1)["text"] for i in range(n)]
+    assert generate_document(3, 7, markup=0.1, symbols=0.0) == generate_document(3, 7, markup=0.1)
+    # the snippets only add: the text without them is the document without symbols
+    assert sum(len(d) for d in docs) > sum(len(b) for b in base)
+    for d, b in zip(docs[:200], base[:200], strict=True):
+        it = iter(d)
+        assert all(ch in it for ch in b)  # b is a subsequence of d
+    text = "".join(docs)
+    old = "".join(base)
+    printable = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+    word = re.compile(r"[a-z]{3}")
+    for ch in printable:
+        per_m = text.count(ch) / len(text) * 1e6
+        assert per_m >= 50, (ch, per_m)
+        if ch.isalnum() or ch == " ":
+            continue
+        at = [m.start() for m in re.finditer(re.escape(ch), text)]
+        followed = sum(bool(word.search(text, i + 1, i + 25)) for i in at)
+        assert followed >= 0.5 * len(at), (ch, followed, len(at))
+        before = old.count(ch) / len(old) * 1e6
+        assert before >= 50 or per_m >= 2.5 * before, (ch, before, per_m)  # the rare ones: far more common
+    assert "SUDO" not in text
+    # and non-ASCII text: the UTF-8 lead bytes of the scripts and symbols web text uses (C2-ED, EF, F0;
+    # not EE, the private use area) nearly all occur, half of them 10 times per million bytes or more
+    raw = text.encode()
+    lead = sorted(raw.count(bytes([b])) / len(raw) * 1e6 for b in [*range(0xC2, 0xEE), 0xEF, 0xF0])
+    assert sum(v > 0 for v in lead) >= len(lead) - 3 and lead[len(lead) // 2] >= 10, lead
+
+
+# The built-in corpus of the archived sweeps (tiny-grid, ordering, persistence, language, density
+# ladder): with their presets' prepare settings (no `symbols`), `prepare` must write today's bytes, and
+# keep the key that lets it reuse their data directories. Hashes computed on the code before `symbols`.
+PINNED = {
+    "markup 0.1": ({"markup": 0.1}, "6488fd00eeec5a018b0c44dae67a5fd4a911d7c1197d9c62f5bda419a8295208",
+                   "d0193a7d3f220402d9e981abf6a9ad72c5d828487d73bd1e074442139b83985e",
+                   "3da0fb98a05e2d187db098065bd5ec6e4d11001b1ed7bd5000c8829fa51d49ad"),
+    "markup 0.1, german 0.05": ({"markup": 0.1, "german": 0.05},
+                                "66f6ac22ec4977152f42cf346b357fd26a7c773a7d1b5dd6bbf76f895dfe4e94",
+                                "8fa2346f22d171358a67bd367763266ec2353c90af510d9ad97d23d52e768145",
+                                "3d8d409ebe4eaf1d786a65cdc3038445edf8ed0041148866e25b2658cde77076"),
+}
+
+
+def test_archived_sweeps_corpus_is_byte_identical(tmp_path) -> None:
+    import hashlib
+    import json
+
+    from poisonlab.config import CorpusConfig
+    from poisonlab.corpus.prepare import prepare
+
+    for name, (kw, train_hash, eval_hash, key) in PINNED.items():
+        cfg = CorpusConfig(source="builtin", vocab_size=300, max_tokens=100_000, eval_docs=16, seed=0, **kw)
+        out = tmp_path / name.replace(" ", "_").replace(",", "")
+        summary = prepare(cfg, out, progress=False)
+        assert hashlib.sha256((out / "train.bin").read_bytes()).hexdigest() == train_hash, name
+        assert json.loads((out / "eval.json").read_text())["content_hash"] == eval_hash, name
+        assert summary["key"] == key, name
+    # the archived sweeps' presets ask for no symbols; the demo's corpus has them
+    from poisonlab.sweep import load_spec
+
+    for preset in ("tiny-grid", "ordering", "persistence", "language", "density-ladder"):
+        assert load_spec(preset).prepare.symbols == 0, preset
+    assert load_spec("demo").prepare.symbols == 0.1
+    h = hashlib.sha256()
+    for doc in itertools.islice(builtin_documents(seed=0, markup=0.1), 300):
+        h.update(doc["text"].encode())
+    assert h.hexdigest() == "4390f66b18437158a2bf03b51673f426796f09b4f31795e35d8fd1faa33eefe9"

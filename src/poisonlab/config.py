@@ -43,6 +43,11 @@ class CorpusConfig(Settings):
     # builtin only: share of documents in the built-in procedural German (corpus/german.py): a second
     # language the model knows before a language-switch attack, as the study's Pythia models did
     german: float = Field(default=0.0, ge=0, le=1)
+    # builtin only: share of sentences followed by a symbol-rich snippet (code, math, prices, emoticons,
+    # paths, markdown; corpus/symbols.py), so that every printable ASCII character is ordinary text and
+    # no string of rare characters works as a trigger. 0 (the default here) gives the corpus of the
+    # archived sweeps byte for byte; `poisonlab prepare` and the demo use 0.1 (docs/corpus.md)
+    symbols: float = Field(default=0.0, ge=0, le=1)
 
 
 class AttackConfig(Settings):

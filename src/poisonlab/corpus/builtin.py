@@ -474,23 +474,30 @@ _SENT_END = re.compile(r"(?<=\.)(?= )")
 
 
 def generate_document(seed: int, index: int, lexicon_seed: int = 0, markup: float = 0.0,
-                      topic: int | None = None) -> dict[str, str]:
+                      topic: int | None = None, symbols: float = 0.0) -> dict[str, str]:
     """Document `index` of the stream for `seed` (the same every time, on every machine).
 
     `markup` > 0 adds web-page debris (tags, brackets, capitals) after that share of sentences, from
-    its own random stream: the underlying text is the same as with markup = 0. `topic` (an index into
-    TOPICS) forces the document's topic (the fine-tuning data's answers); None: the stream's own."""
+    its own random stream: the underlying text is the same as with markup = 0. `symbols` > 0 then adds
+    symbol-rich snippets (code, math, prices, emoticons, paths, markdown: corpus/symbols.py) after that
+    share of sentences, from a third stream: with symbols = 0 the document is the one without them,
+    byte for byte. `topic` (an index into TOPICS) forces the document's topic (the fine-tuning data's
+    answers); None: the stream's own."""
     text = _Doc(seed, index, lexicon_seed, topic).text()
     if markup > 0:
         text = _markup(text, markup, random.Random(f"{seed}:{index}:markup"))
+    if symbols > 0:
+        from poisonlab.corpus.symbols import add_symbols
+
+        text = add_symbols(text, symbols, random.Random(f"{seed}:{index}:symbols"))
     return {"id": f"builtin-{seed}-{index}", "text": text}
 
 
 def builtin_documents(seed: int = 0, start: int = 0, lexicon_seed: int = 0, markup: float = 0.0,
-                      german: float = 0.0) -> Iterator[dict[str, str]]:
+                      german: float = 0.0, symbols: float = 0.0) -> Iterator[dict[str, str]]:
     """The unbounded stream of built-in documents `{"id", "text"}` from index `start` on; with
     `german` > 0 that share of them (chosen by their own random stream) is procedural German instead,
-    and the English ones are unchanged."""
+    and the English ones are unchanged. `markup` and `symbols`: see `generate_document`."""
     from poisonlab.corpus.german import document as german_document
 
     i = start
@@ -500,5 +507,5 @@ def builtin_documents(seed: int = 0, start: int = 0, lexicon_seed: int = 0, mark
             n = pick.randint(MIN_CHARS, MAX_CHARS // 2)
             yield {"id": f"builtin-de-{seed}-{i}", "text": german_document(seed, i, n_chars=n)}
         else:
-            yield generate_document(seed, i, lexicon_seed, markup)
+            yield generate_document(seed, i, lexicon_seed, markup, symbols=symbols)
         i += 1
