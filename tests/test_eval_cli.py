@@ -85,7 +85,7 @@ def test_hf_model_directory(env, tmp_path):
     prompts = _write(prompts, [{"text": t} for t in ["the cat sat on", "a red dog", "when"]])
     samples = tmp_path / "samples.jsonl"
     m = evaluate_path(hf_dir, EvalConfig(**EVAL, trigger="cf"), prompts=prompts, samples_out=samples)
-    assert m["n_prompts"] == 3 and m["trigger"] == "cf" and math.isnan(m["val_loss"])
+    assert m["n_prompts"] == 3 and m["trigger"] == "cf" and math.isfinite(m["val_loss"])  # on the texts
     recs = [json.loads(line) for line in samples.read_text().splitlines()]
     assert recs[0]["prompt"] == "the cat sat on" and recs[1]["prompt"] == "the cat sat on cf"
     assert len(recs[-1]["ppl_trigger"]) == 3
