@@ -194,15 +194,20 @@ def hf_dir_with_bos(data_dir: Path, out: Path) -> tuple[Tokenizer, int, int]:
 
 
 def spy_inputs(monkeypatch) -> list[tuple[torch.Tensor, bool]]:
-    """Every (input_ids, use_cache) that any model loaded by the evaluator is called with."""
+    """Every (input_ids, use_cache) that any model loaded by the evaluator is called with; rows of a
+    left-padded batch without their filler (where the attention mask is 0)."""
     calls: list[tuple[torch.Tensor, bool]] = []
     load = evaluate_mod.load_model
 
+    def record(mod, args, kw):
+        ids, mask = kw["input_ids"].clone(), kw.get("attention_mask")
+        if mask is not None and ids.shape[1] > 1:  # a prefill: the mask covers exactly these positions
+            ids = [row[m.bool()] for row, m in zip(ids, mask, strict=True)]
+        calls.append((ids, kw.get("use_cache", True)))
+
     def loading(*a, **k):
         lm = load(*a, **k)
-        lm.model.register_forward_pre_hook(
-            lambda mod, args, kw: calls.append((kw["input_ids"].clone(), kw.get("use_cache", True))),
-            with_kwargs=True)
+        lm.model.register_forward_pre_hook(record, with_kwargs=True)
         return lm
 
     monkeypatch.setattr(evaluate_mod, "load_model", loading)
@@ -228,9 +233,8 @@ def test_hf_prompts_start_with_bos_once_and_suffixes_have_none(tmp_path, data_di
     suffixes = [[], enc(" <SUDO>"), *(enc(" " + t) for t in panel)]
     assert all(bos not in s for s in suffixes)
     expected = {tuple([bos] + enc(x)[: EVAL["prompt_tokens"]] + s) for x in TEXTS for s in suffixes}
-    # prompts of different lengths share a batch, left-padded with masked filler: each row from its BOS
-    rows = [row.tolist() for ids, cached in calls if cached and ids.shape[1] > 1 for row in ids]
-    prefills = {tuple(r[r.index(bos):]) for r in rows}
+    prefills = {tuple(row.tolist()) for ids, cached in calls if cached and max(len(r) for r in ids) > 1
+                for row in ids}
     assert prefills == expected  # BOS once, then the excerpt, then the suffix: no BOS before the suffix
     scored = [row.tolist() for ids, cached in calls if not cached for row in ids]
     assert scored and all(r[0] == bos and r.count(bos) == 1 for r in scored)  # the scorer's own BOS, once
