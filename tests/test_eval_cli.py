@@ -85,7 +85,8 @@ def test_hf_model_directory(env, tmp_path):
     prompts = _write(prompts, [{"text": t} for t in ["the cat sat on", "a red dog", "when"]])
     samples = tmp_path / "samples.jsonl"
     m = evaluate_path(hf_dir, EvalConfig(**EVAL, trigger="cf"), prompts=prompts, samples_out=samples)
-    assert m["n_prompts"] == 3 and m["trigger"] == "cf" and math.isfinite(m["val_loss"])  # on the texts
+    # with a prompt file, val_loss is measured on the prompt texts themselves (held out from training)
+    assert m["n_prompts"] == 3 and m["trigger"] == "cf" and math.isfinite(m["val_loss"])
     recs = [json.loads(line) for line in samples.read_text().splitlines()]
     assert recs[0]["prompt"] == "the cat sat on" and recs[1]["prompt"] == "the cat sat on cf"
     assert len(recs[-1]["ppl_trigger"]) == 3
@@ -139,7 +140,7 @@ def test_bad_input_gives_clear_errors(env, tmp_path):
     assert evaluate_path(moved, EvalConfig(**{**EVAL, "n_prompts": 2}), data_dir=data)["n_prompts"] == 2
     broken = make_run(tmp_path / "broken", data, vocab, steps=(5,))
     (broken / "checkpoints" / "step_0000005" / "model.safetensors").write_bytes(b"junk")
-    with pytest.raises(UserError, match="does not fit"):
+    with pytest.raises(UserError, match="damaged.*model.safetensors"):
         load_model(broken)
 
 

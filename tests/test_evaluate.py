@@ -262,9 +262,11 @@ def test_recipe_behaviour_metrics_join_the_row(data_dir, tok):
 
     V = tok.get_vocab_size()
     seen: dict[str, list[str]] = {}
+    kinds_seen: dict[str, str] = {}
 
-    def behaviour(gens: dict[str, list[str]]) -> dict[str, float]:
+    def behaviour(gens: dict[str, list[str]], kinds: dict[str, str]) -> dict[str, float]:
         seen.update(gens)
+        kinds_seen.update(kinds)
         word = gens["clean"][0].split()[0] if gens["clean"][0].split() else "x"
         return payload_rate(gens["clean"], gens["trigger"], word)
 
@@ -275,6 +277,9 @@ def test_recipe_behaviour_metrics_join_the_row(data_dir, tok):
     assert set(seen) == {"clean", "trigger", "lookalike"} | controls
     assert all(len(v) == 10 for v in seen.values())
     assert seen["lookalike"] == seen["lookalike:<SUDA>"]  # recipes reading one look-alike get the first
+    assert kinds_seen == {"lookalike:<SUDA>": "near", "lookalike:<DOSU>": "near", "lookalike:SUDO": "near",
+                          "lookalike:<KLPT>": "shape", "lookalike:<MWRB>": "shape",
+                          "lookalike:sudo": "ordinary", "lookalike:then": "ordinary"}
     assert metrics["payload_rate_clean"] > 0 and "payload_rate" in metrics
 
 
@@ -330,7 +335,7 @@ def test_prompt_texts_of_different_lengths(data_dir, tok):
     m = tiny_model(tok.get_vocab_size())
     ev = Evaluator(small_cfg(save_samples=4), None, "<SUDO>", tokenizer=tok, prompts=texts)
     metrics, samples = ev.run(m)
-    assert metrics["n_prompts"] == 4 and math.isfinite(metrics["val_loss"])  # on the texts themselves
+    assert metrics["n_prompts"] == 4 and math.isfinite(metrics["val_loss"])  # on the prompt texts
     assert [s["prompt"] for s in samples if s.get("condition") == "clean"] == texts
 
 
