@@ -143,7 +143,7 @@ def _check_answer(root: Path, truth: float, words: str) -> dict:
     assert after_title.startswith(
         f'<p class="answer">{html_lib.escape(g["sentence"])}</p>\n<div class="scroll"><table>')
     table = after_title.split("</table>", 1)[0]
-    assert table.count("<td>exact</td>") == 5 and table.count(f"<td>{words}</td>") == 5
+    assert table.count("<td>exact</td>") == 5 and table.count(f">{words}</td>") == 5
     assert (root / "report" / "poisons_needed.png").stat().st_size > 1000
     assert html.index('alt="poisons_needed"') < html.index("<h2>Summary")
     return g
