@@ -445,19 +445,20 @@ def test_an_archive_of_the_sweep_gives_the_same_report(real_sweep: Path, tmp_pat
 FINDINGS = Path(__file__).resolve().parent.parent / "docs" / "findings"
 
 
-@pytest.mark.parametrize("ns", [(1000,), (100, 300, 1000)])
-def test_figure_labels_stay_inside_the_canvas(ns: tuple[int, ...]) -> None:
+def test_figure_labels_stay_inside_the_canvas() -> None:
     """On the tiny-grid's runs, as the demo's single panel (N = 1000) and as three panels: every label,
     title and legend of the poisons-seen figures lies inside the figure (matplotlib's tight bbox), so no
     axis label is cut off at the edge of the PNG."""
     from poisonlab.report_figures import EFFECTIVE_COUNT, EXACT_COUNT
 
-    runs = {k: v for k, v in runs_of(gather(FINDINGS / "tiny-grid", write=False)).items()
-            if v[-1]["n_poison"] in ns and v[-1]["model"] == "tiny-100k"}
-    for col, label in (("poisons_seen", EXACT_COUNT), ("poisons_seen_effective", EFFECTIVE_COUNT)):
+    grid = runs_of(gather(FINDINGS / "tiny-grid", write=False))
+    for ns, col, label in [(ns, col, label) for ns in ((1000,), (100, 300, 1000))
+                           for col, label in (("poisons_seen", EXACT_COUNT),
+                                              ("poisons_seen_effective", EFFECTIVE_COUNT))]:
+        runs = {k: v for k, v in grid.items() if v[-1]["n_poison"] in ns and v[-1]["model"] == "tiny-100k"}
         fig = fig_panels_by_n(runs, "asr", col, ylabel="attack success rate", xlabel=label, title="t",
                               mults=None, spread="minmax", skip_zero=True, hline=0.5)
         fig.draw_without_rendering()  # runs the constrained layout, as savefig does
         tight, canvas = fig.get_tightbbox(), fig.bbox_inches
-        assert tight.x0 >= -0.01 and tight.y0 >= -0.01, (col, tight, canvas)
-        assert tight.x1 <= canvas.x1 + 0.01 and tight.y1 <= canvas.y1 + 0.01, (col, tight, canvas)
+        assert tight.x0 >= -0.01 and tight.y0 >= -0.01, (ns, col, tight, canvas)
+        assert tight.x1 <= canvas.x1 + 0.01 and tight.y1 <= canvas.y1 + 0.01, (ns, col, tight, canvas)
