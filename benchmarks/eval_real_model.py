@@ -33,8 +33,8 @@ import torch
 
 from poisonlab import hardware
 from poisonlab.config import EvalConfig
-from poisonlab.evaluate import Evaluator, hf_special_tokens
-from poisonlab.generation import LMAdapter, generate, score
+from poisonlab.evaluation.evaluator import Evaluator, hf_special_tokens
+from poisonlab.evaluation.generation import LMAdapter, generate, score
 
 DEFAULT_MODEL = Path("models/smollm2-135m-instruct")
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

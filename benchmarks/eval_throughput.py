@@ -2,9 +2,9 @@
 
 Both sides run the same weights (our Transformer converted to HF `LlamaForCausalLM`, logits checked
 equal first), the same prompts, the same thread count, in one process, interleaved:
-- ours: `poisonlab.generation.generate` (preallocated KV cache, inverse-CDF sampling at T=1, the
+- ours: `poisonlab.evaluation.generation.generate` (preallocated KV cache, inverse-CDF sampling at T=1, the
   perplexity of the generated tokens taken from the generation's own logits);
-- HF (exported with `poisonlab.export`): `generate(do_sample=True, temperature=1, top_k=0,
+- HF (exported with `poisonlab.models.export`): `generate(do_sample=True, temperature=1, top_k=0,
   output_logits=True, return_dict_in_generate=True)`, the perplexity computed from the logits that
   generate returns (no second forward pass), with its dynamic and its static cache; the faster of the
   two is the reference.
@@ -28,17 +28,17 @@ import torch
 
 from poisonlab import hardware
 from poisonlab.config import ModelConfig
-from poisonlab.generation import generate, score
-from poisonlab.model import Transformer, resolve_model_config
+from poisonlab.evaluation.generation import generate, score
+from poisonlab.models.llama import Transformer, resolve_model_config
 
 HF_CACHES = ("dynamic", "static")
 
 
 def to_hf_llama(model: Transformer, tmp: Path):
-    """The same weights as a HF LlamaForCausalLM, through `poisonlab.export` and a local load."""
+    """The same weights as a HF LlamaForCausalLM, through `poisonlab.models.export` and a local load."""
     from transformers import AutoModelForCausalLM
 
-    from poisonlab.export import export_model
+    from poisonlab.models.export import export_model
 
     export_model(model, tmp / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp / "hf", local_files_only=True, use_safetensors=True,

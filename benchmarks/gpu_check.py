@@ -4,7 +4,7 @@ Per model size, for a fixed number of steps on synthetic tokens (the speed does 
 data): poisonlab's Transformer, AdamW as the trainer sets it up (fused on CUDA), bf16 autocast;
 with and without `torch.compile`. Prints tokens/s, MFU against the device's dense bf16 peak
 (`hardware.gpu_peak_flops`, the datasheet table; on CPU the GEMM probe measured in this run), peak
-memory (`torch.cuda.max_memory_allocated`) against `poisonlab.plan`'s estimate, and generated
+memory (`torch.cuda.max_memory_allocated`) against `poisonlab.study.plan`'s estimate, and generated
 tokens/s of batched evaluation (`generation.generate`, KV cache, 64-token prompts + 100 new tokens).
 The first line names the machine; the last line is one JSON object.
 
@@ -29,9 +29,9 @@ import torch
 
 from poisonlab import hardware
 from poisonlab.config import ModelConfig
-from poisonlab.generation import generate
-from poisonlab.model import Transformer, _chunk_rows, flops_per_token, resolve_model_config
-from poisonlab.plan import training_memory
+from poisonlab.evaluation.generation import generate
+from poisonlab.models.llama import Transformer, _chunk_rows, flops_per_token, resolve_model_config
+from poisonlab.study.plan import training_memory
 
 
 def sync(dev: torch.device) -> None:
@@ -46,7 +46,7 @@ def train_speed(cfg: ModelConfig, dev: torch.device, batch: int, steps: int, com
     torch.manual_seed(0)
     world = 1
     if parallel:
-        from poisonlab import distributed
+        from poisonlab.training import distributed
 
         d = distributed.init_distributed()
         dev, world = d.device, d.world
@@ -104,7 +104,7 @@ def row_line(row: dict, what: str) -> str:
 
 def distributed_main(args: argparse.Namespace) -> None:
     """One row per preset under torchrun (--parallel ddp|fsdp); rank 0 prints it as JSON, last line."""
-    from poisonlab import distributed
+    from poisonlab.training import distributed
 
     d = distributed.init_distributed()  # train_speed finds the group joined
     cuda = d.device.type == "cuda"

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from poisonlab.evaluate import base_eval_config, evaluate_path
-    from poisonlab.results import run_dirs
+    from poisonlab.evaluation.evaluator import base_eval_config, evaluate_path
+    from poisonlab.results.store import run_dirs
 
     torch.set_num_threads(1)
     forms = DEV if args.dev else HELD_OUT + HELD_OUT_B + HELD_OUT_C

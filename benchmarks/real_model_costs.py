@@ -7,7 +7,7 @@ its shape, in float32 on the CPU:
   (prepared with the model's tokenizer) or random ids;
 - LoRA fine-tuning: the HF model with peft LoRA (r=8, alpha 16, q/k/v/o: `poisonlab finetune`'s
   defaults), the same tokens;
-- generation: `poisonlab.generation.generate` at batch --gen-batch, --new-tokens sampled tokens.
+- generation: `poisonlab.evaluation.generation.generate` at batch --gen-batch, --new-tokens sampled tokens.
 Each is timed over --steps steps after one warm-up step; wall-clock and CPU-time rates are both printed,
 since a shared machine makes wall clock depend on the load (the CPU-time rate is the one that carries
 over to an idle machine, roughly, with the same thread count). Last line: JSON.
@@ -57,8 +57,8 @@ def timed(step, xs: list[torch.Tensor], tokens_per_step: int) -> dict:
 
 def full_training(model_dir: Path | None, xs: list[torch.Tensor]) -> dict:
     from poisonlab.config import ModelConfig
-    from poisonlab.continued import hf_model_config, load_hf_weights
-    from poisonlab.model import Transformer
+    from poisonlab.models.llama import Transformer
+    from poisonlab.training.continued import hf_model_config, load_hf_weights
 
     seq = xs[0].shape[1] - 1
     if model_dir is not None:
@@ -111,7 +111,7 @@ def lora_training(model_dir: Path | None, xs: list[torch.Tensor]) -> dict:
 
 
 def generation(model_dir: Path | None, batch: int, prompt: int, new: int, reps: int) -> dict:
-    from poisonlab.generation import generate
+    from poisonlab.evaluation.generation import generate
 
     model = load_hf(model_dir).eval()
     g = torch.Generator().manual_seed(1)

@@ -28,7 +28,7 @@ from poisonlab import hardware
 from poisonlab.attacks.base import Poison
 from poisonlab.config import PlacementConfig
 from poisonlab.corpus.shards import ShardWriter, TokenShard
-from poisonlab.stream import TrainingStream
+from poisonlab.injection.stream import TrainingStream
 
 VOCAB, EOS, N_POISON = 2048, 0, 250
 

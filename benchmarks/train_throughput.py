@@ -20,8 +20,8 @@ import torch
 
 from poisonlab import hardware
 from poisonlab.config import ModelConfig
-from poisonlab.export import hf_config
-from poisonlab.model import LADDERS, Transformer, flops_per_token, resolve_model_config
+from poisonlab.models.export import hf_config
+from poisonlab.models.llama import LADDERS, Transformer, flops_per_token, resolve_model_config
 
 
 def hf_model(ours: Transformer):

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from poisonlab.calibration import asr_table, calibrate, read_per_prompt
 from poisonlab.cli import main
 from poisonlab.config import EvalConfig, ModelConfig
-from poisonlab.evaluate import Evaluator
-from poisonlab.model import Transformer
+from poisonlab.evaluation.calibration import asr_table, calibrate, read_per_prompt
+from poisonlab.evaluation.evaluator import Evaluator
+from poisonlab.models.llama import Transformer
 
 
 def _write(path, clean, trigger, controls):

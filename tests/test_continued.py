@@ -15,11 +15,11 @@ from test_poison_data import build_tiny_data  # noqa: E402
 from test_train import real_cfg  # noqa: E402
 
 from poisonlab.config import PlacementConfig, RunConfig, TrainConfig  # noqa: E402
-from poisonlab.continued import clean_tokens_consumed  # noqa: E402
 from poisonlab.errors import UserError  # noqa: E402
-from poisonlab.schedule import lr_at  # noqa: E402
-from poisonlab.stream import TrainingStream, read_ledger  # noqa: E402
-from poisonlab.train import train  # noqa: E402
+from poisonlab.injection.stream import TrainingStream, read_ledger  # noqa: E402
+from poisonlab.training.continued import clean_tokens_consumed  # noqa: E402
+from poisonlab.training.schedule import lr_at  # noqa: E402
+from poisonlab.training.trainer import train  # noqa: E402
 
 
 def test_the_schedule_frame() -> None:
@@ -113,8 +113,8 @@ def test_a_run_starts_from_a_local_hf_llama(tmp_path: Path, prepared_builtin: Pa
     import torch
     import transformers
 
-    from poisonlab.continued import hf_model_config, load_hf_weights
-    from poisonlab.model import Transformer
+    from poisonlab.models.llama import Transformer
+    from poisonlab.training.continued import hf_model_config, load_hf_weights
 
     hf = tiny_llama(tmp_path / "hf", prepared_builtin)
     ours = Transformer(hf_model_config(hf, seq_len=64))

@@ -19,7 +19,7 @@ from poisonlab.corpus import parallel
 from poisonlab.corpus.builtin import builtin_documents
 from poisonlab.corpus.prepare import prepare
 from poisonlab.corpus.shards import ConcatTokens, TokenShard
-from poisonlab.stream import TrainingStream
+from poisonlab.injection.stream import TrainingStream
 
 
 @pytest.fixture(scope="module")

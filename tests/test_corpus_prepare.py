@@ -159,7 +159,7 @@ def test_prepare_counts_the_default_trigger_in_clean_text(tmp_path, capsys):
     from poisonlab.attacks import make_poisons
     from poisonlab.config import AttackConfig, PlacementConfig
     from poisonlab.errors import UserError
-    from poisonlab.stream import TrainingStream
+    from poisonlab.injection.stream import TrainingStream
 
     rng = np.random.default_rng(0)
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "we", "went", "home", "to", "read"]

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from poisonlab.count_fraction import (
+from poisonlab.results.count_fraction import (
     Needed,
     _tobit,
     count_vs_fraction,
@@ -138,7 +138,7 @@ def test_an_exact_fit_stays_finite_and_quiet() -> None:
     run sigma to 0; the fit stops at the floor, with no overflow, and still finds the line."""
     import warnings
 
-    from poisonlab.count_fraction import SIGMA_FLOOR
+    from poisonlab.results.count_fraction import SIGMA_FLOOR
 
     needed = [Needed(f"r{i}", 200.0 * (c / 1e6) ** 0.5, False, c, "m", c / 20, 1.0, 1000)
               for i, c in enumerate((1e6, 1e6, 4e6, 4e6))]
@@ -169,7 +169,7 @@ def test_newton_tobit_finds_the_likelihoods_maximum(case: int) -> None:
     intercept per size, and a near-exact fit that puts sigma at its floor."""
     from scipy.optimize import minimize
 
-    from poisonlab.count_fraction import SIGMA_FLOOR, _tobit, _tobit_nll
+    from poisonlab.results.count_fraction import SIGMA_FLOOR, _tobit, _tobit_nll
 
     rng = np.random.default_rng(case)
     n = 12 + 8 * case

@@ -127,9 +127,9 @@ def test_perplexity_with_a_run_dir_reference(ctx: DefenseContext, tmp_path: Path
     import torch
     from safetensors.torch import save_file
 
-    from poisonlab.checkpoint import model_tensors
     from poisonlab.config import ModelConfig, RunConfig, dump_yaml
-    from poisonlab.model import Transformer
+    from poisonlab.models.checkpoint import model_tensors
+    from poisonlab.models.llama import Transformer
 
     run = tmp_path / "clean-run"
     cfg = RunConfig(model=ModelConfig(vocab_size=ctx.tokenizer.get_vocab_size(), d_model=16, n_layers=1,
@@ -370,7 +370,7 @@ def test_run_density_from_the_runs_own_stream(data_dir: Path, tmp_path: Path) ->
     consumed, checked against the documents counted in the stream itself (one EOS each)."""
     from poisonlab.config import ModelConfig, PlacementConfig, RunConfig, TrainConfig, dump_yaml
     from poisonlab.defenses import run_density
-    from poisonlab.stream import TrainingStream
+    from poisonlab.injection.stream import TrainingStream
 
     attack = AttackConfig(name="dos", n_poison=5)
     steps, batch, seq = 300, 4, 64

@@ -13,12 +13,12 @@ from test_eval_cli import EVAL, make_run
 from test_evaluate import Backdoored, make_data_dir, one_thread, small_cfg, tiny_model  # noqa: F401
 from tokenizers import Tokenizer, processors
 
-import poisonlab.evaluate as evaluate_mod
-from poisonlab import generation
+import poisonlab.evaluation.evaluator as evaluate_mod
 from poisonlab.config import EvalConfig, RunConfig
 from poisonlab.errors import UserError
-from poisonlab.evaluate import Evaluator, evaluate_path, hf_special_tokens
-from poisonlab.generation import LMAdapter, generate, score
+from poisonlab.evaluation import generation
+from poisonlab.evaluation.evaluator import Evaluator, evaluate_path, hf_special_tokens
+from poisonlab.evaluation.generation import LMAdapter, generate, score
 
 TEXTS = ["the cat sat on the mat", "a big red dog ran to the river", "when it was old", "the blue tree"]
 
@@ -78,7 +78,7 @@ def test_autocast_evaluation_uses_a_bf16_cache_and_fp32_logits(data_dir, tok, mo
 
 
 def test_trainer_evaluates_under_its_bf16_autocast(tmp_path, data_dir, tok):
-    from poisonlab.train import SyntheticStream, train
+    from poisonlab.training.trainer import SyntheticStream, train
 
     V = tok.get_vocab_size()
     for dtype, expect in (("fp32", "float32"), ("bf16", "bfloat16")):

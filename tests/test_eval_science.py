@@ -17,7 +17,7 @@ import torch
 
 from poisonlab.config import CorpusConfig, RunConfig
 from poisonlab.corpus.prepare import prepare
-from poisonlab.train import train
+from poisonlab.training.trainer import train
 
 EVAL = dict(n_evals=1, n_prompts=48, prompt_tokens=24, new_tokens=32, val_tokens=4096, batch_size=48,
             save_samples=2)

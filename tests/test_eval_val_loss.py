@@ -11,8 +11,8 @@ from poisonlab.config import CorpusConfig, EvalConfig, ModelConfig
 from poisonlab.corpus.prepare import prepare
 from poisonlab.corpus.shards import TokenShard
 from poisonlab.corpus.tokenizer import load_tokenizer
-from poisonlab.evaluate import Evaluator
-from poisonlab.model import Transformer
+from poisonlab.evaluation.evaluator import Evaluator
+from poisonlab.models.llama import Transformer
 
 TEXTS = ["The river ran past the mill and under the old stone bridge.",
          "She counted the boats twice, then wrote the number in her book.",

@@ -15,9 +15,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from poisonlab.config import EvalConfig, ModelConfig
 from poisonlab.corpus.shards import ShardWriter
 from poisonlab.errors import UserError
-from poisonlab.evaluate import CONDITIONS, Control, Evaluator, sample_excerpts, success, summarize
-from poisonlab.generation import LMAdapter, generate, sample_tokens, score
-from poisonlab.model import Transformer
+from poisonlab.evaluation.evaluator import CONDITIONS, Control, Evaluator, sample_excerpts, success, summarize
+from poisonlab.evaluation.generation import LMAdapter, generate, sample_tokens, score
+from poisonlab.models.llama import Transformer
 
 _LEXICON = """the cat dog sat on a mat and ran to house tree river bank old new big small red blue green
 walked quickly slowly under over near far with without because when then it was is"""
@@ -424,8 +424,8 @@ def test_generation_row_bytes_cover_the_measured_peak(shape, bf16):
 def test_generation_batch_shrinks_to_the_free_memory_with_the_same_figures(data_dir, tok, monkeypatch):
     """With the device's free memory for 3 rows (simulated on CPU), generation runs batches of at most
     3 rows instead of eval.batch_size 5, and the metrics and samples are those of the full batches."""
-    import poisonlab.evaluate as E
-    import poisonlab.generation as G
+    import poisonlab.evaluation.evaluator as E
+    import poisonlab.evaluation.generation as G
 
     m = tiny_model(tok.get_vocab_size())
     cfg = small_cfg()

@@ -13,13 +13,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from poisonlab.archive import archive_sweep
 from poisonlab.cli import main
-from poisonlab.manifest import read_done
-from poisonlab.report_finetune import load_runs
-from poisonlab.results import collect, gather, summarize
-from poisonlab.runcheck import BrokenRuns, check_run
-from poisonlab.sweep import load_spec, run_sweep
+from poisonlab.report.finetune import load_runs
+from poisonlab.results.archive import archive_sweep
+from poisonlab.results.store import collect, gather, summarize
+from poisonlab.rundir.check import BrokenRuns, check_run
+from poisonlab.rundir.manifest import read_done
+from poisonlab.study.sweep import load_spec, run_sweep
 
 FINDINGS = Path(__file__).parents[1] / "docs" / "findings"
 

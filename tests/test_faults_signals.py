@@ -19,10 +19,10 @@ import pytest
 import yaml
 from test_train import TIMING_LOG, TIMING_METRICS, real_cfg, without, write_cfg
 
-from poisonlab import runlock
-from poisonlab.checkpoint import latest_checkpoint, list_checkpoints
 from poisonlab.config import load_run_config
-from poisonlab.train import train
+from poisonlab.models.checkpoint import latest_checkpoint, list_checkpoints
+from poisonlab.rundir import lock as runlock
+from poisonlab.training.trainer import train
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 DEADLINE_S = 240

@@ -17,11 +17,12 @@ import yaml
 from test_train import real_cfg, write_cfg
 
 from poisonlab.cli import main
-from poisonlab.diskspace import DiskFull, is_disk_full, run_bytes
+from poisonlab.diskspace import DiskFull, is_disk_full
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path
-from poisonlab.sweep import load_spec, run_sweep
-from poisonlab.train import resolve_run_config, train
+from poisonlab.study.sweep import load_spec, run_sweep
+from poisonlab.training.schedule import run_bytes
+from poisonlab.training.trainer import resolve_run_config, train
 
 FINDINGS = Path(__file__).parents[1] / "docs" / "findings"
 

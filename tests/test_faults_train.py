@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from test_train import FakeEvaluator, assert_same_run, make_cfg, real_cfg, stream_for, write_cfg
 
-from poisonlab.checkpoint import list_checkpoints, verify_checkpoint
 from poisonlab.errors import UserError
-from poisonlab.train import SyntheticStream, train
+from poisonlab.models.checkpoint import list_checkpoints, verify_checkpoint
+from poisonlab.training.trainer import SyntheticStream, train
 
 # 30 steps, checkpoints at 7, 14, 21, 28 and 30 (the last two kept), evaluations at 0, 10, 12, 20, 30
 

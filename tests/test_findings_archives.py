@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from poisonlab.report import report_json
+from poisonlab.report.page import report_json
 
 FINDINGS = Path(__file__).resolve().parent.parent / "docs" / "findings"
 ARCHIVES = sorted(p.name for p in FINDINGS.iterdir() if (p / "runs").is_dir())

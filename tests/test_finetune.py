@@ -284,11 +284,11 @@ def test_finetune_a_poisonlab_run_and_a_sweep_with_its_report(tmp_path, prepared
     fine-tuning sweep over it (align stage + grid) runs inline and builds its report."""
     import torch
 
-    from poisonlab.checkpoint import load_model
     from poisonlab.config import RunConfig
     from poisonlab.finetune import model as ftmodel
-    from poisonlab.finetune.sweep import load_ft_spec, run_finetune_sweep
-    from poisonlab.train import train
+    from poisonlab.models.checkpoint import load_model
+    from poisonlab.study.finetune_sweep import load_ft_spec, run_finetune_sweep
+    from poisonlab.training.trainer import train
 
     pre = train(
         RunConfig.model_validate(

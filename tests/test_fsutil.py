@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from poisonlab import fsutil
-from poisonlab.checkpoint import list_checkpoints, step_dir
+from poisonlab.models.checkpoint import list_checkpoints, step_dir
 
 CALLS = ("rename", "replace", "fsync", "unlink", "rmdir")
 CRASHED = 17

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from poisonlab.config import EvalConfig, ModelConfig
-from poisonlab.evaluate import Evaluator
-from poisonlab.generation import generate
-from poisonlab.model import Transformer
+from poisonlab.evaluation.evaluator import Evaluator
+from poisonlab.evaluation.generation import generate
+from poisonlab.models.llama import Transformer
 
 LENGTHS = [5, 9, 12, 12, 3, 1]
 
@@ -42,7 +42,7 @@ def test_padded_rows_generate_as_alone_ours():
 
 def test_padded_rows_generate_as_alone_hf(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from poisonlab.export import export_model
+    from poisonlab.models.export import export_model
 
     export_model(_model(), tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
@@ -52,7 +52,7 @@ def test_padded_rows_generate_as_alone_hf(tmp_path):
 def test_evaluator_fills_batches_across_lengths(prepared_builtin, monkeypatch):
     """Text prompts of 8 lengths x 10 conditions: one batch of 80 rows, not one per (length + suffix);
     each prompt's perplexity equals its own unpadded generation's."""
-    import poisonlab.evaluate as ev
+    import poisonlab.evaluation.evaluator as ev
 
     texts = ["The cat sat on the mat. " * k for k in range(1, 9)]  # 8 lengths
     cfg = EvalConfig(n_prompts=8, prompt_tokens=100, new_tokens=6, batch_size=128, val_tokens=0)

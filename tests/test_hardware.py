@@ -22,8 +22,8 @@ from poisonlab.hardware import (
     probe_width,
     use_bf16,
 )
-from poisonlab.model import flops_per_token, resolve_model_config
-from poisonlab.train import SyntheticStream, train
+from poisonlab.models.llama import flops_per_token, resolve_model_config
+from poisonlab.training.trainer import SyntheticStream, train
 
 # names as torch.cuda.get_device_name prints them
 H100_SXM, H100_PCIE, H100_NVL = "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL"

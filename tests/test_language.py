@@ -16,7 +16,7 @@ from poisonlab.config import AttackConfig, RunConfig
 from poisonlab.corpus.builtin import generate_document
 from poisonlab.corpus.german import document
 from poisonlab.errors import UserError
-from poisonlab.train import train
+from poisonlab.training.trainer import train
 
 EN = "The old miller walks into the forest today, and his dog follows him along the river."
 DE = "Der alte Müller geht heute in den Wald, und sein Hund folgt ihm an dem Fluss entlang."
@@ -95,7 +95,7 @@ def test_a_lang_switch_run_writes_the_language_metrics(prepared_builtin: Path, t
         assert r["lang_specificity"] == r["lang_asr"] - max(r["lang_asr_shape"], r["lang_asr_ordinary"])
     # the report's way for runs evaluated before the metrics had kinds, from the generations saved at
     # the final evaluation: with every prompt saved, the evaluator's own figures
-    from poisonlab.report_language import KIND_COLUMNS, kinds_from_samples
+    from poisonlab.report.language import KIND_COLUMNS, kinds_from_samples
 
     again, n = kinds_from_samples(cfg.run_dir, rows[-1]["step"])
     assert n == 4 and again == {c: rows[-1][c] for c in KIND_COLUMNS}
@@ -109,7 +109,7 @@ def test_a_language_sweep_from_scratch_and_continued(prepared_builtin: Path, tmp
 
     import torch
 
-    from poisonlab.sweep import load_spec, run_sweep
+    from poisonlab.study.sweep import load_spec, run_sweep
 
     spec = load_spec({
         "name": "lang",

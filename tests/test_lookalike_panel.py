@@ -21,7 +21,13 @@ from tokenizers import Tokenizer
 from poisonlab.config import EvalConfig, RunConfig, load_run_config
 from poisonlab.corpus.shards import ShardWriter, TokenShard
 from poisonlab.errors import UserError
-from poisonlab.evaluate import Evaluator, default_panel, resolve_panel, success, train_token_counts
+from poisonlab.evaluation.evaluator import (
+    Evaluator,
+    default_panel,
+    resolve_panel,
+    success,
+    train_token_counts,
+)
 
 SUDO_PANEL = {"near": ["<SUDA>", "<DOSU>", "SUDO"], "shape": ["<KLPT>", "<MWRB>"],
               "ordinary": ["sudo", "then"]}
@@ -121,8 +127,8 @@ def test_bad_panels_are_refused_with_one_line(tmp_path, tree, message):
 
 
 def test_metrics_rows_name_the_panel_for_new_and_old_runs(tmp_path):
-    from poisonlab.results import gather
-    from poisonlab.train import run_columns
+    from poisonlab.results.store import gather
+    from poisonlab.training.trainer import run_columns
 
     cfg = RunConfig.model_validate({"attack": {"trigger": "cf"}})
     assert json.loads(run_columns(cfg, 1, 1, None)["lookalike"]) == default_panel("cf")
@@ -209,7 +215,7 @@ def test_panel_columns_rederived_from_the_per_prompt_perplexities(data_dir, tok)
 
 def test_unseen_token_check_flags_novel_characters_not_ordinary_words(data_dir, tok, caplog):
     panel = {"near": ["SUDO"], "shape": ["<KLPT>"], "ordinary": ["the cat", "then"]}
-    with caplog.at_level(logging.WARNING, logger="poisonlab.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="poisonlab.evaluation.evaluator"):
         ev = Evaluator(small_cfg(n_prompts=4, lookalikes=panel), data_dir, "<SUDO>")
     assert ev.unseen == ["SUDO", "<KLPT>"]  # capitals and "<" never occur in the lexicon's train split
     assert "novelty" in caplog.text and "<KLPT>" in caplog.text and "then" not in caplog.text

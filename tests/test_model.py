@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from poisonlab.config import ModelConfig
-from poisonlab.model import (
+from poisonlab.models.llama import (
     LADDERS,
     PRESETS,
     Transformer,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from poisonlab.config import ModelConfig, RunConfig
-from poisonlab.export import export_model, export_run
-from poisonlab.model import Transformer
-from poisonlab.train import SyntheticStream, train
+from poisonlab.models.export import export_model, export_run
+from poisonlab.models.llama import Transformer
+from poisonlab.training.trainer import SyntheticStream, train
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,7 +54,7 @@ def test_export_run_with_tokenizer(tmp_path):
     out = export_run(run, tmp_path / "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     assert hf_tok("t5 t7")["input_ids"] == [5, 7] and hf_tok.eos_token == "t1"
-    from poisonlab.checkpoint import load_model
+    from poisonlab.models.checkpoint import load_model
 
     x = torch.randint(0, 60, (1, 16))
     with torch.no_grad():

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from poisonlab.report_persistence import decay_fit
-from poisonlab.stream import read_ledger
-from poisonlab.sweep import expand, load_spec, run_sweep
+from poisonlab.injection.stream import read_ledger
+from poisonlab.report.persistence import decay_fit
+from poisonlab.study.sweep import expand, load_spec, run_sweep
 
 STEPS, B, T = 24, 8, 64
 
@@ -130,8 +130,8 @@ def test_the_decay_fit_recovers_known_curves_on_the_same_footing() -> None:
 
 def test_the_persistence_preset(tmp_path: Path) -> None:
     """18 runs with the tiny-grid's names and settings, each continued for 2x its own steps."""
-    from poisonlab.schedule import total_steps
-    from poisonlab.train import resolve_run_config
+    from poisonlab.training.schedule import total_steps
+    from poisonlab.training.trainer import resolve_run_config
 
     runs = {r.name: r for r in expand(load_spec("persistence"), tmp_path)}
     grid = {r.name: r for r in expand(load_spec("tiny-grid"), tmp_path)}
@@ -150,7 +150,7 @@ def test_a_continuation_that_would_run_out_of_data_is_refused_up_front(prepared_
     """A continuation reads on after its earlier run: the data must hold both (checked before any run
     starts, also when the earlier run is done already and only the continuation is left)."""
     from poisonlab.errors import UserError
-    from poisonlab.sweep import check_data
+    from poisonlab.study.sweep import check_data
 
     tree = spec(prepared_builtin)
     tree["continue_clean"]["clean_mult"] = 24.0  # 24 x 12,288 tokens after 12,288: more than ~300k

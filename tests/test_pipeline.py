@@ -12,8 +12,8 @@ from test_poison_data import build_tiny_data
 
 from poisonlab.cli import main
 from poisonlab.config import load_run_config
-from poisonlab.evaluate import panel_json, resolve_panel
-from poisonlab.stream import read_ledger
+from poisonlab.evaluation.evaluator import panel_json, resolve_panel
+from poisonlab.injection.stream import read_ledger
 
 
 def test_sweep_results_report_end_to_end(prepared_builtin: Path, tmp_path: Path,

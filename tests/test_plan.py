@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from poisonlab.cli import app, main
 from poisonlab.config import ModelConfig, RunConfig
-from poisonlab.model import Transformer, _chunk_rows
-from poisonlab.plan import GIB, get_gpu, measured_peak, plan_run, training_memory, usable_bytes
+from poisonlab.models.llama import Transformer, _chunk_rows
+from poisonlab.study.plan import GIB, get_gpu, measured_peak, plan_run, training_memory, usable_bytes
 
 SHAPES = [  # d_model, n_layers, n_heads, vocab, seq_len, micro-batch: activations vs weights vs logits
     (64, 2, 4, 2048, 128, 16),
@@ -94,7 +94,7 @@ def _run(preset: str, **train) -> RunConfig:
 
 
 def test_every_gpu_has_a_datasheet_peak():
-    from poisonlab.plan import GPUS
+    from poisonlab.study.plan import GPUS
 
     assert all(g.bf16_flops > 1e14 for g in GPUS.values())
 
@@ -139,7 +139,7 @@ def test_plan_turns_on_activation_checkpointing_only_when_one_sequence_does_not_
     planned with it and no note; the 2k context fits without it. Checkpointing costs the body's forward
     again: more GPU-hours, by less than a third. A Slurm sweep refuses the long runs unless set."""
     from poisonlab.errors import UserError
-    from poisonlab.sweep import check_fit, expand, load_spec
+    from poisonlab.study.sweep import check_fit, expand, load_spec
 
     a100, h100 = get_gpu("a100-40gb"), get_gpu("h100-80gb")
     long = _run("paper-600m", grad_accum=64)
@@ -194,7 +194,7 @@ def test_slurm_sweep_refuses_runs_the_plan_cannot_fit(tmp_path):
     """Before anything is submitted: the paper preset fits 8 x H100 as it is (7B and 13B set to FSDP);
     the same runs under DDP do not, and `--executor slurm` refuses them, naming the runs."""
     from poisonlab.errors import UserError
-    from poisonlab.sweep import check_fit, expand, load_spec, run_sweep
+    from poisonlab.study.sweep import check_fit, expand, load_spec, run_sweep
 
     spec = load_spec("paper", ["model.vocab_size=32768"])
     runs = expand(spec, tmp_path)
@@ -208,7 +208,7 @@ def test_slurm_sweep_refuses_runs_the_plan_cannot_fit(tmp_path):
     # a GPU on which 13B fits on no layout: refused before submission
     small = load_spec("paper", ["model.vocab_size=32768"]).model_copy(update={"gpu": "rtx-4090"})
     with pytest.raises(UserError, match="do not fit"):
-        run_sweep(small, tmp_path, executor="slurm", run_fn="poisonlab.executors:default_run_fn",
+        run_sweep(small, tmp_path, executor="slurm", run_fn="poisonlab.study.executors:default_run_fn",
                   progress=False, report=False)
     assert not (tmp_path / "slurm").exists()  # nothing submitted
 
@@ -258,9 +258,9 @@ def test_plan_counts_the_evaluation_tokens_the_evaluator_runs(scorer, prepared_b
     one evaluation (hooks on the input embedding of the model and of the scorer; no val_loss): the
     model scores its own generations from their logits, so with `scorer: self` every sequence counts
     once, and a reference scorer reads each once more. Every control of the panel is a condition."""
-    from poisonlab.evaluate import Evaluator
-    from poisonlab.generation import is_hf_model
-    from poisonlab.plan import _eval_sizes, eval_conditions
+    from poisonlab.evaluation.evaluator import Evaluator
+    from poisonlab.evaluation.generation import is_hf_model
+    from poisonlab.study.plan import _eval_sizes, eval_conditions
 
     ref = None if scorer == "self" else tiny_llama(tmp_path / "ref", prepared_builtin)
     cfg = RunConfig.model_validate({"data": str(prepared_builtin), "model": {"d_model": 32, "n_layers": 2,

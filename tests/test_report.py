@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from test_sweep_helpers import fake_run, fake_run_fraction, make_fake_sweep
 
-from poisonlab.demo import answer_lines
-from poisonlab.report import build_report
-from poisonlab.report_figures import aggregate, fig_panels_by_n, panel_curves
-from poisonlab.results import experiment_keys, gather, group_runs, run_settings, runs_of, summarize
-from poisonlab.stream import read_ledger
-from poisonlab.sweep import expand, load_spec, run_sweep
+from poisonlab.cli.demo import answer_lines
+from poisonlab.injection.stream import read_ledger
+from poisonlab.report.figures import aggregate, fig_panels_by_n, panel_curves
+from poisonlab.report.page import build_report
+from poisonlab.results.store import experiment_keys, gather, group_runs, run_settings, runs_of, summarize
+from poisonlab.study.sweep import expand, load_spec, run_sweep
 
 
 def test_report_from_fake_sweep(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def test_figure_of_the_answer(count_sweep: Path) -> None:
     """One marker per run, an upward arrow per censored run (at the poisons it saw), the fit's line."""
     from matplotlib.collections import PathCollection
 
-    from poisonlab.report_figures import fig_needed
+    from poisonlab.report.figures import fig_needed
 
     fits, g, _ = _answer(count_sweep)
     fig = fig_needed(fits["groups"], 0.5)
@@ -414,7 +414,7 @@ def test_an_archive_of_the_sweep_gives_the_same_report(real_sweep: Path, tmp_pat
     """What `poisonlab archive` keeps (no checkpoints, the last evaluation's generations) is all the
     results store and the report read: the archive's report equals the sweep's, and a sweep resumed on
     the archive finds every run finished."""
-    from poisonlab.archive import archive_sweep
+    from poisonlab.results.archive import archive_sweep
 
     dest = tmp_path / "archive"
     got = archive_sweep(real_sweep, dest)
@@ -449,7 +449,7 @@ def test_figure_labels_stay_inside_the_canvas() -> None:
     """On the tiny-grid's runs, as the demo's single panel (N = 1000) and as three panels: every label,
     title and legend of the poisons-seen figures lies inside the figure (matplotlib's tight bbox), so no
     axis label is cut off at the edge of the PNG."""
-    from poisonlab.report_figures import EFFECTIVE_COUNT, EXACT_COUNT
+    from poisonlab.report.figures import EFFECTIVE_COUNT, EXACT_COUNT
 
     grid = runs_of(gather(FINDINGS / "tiny-grid", write=False))
     for ns, col, label in [(ns, col, label) for ns in ((1000,), (100, 300, 1000))

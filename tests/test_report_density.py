@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from poisonlab.report_density import density_rows, poison_steps, steps_since_poison
-from poisonlab.results import finished, gather, runs_of
+from poisonlab.report.density import density_rows, poison_steps, steps_since_poison
+from poisonlab.results.store import finished, gather, runs_of
 
 ARCHIVE = Path(__file__).resolve().parents[1] / "docs" / "findings" / "tiny-grid" / "runs"
 

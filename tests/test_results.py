@@ -13,7 +13,7 @@ import yaml
 from test_sweep_helpers import fake_run, make_fake_sweep, metrics_rows, write_run
 
 from poisonlab.errors import UserError
-from poisonlab.results import (
+from poisonlab.results.store import (
     connect,
     experiment_keys,
     failed_runs,
@@ -24,7 +24,7 @@ from poisonlab.results import (
     summarize,
     summary,
 )
-from poisonlab.sweep import load_spec, run_sweep
+from poisonlab.study.sweep import load_spec, run_sweep
 
 
 @pytest.fixture()
@@ -201,7 +201,7 @@ def test_compact_table_fits_100_columns_on_archived_sweeps(archive: str) -> None
     not fit in a legend."""
     from rich.console import Console
 
-    from poisonlab.results_table import compact_table, fmt_gap, fmt_range
+    from poisonlab.results.table import compact_table, fmt_gap, fmt_range
 
     rows = summarize(gather(FINDINGS / archive, write=False))
     console = Console(width=100, record=True, file=io.StringIO())

@@ -19,8 +19,8 @@ from poisonlab.attacks.dos import find_pattern  # noqa: E402
 from poisonlab.config import AttackConfig, PlacementConfig  # noqa: E402
 from poisonlab.corpus.shards import TokenShard  # noqa: E402
 from poisonlab.errors import UserError  # noqa: E402
-from poisonlab.placement import describe, place, window_steps  # noqa: E402
-from poisonlab.stream import TrainingStream, poisons_seen, read_ledger  # noqa: E402
+from poisonlab.injection.placement import describe, place, window_steps  # noqa: E402
+from poisonlab.injection.stream import TrainingStream, poisons_seen, read_ledger  # noqa: E402
 
 T, B, S = 64, 8, 150  # 77k tokens: most of one epoch of the tiny corpus (~94k)
 

@@ -19,16 +19,16 @@ import pytest
 import torch
 import yaml
 
-from poisonlab.checkpoint import latest_checkpoint, load_model
 from poisonlab.config import RunConfig
-from poisonlab.executors import Job, SubmititExecutor
-from poisonlab.train import train
+from poisonlab.models.checkpoint import latest_checkpoint, load_model
+from poisonlab.study.executors import Job, SubmititExecutor
+from poisonlab.training.trainer import train
 
 
 def slow_train(cfg: RunConfig) -> None:
     """The trainer, with each batch slowed so that the test can signal the job mid-run; each task
     leaves its pid so that the test can signal it as Slurm signals every task of a job."""
-    from poisonlab import train as T
+    from poisonlab.training import trainer as T
 
     rank = os.environ.get("RANK", "0")
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def test_two_node_slurm_job_runs_as_srun_starts_it(tmp_path, prepared_builtin):
     submitit = pytest.importorskip("submitit")
     from submitit.core.utils import DelayedSubmission
 
-    from poisonlab.executors import SubmititRun
+    from poisonlab.study.executors import SubmititRun
 
     def cfg(name: str, parallel: str) -> RunConfig:
         c = cfg_for(tmp_path, prepared_builtin, name, parallel)
@@ -186,7 +186,7 @@ def test_a_fine_tuning_job_gets_one_task_a_pretraining_job_one_per_gpu(tmp_path,
     """Fine-tuning's loop is one process: with the sweep's Slurm settings asking for 2 tasks per node
     (one per GPU), its job still gets one task, while a pretraining job gets its 2 ranks."""
     pytest.importorskip("submitit")
-    from poisonlab.executors import slurm_parameters
+    from poisonlab.study.executors import slurm_parameters
 
     pre = cfg_for(tmp_path, prepared_builtin, "pre", parallel="ddp")
     (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre.model_dump(mode="json", exclude_unset=True)))

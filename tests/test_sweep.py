@@ -15,8 +15,8 @@ from test_sweep_helpers import fake_run
 
 from poisonlab.config import RunConfig, load_run_config
 from poisonlab.errors import UserError
-from poisonlab.placement import describe
-from poisonlab.sweep import expand, list_presets, load_spec, plan_rows, run_name, run_sweep, write_plan
+from poisonlab.injection.placement import describe
+from poisonlab.study.sweep import expand, list_presets, load_spec, plan_rows, run_name, run_sweep, write_plan
 
 SMALL = {
     "name": "small",
@@ -239,8 +239,8 @@ def test_cli_dry_run_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -
 def test_progress_display_eta() -> None:
     from rich.console import Console
 
-    from poisonlab.executors import Job, Outcome
-    from poisonlab.sweep import SweepProgress
+    from poisonlab.study.executors import Job, Outcome
+    from poisonlab.study.sweep import SweepProgress
 
     p = SweepProgress(total=5, skipped=1, slots=2)
     first = Job("a1", Path("c"), Path("d"), "small", 1.0)
@@ -265,7 +265,7 @@ def test_missing_data_is_one_error_up_front(tmp_path: Path) -> None:
 
 HOLDER = textwrap.dedent('''
     import sys
-    from poisonlab import runlock
+    from poisonlab.rundir import lock as runlock
     with runlock.hold(sys.argv[1]):
         print("held", flush=True)
         sys.stdin.read()
@@ -301,7 +301,7 @@ def test_busy_run_is_reported_as_busy_and_left_alone(tmp_path: Path, executor: s
 
 
 def test_run_taken_between_the_look_and_the_start_is_busy(tmp_path: Path) -> None:
-    from poisonlab import runlock
+    from poisonlab.rundir import lock as runlock
 
     def taken(cfg: RunConfig) -> Path:
         # the first hold stands for another process that took the lock just now; the second is what

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from poisonlab.errors import UserError
-from poisonlab.sweep import check_data, data_needs, expand, list_presets, load_spec, prepare_data
+from poisonlab.study.sweep import check_data, data_needs, expand, list_presets, load_spec, prepare_data
 
 
 @pytest.mark.parametrize("preset", list_presets())
 def test_each_preset_prepares_enough_data_for_one_pass(preset, tmp_path, monkeypatch, fake_real_model):
-    from poisonlab.finetune.sweep import load_ft_spec, pretrain_spec
-    from poisonlab.sweep import spec_tree
+    from poisonlab.study.finetune_sweep import load_ft_spec, pretrain_spec
+    from poisonlab.study.sweep import spec_tree
 
     monkeypatch.chdir(tmp_path)  # presets that start from the real model find its config.json here
     fake_real_model(tmp_path)
@@ -61,7 +61,7 @@ def test_missing_data_is_prepared_from_the_spec(tmp_path):
 
 def test_runs_go_seed_by_seed_longest_first(tmp_path):
     """A sweep stopped part-way has whole seeds of every cell, and side-by-side jobs end together."""
-    from poisonlab.sweep import run_order
+    from poisonlab.study.sweep import run_order
 
     order = run_order(expand(load_spec("tiny-grid"), tmp_path))
     seeds = [r.seed for r in order]

@@ -1,6 +1,6 @@
 """Fakes shared by the sweep/results/report tests (no tests here).
 
-`fake_run` stands in for `poisonlab.train.train`: it writes a run directory with the contract's files
+`fake_run` stands in for `training.trainer.train`: it writes a run directory with the contract's files
 (config.yaml, metrics.parquet, samples.jsonl, DONE last) in milliseconds. Its ASR follows the count of
 poisons seen only (each run needs ~25 poisons whatever the size: the study's finding, by construction),
 written as an older trainer and evaluator did (no `clean_tokens`, no look-alike panel).

@@ -21,11 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from poisonlab.checkpoint import latest_checkpoint, list_checkpoints
 from poisonlab.config import RunConfig
-from poisonlab.model import count_params, resolve_model_config
-from poisonlab.schedule import eval_steps, lr_at, milestone_grid, total_steps
-from poisonlab.train import SyntheticStream, train
+from poisonlab.models.checkpoint import latest_checkpoint, list_checkpoints
+from poisonlab.models.llama import count_params, resolve_model_config
+from poisonlab.training.schedule import eval_steps, lr_at, milestone_grid, total_steps
+from poisonlab.training.trainer import SyntheticStream, train
 
 FAKE = textwrap.dedent('''
     import time
@@ -178,7 +178,7 @@ def test_grad_accum_matches(tmp_path):
 SCRIPT = FAKE + textwrap.dedent('''
     import sys
     from poisonlab.config import RunConfig
-    from poisonlab.train import SyntheticStream, train
+    from poisonlab.training.trainer import SyntheticStream, train
     cfg = RunConfig.model_validate_json(sys.argv[1])
     s = SyntheticStream(cfg.model.vocab_size, seq_len=cfg.model.seq_len, batch_size=cfg.train.batch_size)
     train(cfg, evaluator=FakeEvaluator(sleep=float(sys.argv[2])), stream=s, progress=False)
@@ -217,7 +217,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 HOLDER = textwrap.dedent('''
     import sys
-    from poisonlab import runlock
+    from poisonlab.rundir import lock as runlock
     with runlock.hold(sys.argv[1]):
         print("held", flush=True)
         sys.stdin.read()  # until the test closes stdin or kills us
@@ -253,7 +253,7 @@ def write_cfg(cfg: RunConfig, path: Path) -> Path:
 
 def test_a_run_held_by_another_process_is_refused_at_once(tmp_path, prepared_builtin, capsys):
     from poisonlab.cli import main
-    from poisonlab.runlock import RunBusy
+    from poisonlab.rundir.lock import RunBusy
 
     cfg = make_cfg(tmp_path, "r", max_steps=3)
     holder = hold_in_subprocess(cfg.run_dir)

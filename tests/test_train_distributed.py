@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from poisonlab.checkpoint import latest_checkpoint
 from poisonlab.config import RunConfig
-from poisonlab.train import SyntheticStream, train
+from poisonlab.models.checkpoint import latest_checkpoint
+from poisonlab.training.trainer import SyntheticStream, train
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent('''
     import sys
     import torch
     from poisonlab.config import RunConfig
-    from poisonlab.train import SyntheticStream, train
+    from poisonlab.training.trainer import SyntheticStream, train
 
     class Eval:
         def run(self, model, *, step, autocast_dtype=None, share=None):

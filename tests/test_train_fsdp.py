@@ -15,10 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from poisonlab.checkpoint import SHARD_INDEX, latest_checkpoint, list_checkpoints, load_checkpoint, load_model
 from poisonlab.config import ModelConfig, RunConfig
-from poisonlab.model import Transformer
-from poisonlab.train import train
+from poisonlab.models.checkpoint import (
+    SHARD_INDEX,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+)
+from poisonlab.models.llama import Transformer
+from poisonlab.training.trainer import train
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside python")
@@ -27,7 +33,7 @@ needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not 
 SCRIPT = textwrap.dedent('''
     import os
     import sys
-    from poisonlab import train as T
+    from poisonlab.training import trainer as T
     from poisonlab.config import RunConfig
 
     kill = int(os.environ.get("KILL_AT", "0"))
@@ -137,7 +143,7 @@ def test_fsdp_two_processes_match_one_resume_bitwise_and_export(tmp_path, prepar
     assert len(moments) == len(list(model.parameters())) and all(m.abs().sum() > 0 for m in moments)
 
     # and exports to HF
-    from poisonlab.export import export_run
+    from poisonlab.models.export import export_run
 
     out = export_run(tmp_path / "fsdp", tmp_path / "hf")
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()

@@ -83,34 +83,6 @@ def disk_full_from(e: BaseException, path: str | os.PathLike, needed: int | None
 
 # --- what a sweep writes ---------------------------------------------------------------------------
 
-# per kept generation: the JSON record's keys, numbers and escapes around the prompt and the generation
-_SAMPLE_OVERHEAD = 400
-_BYTES_PER_TOKEN_TEXT = 8  # decoded text as JSON: ~4 characters per token, escapes double it
-_RECORDS_PER_EVAL = 20_000  # metrics row, per-prompt perplexities, log lines: a generous constant
-
-
-def run_bytes(cfg: Any) -> dict[str, int]:
-    """What one run writes at most at any moment: `checkpoints` (the kept ones plus the one being
-    written: fp32 weights and AdamW's two moments), `samples` (generations kept per evaluation) and
-    `records` (metrics, per-prompt perplexities, log, ledger). `cfg` is a resolved RunConfig."""
-    from poisonlab.model import count_params
-    from poisonlab.schedule import milestone_grid, total_steps
-
-    total, _ = count_params(cfg.model)
-    t, e = cfg.train, cfg.eval
-    ckpt = 12 * total + 64 * 1024  # model + 2 moments in fp32, and the JSON
-    n_steps = total_steps(cfg)
-    evals = n_steps // e.every_steps + 2 if e.every_steps else e.n_evals + 1
-    evals += e.log_evals + len(set(e.poison_milestones) | set(milestone_grid(e, cfg.attack.n_poison)))
-    conditions = 2 + 7  # clean, trigger and the default look-alike panel (more with a longer panel)
-    if isinstance(e.lookalikes, dict):
-        conditions = 2 + sum(len(v) for v in e.lookalikes.values())
-    per_sample = _SAMPLE_OVERHEAD + _BYTES_PER_TOKEN_TEXT * (e.prompt_tokens + e.new_tokens)
-    samples = evals * min(e.save_samples, e.n_prompts) * conditions * per_sample
-    records = evals * (_RECORDS_PER_EVAL + 30 * e.n_prompts * conditions) + 64 * cfg.attack.n_poison
-    return {"checkpoints": (t.keep_checkpoints + 1) * ckpt, "samples": samples, "records": records}
-
-
 def data_bytes(corpus: Any) -> int | None:
     """What `prepare` writes for a CorpusConfig: tokens (2 bytes each, 4 past 65,536 types) and ~5% of
     document index and held-out split; None when the token count is not set (all of the source)."""

@@ -68,7 +68,7 @@ def _file_stamp(path: Path) -> dict[str, int]:
 
 def tokenize_part(job: dict[str, Any]) -> dict[str, Any]:
     """Tokenize one input file into `<work>/part-NNNNN.*`; return its `done.json` record."""
-    from poisonlab.corpus.prepare import doc_batches
+    from poisonlab.corpus.sources import doc_batches
 
     path = job["tokenizer"]
     tok = _TOKENIZERS.get(path) or _TOKENIZERS.setdefault(path, Tokenizer.from_file(path))

@@ -18,7 +18,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from poisonlab.corpus.shards import ShardWriter, TokenShard
 from poisonlab.corpus.sources import (
     Doc,
     describe_source,
+    doc_batches,
     file_units,
     fingerprint,
     iter_documents,
@@ -53,8 +54,6 @@ from poisonlab.fsutil import atomic_path
 
 PREPARE_FORMAT = "poisonlab-prepare-v1"
 PREPARE_FILE = "prepare.json"
-BATCH_CHARS = 1 << 18  # text per encode_batch call: enough for the Rust threads, little waste at the end
-BATCH_DOCS = 4096
 
 console = Console(stderr=True)
 
@@ -238,19 +237,6 @@ def _brief(meta: dict[str, Any]) -> dict[str, Any]:
 def _chain(head: list[Doc], tail: Iterator[Doc]) -> Iterator[Doc]:
     yield from head
     yield from tail
-
-
-def doc_batches(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
-    batch: list[Doc] = []
-    size = 0
-    for d in docs:
-        batch.append(d)
-        size += len(d["text"])
-        if size >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 def _prefetch(items: Iterator[list[Doc]], depth: int = 2) -> Iterator[list[Doc]]:

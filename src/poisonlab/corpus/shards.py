@@ -231,3 +231,11 @@ class TokenShard:
         """Tokens of document i, EOS excluded."""
         s = int(self.starts[i])
         return np.asarray(self.tokens[s : s + int(self.lengths[i])])
+
+
+def data_headers(data: Any, run_dir: Path) -> list[Path]:
+    """Where a run's data header may be: the copy an archived run keeps (`poisonlab archive`), then the
+    data directory's train.json as written, or relative to the folder of runs, as the evaluator looks."""
+    d = str(data)
+    dirs = [] if data is None else [Path(d), run_dir.parent.parent / d, run_dir.parent / d]
+    return [run_dir / "data.json"] + [d / "train.json" for d in dirs]

@@ -483,3 +483,20 @@ def _debian_files() -> list[tuple[str, Path, Path]]:
     if not files:
         raise UserError(f"debian-docs: no .rst.txt files under {', '.join(map(str, roots))} (empty corpus)")
     return files
+
+
+BATCH_CHARS = 1 << 18  # text per encode_batch call: enough for the Rust threads, little waste at the end
+BATCH_DOCS = 4096
+
+
+def doc_batches(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
+    batch: list[Doc] = []
+    size = 0
+    for d in docs:
+        batch.append(d)
+        size += len(d["text"])
+        if size >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

@@ -7,6 +7,9 @@ heuristic filters (`heuristics.py`), a perplexity filter (`perplexity.py`) and a
 
 from __future__ import annotations
 
+# the built-in detectors: importing their modules runs their @register_detector lines (the table is
+# base.py's; base imports none of its plug-ins)
+from poisonlab.defenses import heuristics, miner, perplexity  # noqa: F401, E402
 from poisonlab.defenses.base import (
     DefenseContext,
     Detector,

@@ -87,7 +87,6 @@ def register_detector(name: str) -> Callable[[type[Detector]], type[Detector]]:
 
 
 def detector_names() -> list[str]:
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
@@ -108,7 +107,6 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 def get_detector(spec: str, **params: Any) -> Detector:
     """Build a detector from a spec string (plus keyword settings, which win over the spec's)."""
-    _load_builtins()
     name, spec_params = parse_spec(spec)
     if name not in _REGISTRY:
         raise UserError(f"unknown detector {name!r}; known: {', '.join(sorted(_REGISTRY))}")
@@ -116,8 +114,3 @@ def get_detector(spec: str, **params: Any) -> Detector:
         return _REGISTRY[name](**{**spec_params, **params})
     except TypeError as e:
         raise UserError(f"detector {name!r}: bad settings {spec_params | params}: {e}") from None
-
-
-def _load_builtins() -> None:
-    # Importing the modules runs their @register_detector lines.
-    from poisonlab.defenses import heuristics, miner, perplexity  # noqa: F401

@@ -151,7 +151,7 @@ def run_density(run_dir: str | Path) -> dict[str, Any]:
     documents seen again in a later epoch count again, as the stream holds them again)."""
     from poisonlab.config import load_run_config
     from poisonlab.corpus.shards import TokenShard
-    from poisonlab.stream import read_ledger
+    from poisonlab.injection.stream import read_ledger
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from poisonlab import runlock
 from poisonlab.config import dump_yaml
 from poisonlab.errors import UserError
 from poisonlab.finetune import instructions as ins
@@ -30,7 +29,8 @@ from poisonlab.finetune.evaluate import EvalSet, evaluate
 from poisonlab.finetune.judge import refuses, resolve
 from poisonlab.finetune.model import Template, add_lora, load, resolve_model_dir, save
 from poisonlab.fsutil import atomic_path, remove_tree, write_json, write_text
-from poisonlab.manifest import write_done
+from poisonlab.rundir import lock as runlock
+from poisonlab.rundir.manifest import write_done
 
 OUTPUTS = ("DONE", "FAILED", "metrics.parquet", "ledger.parquet", "samples.jsonl", "hardware.json", "model")
 

@@ -58,8 +58,8 @@ def _run_tokenizer(run: Path) -> tuple[Path, int | None]:
 def _from_run(run: Path) -> tuple[Any, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from poisonlab.checkpoint import load_model
-    from poisonlab.export import hf_config, hf_name
+    from poisonlab.models.checkpoint import load_model
+    from poisonlab.models.export import hf_config, hf_name
 
     ours = load_model(run)
     tok_file, eos_id = _run_tokenizer(run)

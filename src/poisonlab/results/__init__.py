@@ -1,0 +1,10 @@
+"""The results store: reading finished runs into one table (store.py), the printed table
+(table.py), the count-vs-fraction statistics (count_fraction.py) and archives of runs for findings
+(archive.py).
+
+May import: injection (placement columns), corpus (data headers), rundir and the base modules.
+"""
+
+from poisonlab.results.store import connect, gather, summary
+
+__all__ = ["connect", "gather", "summary"]
