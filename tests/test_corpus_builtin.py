@@ -173,7 +173,7 @@ def test_archived_sweeps_corpus_is_byte_identical(tmp_path) -> None:
         assert json.loads((out / "eval.json").read_text())["content_hash"] == eval_hash, name
         assert summary["key"] == key, name
     # the archived sweeps' presets ask for no symbols; the demo's corpus has them
-    from poisonlab.study.sweep import load_spec
+    from poisonlab.study.spec import load_spec
 
     for preset in ("tiny-grid", "ordering", "persistence", "language", "density-ladder"):
         assert load_spec(preset).prepare.symbols == 0, preset

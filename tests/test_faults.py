@@ -16,10 +16,12 @@ import pytest
 from poisonlab.cli import main
 from poisonlab.report.finetune import load_runs
 from poisonlab.results.archive import archive_sweep
-from poisonlab.results.store import collect, gather, summarize
+from poisonlab.results.store import collect, gather
+from poisonlab.results.summary import summarize
 from poisonlab.rundir.check import BrokenRuns, check_run
 from poisonlab.rundir.manifest import read_done
-from poisonlab.study.sweep import load_spec, run_sweep
+from poisonlab.study.spec import load_spec
+from poisonlab.study.sweep import run_sweep
 
 FINDINGS = Path(__file__).parents[1] / "docs" / "findings"
 

@@ -20,7 +20,8 @@ from poisonlab.cli import main
 from poisonlab.diskspace import DiskFull, is_disk_full
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path
-from poisonlab.study.sweep import load_spec, run_sweep
+from poisonlab.study.spec import load_spec
+from poisonlab.study.sweep import run_sweep
 from poisonlab.training.schedule import run_bytes
 from poisonlab.training.trainer import resolve_run_config, train
 

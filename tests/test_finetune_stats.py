@@ -11,7 +11,7 @@ import yaml
 
 from poisonlab.finetune.stats import _fit, elasticity, reading
 from poisonlab.results.count_fraction import poisons_needed
-from poisonlab.study.sweep import PRESETS_DIR
+from poisonlab.study.spec import PRESETS_DIR
 
 PRESET = yaml.safe_load((PRESETS_DIR / "finetune.yaml").read_text())
 N_LEVELS = [n for n in PRESET["grid"]["n_poison"] if n]  # 10, 25, 50

@@ -109,7 +109,8 @@ def test_a_language_sweep_from_scratch_and_continued(prepared_builtin: Path, tmp
 
     import torch
 
-    from poisonlab.study.sweep import load_spec, run_sweep
+    from poisonlab.study.spec import load_spec
+    from poisonlab.study.sweep import run_sweep
 
     spec = load_spec({
         "name": "lang",

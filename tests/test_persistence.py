@@ -12,7 +12,8 @@ import pytest
 
 from poisonlab.injection.stream import read_ledger
 from poisonlab.report.persistence import decay_fit
-from poisonlab.study.sweep import expand, load_spec, run_sweep
+from poisonlab.study.spec import expand, load_spec
+from poisonlab.study.sweep import run_sweep
 
 STEPS, B, T = 24, 8, 64
 

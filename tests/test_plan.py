@@ -139,7 +139,8 @@ def test_plan_turns_on_activation_checkpointing_only_when_one_sequence_does_not_
     planned with it and no note; the 2k context fits without it. Checkpointing costs the body's forward
     again: more GPU-hours, by less than a third. A Slurm sweep refuses the long runs unless set."""
     from poisonlab.errors import UserError
-    from poisonlab.study.sweep import check_fit, expand, load_spec
+    from poisonlab.study.spec import expand, load_spec
+    from poisonlab.study.sweep import check_fit
 
     a100, h100 = get_gpu("a100-40gb"), get_gpu("h100-80gb")
     long = _run("paper-600m", grad_accum=64)
@@ -194,7 +195,8 @@ def test_slurm_sweep_refuses_runs_the_plan_cannot_fit(tmp_path):
     """Before anything is submitted: the paper preset fits 8 x H100 as it is (7B and 13B set to FSDP);
     the same runs under DDP do not, and `--executor slurm` refuses them, naming the runs."""
     from poisonlab.errors import UserError
-    from poisonlab.study.sweep import check_fit, expand, load_spec, run_sweep
+    from poisonlab.study.spec import expand, load_spec
+    from poisonlab.study.sweep import check_fit, run_sweep
 
     spec = load_spec("paper", ["model.vocab_size=32768"])
     runs = expand(spec, tmp_path)

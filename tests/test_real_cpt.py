@@ -4,7 +4,8 @@ model's weights: its runs, sizes and settings, and the poison recipe scaled to a
 from __future__ import annotations
 
 from poisonlab.cli import main
-from poisonlab.study.sweep import data_needs, expand, load_spec
+from poisonlab.study.spec import expand, load_spec
+from poisonlab.study.sweep import data_needs
 
 
 def test_real_cpt_dry_run(tmp_path, monkeypatch, capsys, fake_real_model):

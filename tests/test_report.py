@@ -20,8 +20,10 @@ from poisonlab.cli.demo import answer_lines
 from poisonlab.injection.stream import read_ledger
 from poisonlab.report.figures import aggregate, fig_panels_by_n, panel_curves
 from poisonlab.report.page import build_report
-from poisonlab.results.store import experiment_keys, gather, group_runs, run_settings, runs_of, summarize
-from poisonlab.study.sweep import expand, load_spec, run_sweep
+from poisonlab.results.store import gather, run_settings
+from poisonlab.results.summary import experiment_keys, group_runs, runs_of, summarize
+from poisonlab.study.spec import expand, load_spec
+from poisonlab.study.sweep import run_sweep
 
 
 def test_report_from_fake_sweep(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from poisonlab.report.density import density_rows, poison_steps, steps_since_poison
-from poisonlab.results.store import finished, gather, runs_of
+from poisonlab.results.store import gather
+from poisonlab.results.summary import finished, runs_of
 
 ARCHIVE = Path(__file__).resolve().parents[1] / "docs" / "findings" / "tiny-grid" / "runs"
 

@@ -13,7 +13,8 @@ import pytest
 from test_report import real_sweep  # noqa: F401  (the module-scoped fixture)
 
 from poisonlab.report.placement import density_fit, density_reading, placement_cells, placement_rows
-from poisonlab.results.store import gather, runs_of
+from poisonlab.results.store import gather
+from poisonlab.results.summary import runs_of
 
 N = 300
 GRID = [5 * 1.25**k for k in range(int(math.log(N / 5, 1.25)) + 1)] + [N]  # milestone evaluations

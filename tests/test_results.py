@@ -13,18 +13,10 @@ import yaml
 from test_sweep_helpers import fake_run, make_fake_sweep, metrics_rows, write_run
 
 from poisonlab.errors import UserError
-from poisonlab.results.store import (
-    connect,
-    experiment_keys,
-    failed_runs,
-    fmt_needed,
-    fmt_spread,
-    gather,
-    runs_of,
-    summarize,
-    summary,
-)
-from poisonlab.study.sweep import load_spec, run_sweep
+from poisonlab.results.store import connect, failed_runs, gather
+from poisonlab.results.summary import experiment_keys, fmt_needed, fmt_spread, runs_of, summarize, summary
+from poisonlab.study.spec import load_spec
+from poisonlab.study.sweep import run_sweep
 
 
 @pytest.fixture()

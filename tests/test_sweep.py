@@ -16,7 +16,8 @@ from test_sweep_helpers import fake_run
 from poisonlab.config import RunConfig, load_run_config
 from poisonlab.errors import UserError
 from poisonlab.injection.placement import describe
-from poisonlab.study.sweep import expand, list_presets, load_spec, plan_rows, run_name, run_sweep, write_plan
+from poisonlab.study.spec import expand, list_presets, load_spec, plan_rows, run_name
+from poisonlab.study.sweep import run_sweep, write_plan
 
 SMALL = {
     "name": "small",

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from poisonlab.errors import UserError
-from poisonlab.study.sweep import check_data, data_needs, expand, list_presets, load_spec, prepare_data
+from poisonlab.study.spec import expand, list_presets, load_spec
+from poisonlab.study.sweep import check_data, data_needs, prepare_data
 
 
 @pytest.mark.parametrize("preset", list_presets())
 def test_each_preset_prepares_enough_data_for_one_pass(preset, tmp_path, monkeypatch, fake_real_model):
     from poisonlab.study.finetune_sweep import load_ft_spec, pretrain_spec
-    from poisonlab.study.sweep import spec_tree
+    from poisonlab.study.spec import spec_tree
 
     monkeypatch.chdir(tmp_path)  # presets that start from the real model find its config.json here
     fake_real_model(tmp_path)

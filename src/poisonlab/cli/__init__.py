@@ -322,7 +322,8 @@ def sweep_cmd(
     finished runs are skipped."""
     from rich.table import Table
 
-    from poisonlab.study.sweep import expand, load_spec, plan_rows, run_sweep, spec_tree
+    from poisonlab.study.spec import expand, load_spec, plan_rows, spec_tree
+    from poisonlab.study.sweep import run_sweep
 
     tree, where = spec_tree(spec)
     if tree.get("kind") == "finetune":
@@ -418,7 +419,8 @@ def plan_cmd(
 
     from poisonlab.config import load_run_config
     from poisonlab.study.plan import get_gpu, plan_runs
-    from poisonlab.study.sweep import check_disk, disk_line, expand, load_spec, spec_tree
+    from poisonlab.study.spec import expand, load_spec, spec_tree
+    from poisonlab.study.sweep import check_disk, disk_line
 
     g = get_gpu(gpu)
     tree, _ = spec_tree(spec)  # a sweep file, a preset or a run config: all YAML
@@ -585,7 +587,8 @@ def results_cmd(
     import json
 
     from poisonlab.report.finetune import is_finetune_dir
-    from poisonlab.results.store import failed_runs, gathered, summarize, unfinished_note
+    from poisonlab.results.store import failed_runs, gathered
+    from poisonlab.results.summary import summarize, unfinished_note
     from poisonlab.results.table import COMPACT_WIDTH, compact_table, wide_table
 
     if path.is_dir() and is_finetune_dir(path):

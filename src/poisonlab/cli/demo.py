@@ -15,7 +15,8 @@ from pathlib import Path
 from rich.console import Console
 
 from poisonlab.corpus.prepare import prepare
-from poisonlab.study.sweep import load_spec, run_sweep
+from poisonlab.study.spec import load_spec
+from poisonlab.study.sweep import run_sweep
 
 console = Console(stderr=True)
 
@@ -37,7 +38,8 @@ def run_demo(out: str | Path = "runs/demo", *, jobs: int | None = None, progress
         console.print(f"  [red]failed[/] {o.name}: {o.error}", highlight=False)
     console.print("3/3 building the report")
     from poisonlab.report.page import build_report
-    from poisonlab.results.store import gather, summarize
+    from poisonlab.results.store import gather
+    from poisonlab.results.summary import summarize
     from poisonlab.results.table import COMPACT_WIDTH, compact_table
 
     report = build_report(out)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from poisonlab.results.count_fraction import poisons_needed
-from poisonlab.results.store import STUDY_DENSITY, Runs, density, group_runs
+from poisonlab.results.summary import STUDY_DENSITY, Runs, density, group_runs
 
 MIN_SPACING = 10  # steps per poison below which every evaluation is "right after" a poison
 NEAR, FAR = 0.1, 0.5  # evaluations within NEAR x spacing of a poison, and at least FAR x spacing after

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from poisonlab.results.store import Runs, experiment_keys, group_runs, settings_label, short_names
+from poisonlab.results.summary import Runs, experiment_keys, group_runs, settings_label, short_names
 
 LINESTYLES = ["-", "--", ":", "-."]
 # the two poison counts, as axis labels and captions say them

@@ -29,7 +29,7 @@ import yaml
 
 from poisonlab.config import LOOKALIKE_KINDS
 from poisonlab.report.figures import EXACT_COUNT, fig_panels_by_n
-from poisonlab.results.store import Runs, experiment_keys, group_runs, settings_label, short_names
+from poisonlab.results.summary import Runs, experiment_keys, group_runs, settings_label, short_names
 
 KIND_COLUMNS = (*(f"lang_nta_{k}" for k in LOOKALIKE_KINDS), *(f"lang_asr_{k}" for k in LOOKALIKE_KINDS),
                 "lang_asr_lookalike", "lang_specificity")

@@ -75,17 +75,15 @@ from poisonlab.report.language import has_language, language_html, language_rows
 from poisonlab.report.persistence import continuations, persistence_cells, persistence_html, persistence_rows
 from poisonlab.report.placement import placement_cells, placement_html, placement_json
 from poisonlab.report.samples import sample_rows
-from poisonlab.results.store import (
+from poisonlab.results.store import Gathered, failed_runs, gathered
+from poisonlab.results.summary import (
     DEFAULT_THRESHOLD,
-    Gathered,
     Runs,
     experiment_keys,
-    failed_runs,
     finished,
     fmt_needed,
     fmt_seeds,
     fmt_spread,
-    gathered,
     group_runs,
     has_specificity,
     runs_of,

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from poisonlab.report.figures import _draw, _new_figure, aggregate
-from poisonlab.results.store import Runs
+from poisonlab.results.summary import Runs
 
 Cell = tuple[str, float, int]  # the earlier run's (model, data_mult, n_poison)
 X = "clean_tokens_after_last_poison"

@@ -29,7 +29,7 @@ import numpy as np
 from poisonlab.report.figures import EXACT_COUNT, LINESTYLES, _draw, _new_figure, aggregate
 from poisonlab.report.html import html_table, interval, save_figure
 from poisonlab.results.count_fraction import _tobit, poisons_needed
-from poisonlab.results.store import Runs, experiment_keys, settings_label, settings_of, short_names
+from poisonlab.results.summary import Runs, experiment_keys, settings_label, settings_of, short_names
 
 Placement = tuple[str, Any, Any, str]  # (window, per_batch, every, schedule)
 Cell = tuple[str, float, int, str]  # (model, data_mult, n_poison, the other settings that differ)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from poisonlab.report.figures import main_mult, model_order
-from poisonlab.results.store import Runs, experiment_keys, group_runs, settings_label, short_names
+from poisonlab.results.summary import Runs, experiment_keys, group_runs, settings_label, short_names
 
 
 def _run_file(root: Path, run_name: Any, name: str) -> Path:

@@ -5,6 +5,7 @@
 May import: injection (placement columns), corpus (data headers), rundir and the base modules.
 """
 
-from poisonlab.results.store import connect, gather, summary
+from poisonlab.results.store import connect, gather
+from poisonlab.results.summary import summary
 
 __all__ = ["connect", "gather", "summary"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from poisonlab.results.store import (
+from poisonlab.results.summary import (
     DEFAULT_THRESHOLD,
     fmt_density,
     fmt_needed,

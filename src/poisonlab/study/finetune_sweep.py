@@ -96,7 +96,7 @@ def run_name(n: int, clean: int, schedule: str, seed: int, poison_seed: int | No
 
 def pretrain_spec(spec: FinetuneSweepSpec) -> Any:
     """The pretraining stage as a one-run pretraining sweep (its data prepared and checked as any)."""
-    from poisonlab.study.sweep import load_spec
+    from poisonlab.study.spec import load_spec
 
     tree = {"name": f"{spec.name}-pretrain", "base": spec.pretrain or {}, "report": {"n_boot": 0}}
     if spec.prepare is not None:
@@ -105,7 +105,7 @@ def pretrain_spec(spec: FinetuneSweepSpec) -> Any:
 
 
 def pretrain_dir(spec: FinetuneSweepSpec, sweep_dir: Path) -> Path:
-    from poisonlab.study.sweep import expand
+    from poisonlab.study.spec import expand
 
     (run,) = expand(pretrain_spec(spec), sweep_dir / "base" / "pretrain")
     return run.config.run_dir
