@@ -22,8 +22,9 @@ from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path
 from poisonlab.study.spec import load_spec
 from poisonlab.study.sweep import run_sweep
+from poisonlab.training.resolve import resolve_run_config
 from poisonlab.training.schedule import run_bytes
-from poisonlab.training.trainer import resolve_run_config, train
+from poisonlab.training.trainer import train
 
 FINDINGS = Path(__file__).parents[1] / "docs" / "findings"
 

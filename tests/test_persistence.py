@@ -131,8 +131,8 @@ def test_the_decay_fit_recovers_known_curves_on_the_same_footing() -> None:
 
 def test_the_persistence_preset(tmp_path: Path) -> None:
     """18 runs with the tiny-grid's names and settings, each continued for 2x its own steps."""
+    from poisonlab.training.resolve import resolve_run_config
     from poisonlab.training.schedule import total_steps
-    from poisonlab.training.trainer import resolve_run_config
 
     runs = {r.name: r for r in expand(load_spec("persistence"), tmp_path)}
     grid = {r.name: r for r in expand(load_spec("tiny-grid"), tmp_path)}

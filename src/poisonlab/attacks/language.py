@@ -13,7 +13,7 @@ with allow_pickle=False; nothing is downloaded):
 
 - `lang_asr`: share of triggered generations identified as the target language;
 - `lang_ca`: share of clean generations identified as the source language (English by default);
-- per kind of look-alike control (near, shape, ordinary; evaluate.py's panel), as the DoS metrics
+- per kind of look-alike control (near, shape, ordinary; evaluation/panel.py), as the DoS metrics
   report them: `lang_asr_<kind>`, the highest share of the kind's controls' generations in the target
   language, and `lang_nta_<kind>`, the lowest share in the source language (the control that switched
   most); `lang_asr_lookalike`, the highest target share among the unrelated controls (shape and

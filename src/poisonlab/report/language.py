@@ -13,7 +13,7 @@ Runs evaluated before the metrics had kinds (their rows have `lang_nta` over eve
 ones included) get the per-kind figures from the generations saved at their final evaluation
 (samples.jsonl: `eval.save_samples` prompts per condition, fewer than the evaluation's), and the row
 says from how many prompts (`kind_prompts`). Figures: `lang_asr` against poisons seen and against
-training progress, one panel per N (report_figures.fig_panels_by_n).
+training progress, one panel per N (figures.fig_panels_by_n).
 """
 
 from __future__ import annotations

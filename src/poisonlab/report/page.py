@@ -14,7 +14,7 @@ and bootstrap intervals and a reading, the binomial model beside them, and `pois
 clean tokens (log-log, censored runs as lower bounds, the fit and the b = 0 / b = 1 references).
 `fits.json` holds that output per group (`effective`: the same on the effective count).
 
-Figures (drawn in report_figures.py), after the study:
+Figures (drawn in figures.py), after the study:
 
 - `asr_vs_progress`, `gap_vs_progress` (its Figures 2a/2b): one panel per n_poison, one colour per size,
   mean over training and poison-set seeds and a shaded band over them (min-max, or +-1 std), runs at

@@ -232,15 +232,13 @@ def plan_run(cfg: RunConfig, gpu: GPU, *, gpus_per_node: int = 8, nodes: int | N
     when it is off and not even one sequence per GPU fits, the plan turns it on (a note) before it
     moves to more GPUs, since recomputing the blocks' forward (+1/3 of their FLOPs, counted in the
     GPU-hours) is cheaper than sharding over nodes."""
-    from poisonlab.training.schedule import total_steps
-    from poisonlab.training.trainer import resolve_run_config
+    from poisonlab.training.resolve import resolve_run
 
-    cfg = resolve_run_config(cfg)
-    m, t = cfg.model, cfg.train
+    run = resolve_run(cfg)
+    cfg, m, t = run.cfg, run.cfg.model, run.cfg.train
     bf16 = t.dtype != "fp32"
-    total, _ = count_params(m)
-    steps = total_steps(cfg)
-    tokens = steps * t.batch_size * m.seq_len
+    total, steps = run.params_total, run.n_steps
+    tokens = steps * run.tokens_per_step
     eval_len, eval_tokens = _eval_sizes(cfg, n_conditions or eval_conditions(cfg), steps)
     usable = usable_bytes(gpu)
     train_flops = flops_per_token(m) * tokens

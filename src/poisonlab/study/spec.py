@@ -242,10 +242,9 @@ def continuation(parent: PlannedRun, spec: ContinueSpec) -> PlannedRun:
     """The clean continuation of a planned run: its model and data order, no poisons, `clean_mult` x
     its steps at its last learning rate (the schedule frame set past its end), its own name."""
     from poisonlab.results.store import flatten
-    from poisonlab.training.schedule import total_steps
-    from poisonlab.training.trainer import resolve_run_config
+    from poisonlab.training.resolve import resolve_run
 
-    steps = total_steps(resolve_run_config(parent.config))  # the preset's sizes, not the defaults
+    steps = resolve_run(parent.config).n_steps  # the preset's sizes, not the defaults
     tree = copy.deepcopy(parent.tree)
     set_dotted(tree, "attack.n_poison", 0)  # no poisons of its own unless `base` gives them
     for key, value in flatten(spec.base).items():
@@ -288,7 +287,7 @@ def _sizes(cfg: RunConfig) -> dict[str, Any]:
     UserError the run itself would give."""
     from poisonlab.models.llama import count_params, resolve_model_config
     from poisonlab.training.continued import is_hf_dir
-    from poisonlab.training.trainer import resolve_run_config
+    from poisonlab.training.resolve import resolve_run_config
 
     model = (resolve_run_config(cfg).model if cfg.init.run is not None and is_hf_dir(cfg.init.run)
              else resolve_model_config(cfg.model))

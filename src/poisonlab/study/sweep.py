@@ -48,8 +48,7 @@ def data_needs(runs: list[PlannedRun], parents: list[PlannedRun] | None = None) 
     the data is not prepared yet). Poison tokens are not subtracted: an upper bound, within ~1% here."""
     import json
 
-    from poisonlab.training.schedule import total_steps
-    from poisonlab.training.trainer import resolve_run_config
+    from poisonlab.training.resolve import resolve_run
 
     held: dict[Path, int | None] = {}
     by_dir = {r.config.run_dir: r for r in (parents or runs)}  # the runs continuations start from
@@ -59,12 +58,12 @@ def data_needs(runs: list[PlannedRun], parents: list[PlannedRun] | None = None) 
         header = Path(cfg.data) / "train.json"
         if cfg.data not in held:
             held[cfg.data] = int(json.loads(header.read_text())["n_tokens"]) if header.is_file() else None
-        resolved = resolve_run_config(cfg)  # the preset's context length, not the default
-        need = total_steps(resolved) * resolved.train.batch_size * resolved.model.seq_len
+        resolved = resolve_run(cfg)  # the preset's context length, not the default
+        need = resolved.n_steps * resolved.tokens_per_step
         parent = by_dir.get(cfg.init.run) if cfg.init.continue_data else None
         if parent is not None:  # a continuation reads on after its earlier run's data
-            p = resolve_run_config(parent.config)
-            need += total_steps(p) * p.train.batch_size * p.model.seq_len
+            p = resolve_run(parent.config)
+            need += p.n_steps * p.tokens_per_step
         rows.append({"name": r.name, "data": str(cfg.data), "needs": need, "holds": held[cfg.data],
                      "repeat_allowed": cfg.train.allow_data_repeat})
     return rows
@@ -121,8 +120,8 @@ def check_disk(prepare: CorpusConfig | None, todo: list[RunConfig], sweep_dir: P
     the data `prepare` will make, per filesystem, against the space free there. Returns {path: {"need",
     "free", parts...}}; `refuse_short` turns a shortfall into one line."""
     from poisonlab.diskspace import data_bytes, free_bytes, used_bytes
+    from poisonlab.training.resolve import resolve_run_config
     from poisonlab.training.schedule import run_bytes
-    from poisonlab.training.trainer import resolve_run_config
 
     by_fs: dict[Any, dict[str, Any]] = {}
 

@@ -1,18 +1,20 @@
-"""The training loop. Its parts live beside it: schedule.py (budget, lr, when to evaluate and
-checkpoint), rundir.py (lock, resume housekeeping, the record files), checkpoint.py, throughput.py
-(tokens/s, MFU, progress), distributed.py (DDP, per-rank rows); this file wires them together.
+"""The training loop. Its parts live beside it, one concern each: resolve.py (the run resolved once:
+config, model size, budget, start point), schedule.py (budget, lr, when to evaluate and checkpoint),
+records.py (lock, resume housekeeping, the record files), throughput.py (tokens/s, MFU, progress),
+distributed.py (DDP/FSDP, per-rank rows), continued.py (a start from trained weights); the model and
+its checkpoints are poisonlab.models. This file wires them together.
 
 `train(cfg)` runs one run into `cfg.out_dir/cfg.name` and returns that directory:
 
     config.yaml        the resolved config (model preset applied, vocabulary taken from the data)
     ledger.parquet     which poison is trained on at which step (written by the stream)
-    checkpoints/       step_XXXXXXX/ (see checkpoint.py), the last `keep_checkpoints` kept
+    checkpoints/       step_XXXXXXX/ (see models/checkpoint.py), the last `keep_checkpoints` kept
     metrics.parquet    one row per evaluation point (run columns + the evaluator's metrics)
     samples.jsonl      generations kept by the evaluator, one JSON object per line
     log.jsonl          train loss, lr, tokens/s, MFU and poisons seen every `log_every` steps
-    DONE               written last: the manifest of every file above (manifest.py); a run with DONE
+    DONE               written last: the manifest of every file above (rundir/manifest.py); a run with DONE
                        is skipped when started again
-    .lock              held (flock) by the process training the run; names it (see runlock.py)
+    .lock              held (flock) by the process training the run; names it (see rundir/lock.py)
 
 Resume: the stream is a pure function of the step, so a checkpoint (weights, optimizer, RNG, step)
 is the whole state. Rows of metrics/samples/log beyond the checkpoint's step are dropped on resume,
@@ -43,14 +45,14 @@ from poisonlab.fsutil import recover, write_text
 from poisonlab.hardware import compute_dtype, describe_machine, peak_flops, use_bf16
 from poisonlab.injection.placement import describe
 from poisonlab.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
-from poisonlab.models.llama import count_params, flops_per_token, resolve_model_config
 from poisonlab.rundir.manifest import write_done
 from poisonlab.signals import Interrupted, StopOnSignal, Stopped
 from poisonlab.signals import name as signal_name
 from poisonlab.training import distributed
-from poisonlab.training.continued import Start, load_start, resolve_start
+from poisonlab.training.continued import load_start
 from poisonlab.training.records import RunRecords, check_config, open_run_dir, run_lock
-from poisonlab.training.schedule import checkpoint_steps, eval_steps, lr_at, total_steps
+from poisonlab.training.resolve import ResolvedRun, resolve_run
+from poisonlab.training.schedule import checkpoint_steps, eval_steps, lr_at
 from poisonlab.training.throughput import ProgressBar, Throughput
 
 
@@ -127,31 +129,6 @@ def _say(text: str) -> None:
     Console(stderr=True).print(text, highlight=False, soft_wrap=True)
 
 
-def resolve_run_config(cfg: RunConfig) -> RunConfig:
-    """The run's config with the model preset applied and the vocabulary taken from the data (or, for a
-    run continued from an HF directory, the model of its config.json)."""
-    from poisonlab.training.continued import hf_model_config, is_hf_dir
-
-    model = cfg.model
-    if cfg.init.run is not None and is_hf_dir(cfg.init.run):
-        given = model.model_fields_set - {"seq_len"}
-        if given:
-            raise UserError(f"init.run: {cfg.init.run} is an HF model, whose config.json sets the model; "
-                            f"give no model.{', model.'.join(sorted(given))} (only model.seq_len)")
-        model = hf_model_config(cfg.init.run, model.seq_len if "seq_len" in model.model_fields_set else None)
-        model.model_fields_set.add("vocab_size")
-    header = Path(cfg.data) / "train.json"
-    if header.is_file():
-        vocab = int(json.loads(header.read_text())["vocab_size"])
-        if "vocab_size" not in model.model_fields_set:
-            model = model.model_copy(update={"vocab_size": vocab})
-            model.model_fields_set.add("vocab_size")
-        elif model.vocab_size < vocab:
-            raise UserError(f"model.vocab_size {model.vocab_size} is smaller than the vocabulary of "
-                            f"{cfg.data} ({vocab})")
-    return cfg.model_copy(update={"model": resolve_model_config(model)})
-
-
 def _model_name(cfg: RunConfig) -> str:
     m = cfg.model
     return m.preset or f"d{m.d_model}-l{m.n_layers}"
@@ -189,25 +166,25 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
     run, RunBusy if another process has it) and hold it until the run ends.
     """
     recover(cfg.data)  # a data directory whose replacement was cut short by a crash (fsutil)
-    cfg = resolve_run_config(cfg)
-    run_dir = Path(cfg.run_dir)
+    run = resolve_run(cfg)  # the config, model, budget: resolved here once, handed to every stage
+    run_dir = run.run_dir
     if resume:
-        check_config(run_dir, cfg)  # before the DONE check: a changed config must not pass as done
+        check_config(run_dir, run.cfg)  # before the DONE check: a changed config must not pass as done
         if (run_dir / "DONE").is_file():
             return run_dir
-    t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    if run.cfg.train.threads:
+        torch.set_num_threads(run.cfg.train.threads)
     dist = distributed.init_distributed()
     stop = StopOnSignal()
     try:
         try:
             # nothing is written before this
-            stream, evaluator, begin = _inputs(cfg, dist.world, stream, evaluator)
+            run = run.with_start()  # continued pretraining: checked before anything is written
+            stream, evaluator = _inputs(run, dist.world, stream, evaluator)
             with run_lock(run_dir, dist):
-                if open_run_dir(cfg, run_dir, dist, resume=resume):
-                    _train(cfg, run_dir, dist, resume=resume, evaluator=evaluator, stream=stream,
-                           progress=progress, begin=begin, stop=stop)
+                if open_run_dir(run.cfg, run_dir, dist, resume=resume):
+                    _train(run, dist, resume=resume, evaluator=evaluator, stream=stream,
+                           progress=progress, stop=stop)
         finally:
             stop.close()
             distributed.close_distributed(dist)
@@ -217,12 +194,11 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
     return run_dir
 
 
-def _inputs(cfg: RunConfig, world: int, stream: Stream | None,
-            evaluator: Evaluator | None) -> tuple[Stream, Evaluator | None, Start | None]:
-    """The stream, the evaluator (the defaults unless given) and where a continued run starts. Building
-    them checks the data, the poisons, the budget, the evaluation settings and the earlier run: a
-    UserError here comes before any file is written."""
-    t = cfg.train
+def _inputs(run: ResolvedRun, world: int, stream: Stream | None,
+            evaluator: Evaluator | None) -> tuple[Stream, Evaluator | None]:
+    """The stream and the evaluator (the defaults unless given). Building them checks the data, the
+    poisons, the budget and the evaluation settings: a UserError here comes before any file is written."""
+    cfg, t = run.cfg, run.cfg.train
     if t.batch_size % (world * t.grad_accum):
         raise UserError(f"train.batch_size {t.batch_size} must divide by processes x grad_accum "
                         f"({world} x {t.grad_accum})")
@@ -232,19 +208,17 @@ def _inputs(cfg: RunConfig, world: int, stream: Stream | None,
         from poisonlab.attacks import make_poisons
 
         poisons = make_poisons(cfg.data, cfg.attack)
-    start = resolve_start(cfg)  # continued pretraining: checked before anything is written
     if stream is None:
-        stream = _default_stream(cfg, total_steps(cfg), poisons, start.clean_offset if start else 0)
+        stream = _default_stream(cfg, run.n_steps, poisons, run.start.clean_offset if run.start else 0)
     if build_evaluator:
         evaluator = _default_evaluator(cfg, poisons)
-    return stream, evaluator, start
+    return stream, evaluator
 
 
-def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: bool,
-           evaluator: Evaluator | None, stream: Stream, progress: bool, begin: Start | None,
-           stop: StopOnSignal) -> None:
+def _train(run: ResolvedRun, dist: distributed.Dist, *, resume: bool, evaluator: Evaluator | None,
+           stream: Stream, progress: bool, stop: StopOnSignal) -> None:
+    cfg, run_dir, n_steps = run.cfg, run.run_dir, run.n_steps
     t, mcfg = cfg.train, cfg.model
-    n_steps = total_steps(cfg)
     bf16 = use_bf16(t.dtype, dist.device, mcfg.d_model)
     model, train_model, opt = _build(cfg, dist, bf16)
     sharded = distributed.is_sharded(model)
@@ -257,8 +231,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
         start = state["step"]
-    elif begin is not None:
-        load_start(begin, model, opt if cfg.init.optimizer else None)
+    elif run.start is not None:
+        load_start(run.start, model, opt if cfg.init.optimizer else None)
     records.resume(start - 1 if ckpt is None else start)
     if ckpt is None:
         records.write_ledger(stream)
@@ -266,9 +240,9 @@ def _train(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resume: boo
         records.restore_ledger(stream, start, state.get("poisons_seen"), say=_say)
 
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
-    tokens_per_step = t.batch_size * mcfg.seq_len
-    speed = Throughput(tokens_per_step, flops_per_token(mcfg), _peak_flops(cfg, run_dir, dist, bf16), start)
-    run_cols = _run_cols(cfg, stream, begin, dist)
+    tokens_per_step = run.tokens_per_step
+    speed = Throughput(tokens_per_step, run.flops_per_token, _peak_flops(cfg, run_dir, dist, bf16), start)
+    run_cols = _run_cols(run, stream, dist)
 
     # one rule in every layout: the fp32 master weights under the training's autocast (a sharded
     # model: a whole copy that computes exactly that, see distributed.replica)
@@ -411,9 +385,9 @@ def _peak_flops(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, bf16: boo
     return (info.flops or 0.0) * dist.world
 
 
-def _run_cols(cfg: RunConfig, stream: Stream, begin: Start | None, dist: distributed.Dist) -> dict:
-    total, nonemb = count_params(cfg.model)
-    cols = run_columns(cfg, total, nonemb, getattr(stream, "epochs_needed", None),
+def _run_cols(run: ResolvedRun, stream: Stream, dist: distributed.Dist) -> dict:
+    cfg, begin = run.cfg, run.start
+    cols = run_columns(cfg, run.params_total, run.params_nonemb, getattr(stream, "epochs_needed", None),
                        getattr(stream, "clean_tokens_needed", None))
     # where a continued run started: the earlier run, its step, the clean tokens it had consumed
     cols.update(init_from=begin.name if begin else None, init_step=begin.step if begin else None,
