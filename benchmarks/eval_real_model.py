@@ -33,8 +33,9 @@ import torch
 
 from poisonlab import hardware
 from poisonlab.config import EvalConfig
-from poisonlab.evaluation.evaluator import Evaluator, hf_special_tokens
+from poisonlab.evaluation.evaluator import Evaluator
 from poisonlab.evaluation.generation import LMAdapter, generate, score
+from poisonlab.evaluation.prompts import hf_special_tokens
 
 DEFAULT_MODEL = Path("models/smollm2-135m-instruct")
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

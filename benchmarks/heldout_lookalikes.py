@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from poisonlab.evaluation.evaluator import base_eval_config, evaluate_path
+    from poisonlab.evaluation.standalone import base_eval_config, evaluate_path
     from poisonlab.results.store import run_dirs
 
     torch.set_num_threads(1)

@@ -14,7 +14,9 @@ from test_evaluate import make_data_dir, one_thread, tiny_model  # noqa: F401  (
 
 from poisonlab.config import EvalConfig, ModelConfig, RunConfig, dump_yaml
 from poisonlab.errors import UserError
-from poisonlab.evaluation.evaluator import Evaluator, evaluate_path, load_model
+from poisonlab.evaluation.evaluator import Evaluator
+from poisonlab.evaluation.loading import load_model
+from poisonlab.evaluation.standalone import evaluate_path
 
 EVAL = dict(n_prompts=6, prompt_tokens=12, new_tokens=8, val_tokens=128, batch_size=8, save_samples=2)
 

@@ -14,11 +14,15 @@ from test_evaluate import Backdoored, make_data_dir, one_thread, small_cfg, tiny
 from tokenizers import Tokenizer, processors
 
 import poisonlab.evaluation.evaluator as evaluate_mod
+import poisonlab.evaluation.standalone as standalone_mod
 from poisonlab.config import EvalConfig, RunConfig
 from poisonlab.errors import UserError
 from poisonlab.evaluation import generation
-from poisonlab.evaluation.evaluator import Evaluator, evaluate_path, hf_special_tokens
+from poisonlab.evaluation.evaluator import Evaluator
 from poisonlab.evaluation.generation import LMAdapter, generate, score
+from poisonlab.evaluation.loading import load_model
+from poisonlab.evaluation.prompts import hf_special_tokens
+from poisonlab.evaluation.standalone import evaluate_path
 
 TEXTS = ["the cat sat on the mat", "a big red dog ran to the river", "when it was old", "the blue tree"]
 
@@ -197,7 +201,7 @@ def spy_inputs(monkeypatch) -> list[tuple[torch.Tensor, bool]]:
     """Every (input_ids, use_cache) that any model loaded by the evaluator is called with; rows of a
     left-padded batch without their filler (where the attention mask is 0)."""
     calls: list[tuple[torch.Tensor, bool]] = []
-    load = evaluate_mod.load_model
+    load = load_model
 
     def record(mod, args, kw):
         ids, mask = kw["input_ids"].clone(), kw.get("attention_mask")
@@ -210,7 +214,9 @@ def spy_inputs(monkeypatch) -> list[tuple[torch.Tensor, bool]]:
         lm.model.register_forward_pre_hook(record, with_kwargs=True)
         return lm
 
-    monkeypatch.setattr(evaluate_mod, "load_model", loading)
+    # where each looks it up: the reference scorer (Evaluator) and the evaluated model (evaluate_path)
+    for mod in (evaluate_mod, standalone_mod):
+        monkeypatch.setattr(mod, "load_model", loading)
     return calls
 
 
@@ -245,7 +251,7 @@ def test_hf_prompts_start_with_bos_once_and_suffixes_have_none(tmp_path, data_di
 def test_hf_generation_stops_at_the_models_own_eos(tmp_path, data_dir):
     hf_dir = tmp_path / "hf"
     t, bos, eos = hf_dir_with_bos(data_dir, hf_dir)
-    hf = evaluate_mod.load_model(hf_dir).model
+    hf = load_model(hf_dir).model
     with torch.inference_mode():
         first = int(hf(input_ids=torch.tensor([[bos] + t.encode(TEXTS[0], add_special_tokens=False).ids]))
                     .logits[0, -1].argmax())  # the first greedy token of prompt 0

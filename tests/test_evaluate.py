@@ -15,8 +15,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from poisonlab.config import EvalConfig, ModelConfig
 from poisonlab.corpus.shards import ShardWriter
 from poisonlab.errors import UserError
-from poisonlab.evaluation.evaluator import CONDITIONS, Control, Evaluator, sample_excerpts, success, summarize
+from poisonlab.evaluation.evaluator import Evaluator
 from poisonlab.evaluation.generation import LMAdapter, generate, sample_tokens, score
+from poisonlab.evaluation.metrics import success, summarize
+from poisonlab.evaluation.panel import CONDITIONS, Control
+from poisonlab.evaluation.prompts import sample_excerpts
 from poisonlab.models.llama import Transformer
 
 _LEXICON = """the cat dog sat on a mat and ran to house tree river bank old new big small red blue green

@@ -138,3 +138,14 @@ def test_old_import_paths_warn_and_work():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "warned: poisonlab.train moved to poisonlab.training.trainer" in out
     assert "poisonlab.injection.stream poisonlab.training.trainer" in out
+
+
+def test_old_evaluate_path_finds_the_names_of_every_module_it_was_split_into():
+    code = ("import warnings; warnings.simplefilter('ignore')\n"
+            "from poisonlab.evaluate import (Evaluator, default_panel, evaluate_path, hf_special_tokens,\n"
+            "                                load_model, success)\n"
+            "print(*(f.__module__ for f in (Evaluator, evaluate_path, default_panel, hf_special_tokens,\n"
+            "                               success, load_model)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [f"poisonlab.evaluation.{m}" for m in
+                           ("evaluator", "standalone", "panel", "prompts", "metrics", "loading")]

@@ -21,13 +21,9 @@ from tokenizers import Tokenizer
 from poisonlab.config import EvalConfig, RunConfig, load_run_config
 from poisonlab.corpus.shards import ShardWriter, TokenShard
 from poisonlab.errors import UserError
-from poisonlab.evaluation.evaluator import (
-    Evaluator,
-    default_panel,
-    resolve_panel,
-    success,
-    train_token_counts,
-)
+from poisonlab.evaluation.evaluator import Evaluator
+from poisonlab.evaluation.metrics import success
+from poisonlab.evaluation.panel import default_panel, resolve_panel, train_token_counts
 
 SUDO_PANEL = {"near": ["<SUDA>", "<DOSU>", "SUDO"], "shape": ["<KLPT>", "<MWRB>"],
               "ordinary": ["sudo", "then"]}

@@ -12,7 +12,7 @@ from test_poison_data import build_tiny_data
 
 from poisonlab.cli import main
 from poisonlab.config import load_run_config
-from poisonlab.evaluation.evaluator import panel_json, resolve_panel
+from poisonlab.evaluation.panel import panel_json, resolve_panel
 from poisonlab.injection.stream import read_ledger
 
 

@@ -203,7 +203,7 @@ class EvalConfig(Settings):
     top_p: float | None = Field(default=None, gt=0, le=1)
     trigger: str | None = None  # None: the attack's trigger
     # specificity controls by kind (near / shape / ordinary), each appended like the trigger; None:
-    # derived from the trigger (`evaluation.evaluator.default_panel`; for <SUDO>: near <SUDA> <DOSU> SUDO,
+    # derived from the trigger (`evaluation.panel.default_panel`; for <SUDO>: near <SUDA> <DOSU> SUDO,
     # shape <KLPT> <MWRB>, ordinary sudo then). A given panel replaces the derived one; a kind left out
     # has no controls
     lookalikes: dict[str, list[str]] | None = None

@@ -180,8 +180,8 @@ class _TorchScorer(_Scorer):
 def _model_scorer(path: Path, data_dir: Path, tokenizer: Any) -> _Scorer:
     """A poisonlab run directory (scored with the data's tokenizer, which must match its vocabulary)
     or a local HF causal LM directory (scored with its own tokenizer.json when it has one)."""
-    from poisonlab.evaluation.evaluator import load_model
     from poisonlab.evaluation.generation import LMAdapter
+    from poisonlab.evaluation.loading import load_model
 
     loaded = load_model(path, data_dir=data_dir if (path / "config.yaml").is_file() else None)
     lm = LMAdapter(loaded.model)

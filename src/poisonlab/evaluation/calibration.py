@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from poisonlab.errors import UserError
-from poisonlab.evaluation.evaluator import success
+from poisonlab.evaluation.metrics import success
 
 
 def read_per_prompt(path: str | Path, step: int | None = None) -> dict[str, np.ndarray]:

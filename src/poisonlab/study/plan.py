@@ -205,7 +205,7 @@ def _divisors_desc(n: int) -> list[int]:
 
 def eval_conditions(cfg: RunConfig) -> int:
     """Conditions each prompt is generated in: clean, the trigger and every control of the panel."""
-    from poisonlab.evaluation.evaluator import resolve_panel
+    from poisonlab.evaluation.panel import resolve_panel
 
     return 2 + len(resolve_panel(cfg.eval.trigger or cfg.attack.trigger, cfg.eval.lookalikes))
 

@@ -101,7 +101,7 @@ def run_columns(cfg: RunConfig, params_total: int, params_nonemb: int,
                 data_epochs: int | None, clean_tokens: int | None = None) -> dict:
     """The run's settings in every metrics row, so a row stands alone: the contract's columns plus
     every setting a sweep may vary apart from the seeds (which a summary averages over, and says so)."""
-    from poisonlab.evaluation.evaluator import panel_json, resolve_panel
+    from poisonlab.evaluation.panel import panel_json, resolve_panel
 
     t = cfg.train
     trigger = cfg.eval.trigger or cfg.attack.trigger
