@@ -1,10 +1,12 @@
 """The package layout holds: imports run one way between the stage packages (the table below, which
 each package's __init__ docstring states too), no import circle between modules, at most 8 top-level
-modules beside the packages, and no source file over 600 lines."""
+modules beside the packages, no source file over 600 lines, and every import names something that
+exists (old paths of moved modules still import)."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +151,24 @@ def test_old_evaluate_path_finds_the_names_of_every_module_it_was_split_into():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == [f"poisonlab.evaluation.{m}" for m in
                            ("evaluator", "standalone", "panel", "prompts", "metrics", "loading")]
+
+
+def test_every_import_names_a_module_or_name_that_exists():
+    """Imports inside functions run only when the function does (`poisonlab eval`'s did not, after a
+    module was split): every `from poisonlab.X import Y` in the source must name something X has."""
+    mods, missing = _modules(), []
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            mod = node.module or ""
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                mod = f"{base}.{mod}" if mod else base
+            if not mod.startswith("poisonlab"):
+                continue
+            target = importlib.import_module(mod)
+            missing += [f"{name}:{node.lineno}: {mod}.{a.name}" for a in node.names
+                        if not hasattr(target, a.name) and f"{mod}.{a.name}" not in mods]
+    assert not missing, "imports of names that do not exist:\n" + "\n".join(missing)

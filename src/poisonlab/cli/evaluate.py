@@ -37,7 +37,7 @@ def eval_(
     from rich.table import Table
 
     from poisonlab.config import LOOKALIKE_KINDS, EvalConfig, format_validation_error
-    from poisonlab.evaluation.evaluator import base_eval_config, evaluate_path
+    from poisonlab.evaluation.standalone import base_eval_config, evaluate_path
 
     fields = base_eval_config(path).model_dump()
     for key, value in (("trigger", trigger), ("n_prompts", n_prompts), ("new_tokens", new_tokens),
