@@ -273,3 +273,27 @@ def test_val_loss_is_the_cross_entropy_of_the_eval_splits_first_tokens(sweep: Pa
     got = max(pq.read_table(run / "metrics.parquet").to_pylist(), key=lambda r: r["step"])["val_loss"]
     assert got == pytest.approx(want, rel=1e-5)
 
+
+def test_results_and_report_show_it(sweep: Path, capsys: pytest.CaptureFixture) -> None:
+    """`poisonlab results --wide` prints the clean-capability table under the wide one, `--json` has
+    every figure, the compact table points to --wide; the report has the table and its sentence."""
+    import json
+
+    from poisonlab.cli import main
+    from poisonlab.report.clean import clean_html
+
+    rows = {r["n_poison"]: r for r in summarize(gather(sweep, write=False))}
+    r = rows[12]
+    main(["results", str(sweep), "--json"])
+    got = {g["n_poison"]: g for g in json.loads(capsys.readouterr().out)}
+    assert got[12]["val_loss_diff"] == pytest.approx(r["val_loss_diff"])
+    assert got[12]["val_loss_diff_method"] == "paired t" and got[0]["val_loss_diff_note"] == "N = 0 control"
+    main(["results", str(sweep), "--wide"])
+    out = capsys.readouterr().out
+    assert "Clean capability" in out and "paired t, 4 seeds" in out
+    assert f"{r['val_loss_diff']:+.3f}" in out and f"{r['val_loss_diff_lo']:+.3f} to" in out
+    main(["results", str(sweep)])
+    assert "clean held-out loss against the N = 0" in capsys.readouterr().out
+    html = clean_html(list(rows.values()))
+    assert "Clean capability beside the backdoor" in html and "1 of 1 poisoned groups compared" in html
+    assert f"{r['val_loss_diff_lo']:.3f} to {r['val_loss_diff_hi']:.3f}" in html
