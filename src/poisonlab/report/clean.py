@@ -26,8 +26,9 @@ def reading(summary: list[dict[str, Any]]) -> str:
     if not poisoned:
         return "No poisoned groups."
     if not compared:
-        return (f"None of the {len(poisoned)} poisoned groups has a comparable N = 0 control with an "
-                "interval (see the table).")
+        which = ("The poisoned group has" if len(poisoned) == 1
+                 else f"None of the {len(poisoned)} poisoned groups has")
+        return f"{which} a comparable N = 0 control with an interval (see the table)."
     worse = sum(r["val_loss_diff_lo"] > 0 for r in compared)
     better = sum(r["val_loss_diff_hi"] < 0 for r in compared)
     return (f"{len(compared)} of {len(poisoned)} poisoned groups compared with their N = 0 control: the 95% "
