@@ -48,13 +48,14 @@ def clean_html(summary: list[dict[str, Any]]) -> str:
                                "N inserted": r["n_poison"]}
         if with_settings:
             row["settings"] = r["label"]
-        d = r.get("val_loss_diff")
+        d, c = r.get("val_loss_diff"), r.get("val_loss_control")
         row.update({
             "runs": r["runs"],
             "clean loss (nats), mean (min to max)": _range(r, "val_loss", 3),
             "perplexity, mean (min to max)": _range(r, "val_ppl", 2),
-            "N = 0 control's loss": r.get("val_loss_control"),
-            "loss difference, poisoned − control": d,
+            # as text: the cell would drop trailing zeros (0.1 beside 0.026 reads as less precise)
+            "N = 0 control's loss": "-" if c is None else f"{c:.3f}",
+            "loss difference, poisoned − control": "-" if d is None else f"{d:.3f}",
             "95% interval": "-" if r.get("val_loss_diff_lo") is None else
             f"{r['val_loss_diff_lo']:.3f} to {r['val_loss_diff_hi']:.3f}",
             "test": fmt_test(r) if r.get("val_loss_diff_lo") is not None else "-",
