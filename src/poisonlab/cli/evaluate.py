@@ -1,4 +1,5 @@
-"""`poisonlab eval` and `calibrate`: test a model for a backdoor, and choose the success rule."""
+"""`poisonlab eval`, `clean-score` and `calibrate`: test a model for a backdoor, score its clean capability
+with lm-evaluation-harness, and choose the success rule."""
 
 from __future__ import annotations
 
@@ -81,6 +82,53 @@ def eval_(
     Console().print(panel_table)
     Console().print(f"specificity = ASR - highest unrelated (shape, ordinary) ASR = {metrics['asr']:.3g} - "
                     f"{metrics['asr_lookalike']:.3g} = {metrics['specificity']:.3g}", highlight=False)
+
+
+def clean_score_cmd(
+    model: Annotated[Path, typer.Argument(help="local HF model directory (poisonlab export or import-gguf "
+                                                "writes one)")],
+    data: Annotated[Path, typer.Option(help="prepared data dir: its eval split is the clean held-out text")],
+    out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="output dir (default: MODEL-clean-score beside it)")] = None,
+    docs: Annotated[int, typer.Option(help="held-out documents scored (0: all)")] = 200,
+    task: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        help="also a standard lm-eval task (repeatable); runs only if its data is in the local HF "
+             "cache")] = None,
+    batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 8,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, ...")] = "cpu",
+    max_length: Annotated[Optional[int], typer.Option(help="tokens per rolling window (default: the "  # noqa: UP045
+                                                           "model's context)")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print clean_score.json instead of a table")] = False,
+) -> None:
+    """Clean capability of a local HF model through lm-evaluation-harness, offline: word and byte
+    perplexity (rolling log-likelihood) on the held-out documents of a prepared data directory, written
+    as a local lm-eval task. Needs `pip install 'poisonlab[lmeval]'`; nothing is downloaded."""
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from poisonlab.evaluation.lmeval import OFFLINE_ENV, clean_score
+
+    if docs < 0:
+        raise UserError(f"--docs {docs}: give a number of documents, or 0 for all")
+    out = out or model.parent / f"{model.name}-clean-score"
+    res = clean_score(model, data, out, n_docs=docs or None, tasks=task or [], batch_size=batch_size,
+                      device=device, max_length=max_length)
+    if json_:
+        print(json.dumps(res, indent=2, default=str))
+        return
+    src = res["source"]
+    table = Table(title=escape(f"clean score: {model} on {src['docs']} held-out documents of {data} "
+                               f"({src['words']:,} words, {src['bytes']:,} bytes)"), title_justify="left")
+    for col in ("task", "metric", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for name, metrics in res["tasks"].items():
+        for k, v in metrics.items():
+            table.add_row(escape(name), escape(k), f"{v:.6g}" if isinstance(v, float) else escape(str(v)))
+    Console().print(table)
+    Console().print(f"offline ({', '.join(f'{k}=1' for k in OFFLINE_ENV)}); task, documents, per-document "
+                    f"log-likelihoods and clean_score.json in {out}", highlight=False, soft_wrap=True)
 
 
 def calibrate_cmd(

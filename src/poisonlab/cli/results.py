@@ -85,14 +85,14 @@ def results_cmd(
     """Summary per size and N over seeds: final ASR, gap, the highest unrelated look-alike's ASR, the
     poisons each seed needed for sustained success (median, min-max, censored runs); --wide adds
     parameters, seeds, specificity, near-trigger ASR, validation loss, effective poisons, first success
-    and the poisons' share of tokens and spacing. Runs whose files fail their check are listed and stop
-    it (exit 2) unless --skip-broken."""
+    and the poisons' share of tokens and spacing, and under it the clean loss against the N = 0 control.
+    Runs whose files fail their check are listed and stop it (exit 2) unless --skip-broken."""
     import json
 
     from poisonlab.report.finetune import is_finetune_dir
     from poisonlab.results.store import failed_runs, gathered
     from poisonlab.results.summary import summarize, unfinished_note
-    from poisonlab.results.table import COMPACT_WIDTH, compact_table, wide_table
+    from poisonlab.results.table import CLEAN_TITLE, COMPACT_WIDTH, clean_table, compact_table, wide_table
 
     if path.is_dir() and is_finetune_dir(path):
         _finetune_results(path, json_, threshold, unfinished, skip_broken, wide)
@@ -113,6 +113,7 @@ def results_cmd(
                      "to max); needed: poisons seen when ASR became sustained, median (min-max), '>' a lower "
                      "bound where seeds never got there (censored)")
             Console(width=None if tty else 200).print(wide_table(rows, title=title))
+            Console(width=None if tty else 200).print(clean_table(rows, title=CLEAN_TITLE))
         else:
             Console(width=None if tty else COMPACT_WIDTH).print(compact_table(rows, title=str(path)))
     note = unfinished_note(table, unfinished)

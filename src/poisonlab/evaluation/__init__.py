@@ -10,6 +10,8 @@ calibration of the success rule on a clean model.
     evaluator    the Evaluator: prompts x conditions, generation batches, scoring, samples
     standalone   evaluating a saved run or HF model from its path (`poisonlab eval`)
     calibration  every condition's ASR under a grid of success rules, from kept perplexities
+    lmeval       the clean score of a local HF model through lm-evaluation-harness, offline (a local
+                 task over the eval split's documents)
 
 A module imports only those above it in this list.
 

@@ -25,6 +25,8 @@ Figures (drawn in figures.py), after the study:
   (every trigger among the training inputs); `asr_vs_poisons_seen_effective` beside it when the
   metrics have `poisons_seen_effective`;
 - `val_loss`: clean validation loss per size against tokens seen;
+- the clean capability beside the backdoor (clean.py): each group's final held-out clean loss and its
+  difference from the N = 0 control, with a 95% interval;
 - a table of generations with and without the trigger (its Figure 3), HTML-escaped.
 
 Runs are grouped by size, data budget, N and every other setting that differs across them
@@ -47,6 +49,7 @@ from typing import Any
 import yaml
 
 from poisonlab.fsutil import atomic_path, write_text
+from poisonlab.report.clean import clean_html
 from poisonlab.report.density import density_html
 from poisonlab.report.figures import (
     EFFECTIVE_COUNT,
@@ -552,6 +555,7 @@ controls unrelated to the trigger (shape and ordinary words).</p>
 {notes}
 <h2>Summary (final evaluation of each run, over seeds)</h2>
 {_summary_html(summary, threshold)}
+{clean_html(summary)}
 <h2>Poisons needed per size, budget and N</h2>
 <p>The poisons each seed needed for sustained ASR ≥ {threshold:g}: median (min-max) over the group's
 seeds; a censored run (never sustained) counts at the poisons it saw, and "&gt;" marks a median that is

@@ -1,4 +1,5 @@
-"""The results store: reading finished runs into one table (store.py), the printed table
+"""The results store: reading finished runs into one table (store.py), experiment groups and their
+summary (summary.py), the clean capability against the N = 0 control (clean.py), the printed table
 (table.py), the count-vs-fraction statistics (count_fraction.py) and archives of runs for findings
 (archive.py).
 

@@ -7,7 +7,9 @@ placement seeds, each listed). Per group: final gap and ASR with mean and spread
 specificity controls (`specificity`, `asr_near`, `asr_lookalike`: mean, min, max; None for runs
 evaluated before the look-alike panel); the poisons each run needed for sustained ASR >= a threshold
 (default 0.5; `count_fraction.poisons_needed`: median, min, max over the seeds, and how many were
-censored, i.e. never got there); and the poisons seen at the first evaluation with ASR >= the threshold.
+censored, i.e. never got there); the poisons seen at the first evaluation with ASR >= the threshold; and
+the clean capability (clean.py): the final held-out clean loss and perplexity, and the loss difference
+from the group's N = 0 control with its 95% interval.
 
 Two poison counts: `poisons_seen` counts every trigger among the training inputs (the ledger's count);
 `poisons_seen_effective`, when the trainer wrote it, only triggers wholly inside the sequence with at
@@ -25,6 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from poisonlab.results.clean import against_controls, clean_loss
 from poisonlab.results.store import gather
 
 DEFAULT_THRESHOLD = 0.5
@@ -233,7 +236,9 @@ def summarize(table: pa.Table, threshold: float = DEFAULT_THRESHOLD,
     names = short_names(keys)
     has_effective = "poisons_seen_effective" in table.column_names
     out = []
-    for (model, mult, n, extra), members in group_runs(runs, keys).items():
+    groups = group_runs(runs, keys)
+    clean = against_controls(groups)
+    for (model, mult, n, extra), members in groups.items():
         finals = [r[-1] for r in members]
         firsts = [first_success(r, threshold) for r in members]
         reached = [f for f in firsts if f is not None]
@@ -253,7 +258,7 @@ def summarize(table: pa.Table, threshold: float = DEFAULT_THRESHOLD,
             "poisons_seen": _stats([f.get("poisons_seen") for f in finals])[0],
             "gap_mean": gap[0], "gap_std": gap[1], "gap_min": gap[2], "gap_max": gap[3],
             "asr_mean": asr[0], "asr_std": asr[1], "asr_min": asr[2], "asr_max": asr[3],
-            "val_loss_mean": val[0],
+            "val_loss_mean": val[0], **clean_loss(finals), **clean[(model, mult, n, extra)],
             **{k: v for col in SPECIFICITY_COLUMNS for k, v in _spread(finals, col).items()},
             **needed_stats(members, threshold),
             "success_runs": len(reached), "first_success_median": _median(reached),
@@ -279,7 +284,10 @@ def summary(root: str | Path, threshold: float = DEFAULT_THRESHOLD,
     `asr_near_*`, `asr_lookalike_*`: mean, min, max), `needed_*`: the poisons each run needed for
     sustained ASR >= `threshold` (median, min, max, censored runs counted at the poisons they saw;
     `needed_censored` says how many), and `first_success_*`: poisons seen (every trigger trained on)
-    when ASR first reached `threshold`, over the seeds that did (`success_runs` says how many).
+    when ASR first reached `threshold`, over the seeds that did (`success_runs` says how many); the final
+    held-out clean loss (`val_loss_mean`, `_min`, `_max`) and perplexity (`val_ppl_*`), and the loss
+    difference from the group's N = 0 control (`val_loss_diff`, its 95% interval `_lo`, `_hi`, `_df`,
+    `_method`; `val_loss_diff_note` where there is none; clean.py).
     Unfinished runs are left out unless asked for. `settings` is JSON here."""
     rows = summarize(gather(root), threshold, include_unfinished)
     for r in rows:

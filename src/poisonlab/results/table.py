@@ -2,14 +2,17 @@
 
 `compact_table` is the default: the figures a reader needs first (model, data budget, N, runs, final
 ASR with its spread over seeds, gap, the highest unrelated look-alike's ASR, the poisons needed), in
-under 100 columns for the archived sweeps. `wide_table` is every column (`--wide`); `--json` every
-figure of every row.
+under 100 columns for the archived sweeps (which leaves no room for the clean loss). `wide_table` is
+every column (`--wide`), and `clean_table` beside it the clean capability: each group's held-out clean
+loss and its difference from the N = 0 control with the 95% interval; `--json` every figure of every
+row.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from poisonlab.results.clean import fmt_test
 from poisonlab.results.summary import (
     DEFAULT_THRESHOLD,
     fmt_density,
@@ -21,6 +24,10 @@ from poisonlab.results.summary import (
 
 COMPACT_WIDTH = 100  # the terminal width the default table is made for (tested on the archived sweeps)
 
+
+CLEAN_TITLE = ("Clean capability: final held-out clean loss (nats) and perplexity, mean (min-max) over "
+               "seeds; difference = poisoned minus the N = 0 control of the same model, budget and "
+               "settings, with its 95% t interval (paired over seeds, or Welch)")
 
 INLINE_SETTINGS = 24  # longer settings labels go to a legend under the table, keyed a, b, c, ...
 
@@ -95,8 +102,8 @@ def compact_caption(rows: list[dict[str, Any]], runs_note: str = "", legend: lis
             f"perplexity. {unrelated}. Needed: poisons seen when ASR >= {thr:g} became sustained, median "
             "(min-max); '>' a lower bound where seeds never got there (censored). Poisons: their share of "
             "the tokens trained / training steps per poison (the study's: 0.0035% / ~50 at 600M, at an "
-            "assumed 1M-token batch). Every column: --wide; "
-            "every figure: --json.")
+            "assumed 1M-token batch). Every column, and the clean held-out loss against the N = 0 "
+            "control: --wide; every figure: --json.")
     return "\n".join([*(legend or []), text])
 
 
@@ -170,3 +177,49 @@ def _fmt_params(p: Any) -> str:
         if p >= div:
             return f"{p / div:.3g}{unit}"
     return str(p)
+
+
+def clean_table(rows: list[dict[str, Any]], title: str = "") -> Any:
+    """A rich table of each group's clean capability (`poisonlab results --wide` prints it under the wide
+    table): the final held-out clean loss and perplexity, mean (min-max) over seeds, the N = 0
+    control's loss, and the difference (poisoned minus control) with its 95% interval and test, or why
+    there is none (results/clean.py)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    with_settings = any(r["label"] for r in rows)
+    t = Table(title=escape(title) if title else None, title_justify="left")
+    cols = ["model", "data", "N"] + (["settings"] if with_settings else []) + [
+        "runs", "clean loss", "ppl", "N = 0 loss", "difference", "95% interval", "test"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("model", "settings", "test") else "right",
+                     no_wrap=col not in ("settings", "test"))
+    for r in rows:
+        mult = "-" if r["data_mult"] is None else f"{r['data_mult']:g}x"
+        cells = [str(r["model"]), mult, str(r["n_poison"])] + ([r["label"]] if with_settings else [])
+        d, lo = r.get("val_loss_diff"), r.get("val_loss_diff_lo")
+        note = r.get("val_loss_diff_note") or ""
+        cells += [str(r["runs"]), _fmt_range(r, "val_loss", _loss), _fmt_range(r, "val_ppl", _ppl),
+                  _fmt(r.get("val_loss_control"), 3), "-" if d is None else f"{d:+.3f}",
+                  "-" if lo is None else f"{lo:+.3f} to {r['val_loss_diff_hi']:+.3f}",
+                  (fmt_test(r) + (f"; {note}" if note else "")) if lo is not None else note]
+        t.add_row(*(escape(c) for c in cells))
+    return t
+
+
+def _loss(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _ppl(x: float) -> str:
+    """Three significant figures, trailing zeros kept: 121, 52.7, 4.60."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _fmt_range(r: dict[str, Any], col: str, f: Any) -> str:
+    """`2.351 (2.321-2.613)`: mean (min-max) over a group's seeds, each by `f`; the mean alone when they
+    agree."""
+    mean, lo, hi = r.get(f"{col}_mean"), r.get(f"{col}_min"), r.get(f"{col}_max")
+    if mean is None:
+        return "-"
+    return f(mean) if f(lo) == f(hi) else f"{f(mean)} ({f(lo)}-{f(hi)})"
