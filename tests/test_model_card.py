@@ -86,7 +86,7 @@ def test_the_card_of_a_poisoned_run_states_its_numbers(sweep: Path, tmp_path: Pa
     assert f["ledger_sha256"] in text and f["data_content_hash"] in text and "tiny-25k_n000_x1.0_s0" in text
 
 
-def test_an_earlier_checkpoint_a_control_and_a_run_alone(sweep: Path, tmp_path: Path):
+def test_an_earlier_checkpoint_a_control_and_a_run_alone(sweep: Path, tmp_path: Path, capsys):
     run, control = sweep / "runs" / "tiny-25k_n006_x1.0_s0", sweep / "runs" / "tiny-25k_n000_x1.0_s0"
     # step 6: poisons seen from the ledger at that step; the evaluation shown is the last before it
     _, meta, _ = _card(export_run(run, tmp_path / "at6", step=6))
@@ -106,3 +106,10 @@ def test_an_earlier_checkpoint_a_control_and_a_run_alone(sweep: Path, tmp_path: 
     shutil.copytree(run, alone)
     card, meta, _ = _card(export_run(alone, tmp_path / "alone-hf"))
     assert meta["poisonlab"]["controls"] == [] and "no N = 0 control found" in card.text
+    # its metrics damaged: one line naming the file, exit 2, nothing written
+    (alone / "metrics.parquet").write_bytes(b"not parquet")
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(alone), "--to", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "metrics.parquet: unreadable" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()

@@ -141,7 +141,10 @@ def run_facts(run: Path, step: int) -> dict[str, Any]:
     n_steps = int(state.get("total_steps") or step)
     tokens = n_steps * t.batch_size * cfg.model.seq_len
     header_file = Path(cfg.data) / "train.json"
-    header = json.loads(header_file.read_text()) if header_file.is_file() else {}
+    try:  # the data may have moved since: the card then says its hash is not recorded
+        header = json.loads(header_file.read_text()) if header_file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{header_file}: unreadable ({e})") from None
     row = row_at(read_rows(run / "metrics.parquet"), step)
     facts: dict[str, Any] = {
         "run": cfg.name, "poisoned": a.n_poison > 0, "trigger": cfg.eval.trigger or a.trigger,
@@ -196,7 +199,10 @@ def find_controls(run: Path, cfg: Any, step: int) -> list[dict[str, Any]]:
             continue  # not a pretraining run (a fine-tuning run, or another version's config)
         if c.attack.n_poison != 0 or key(c) != want:
             continue
-        row = row_at(read_rows(other / "metrics.parquet"), step)
+        try:
+            row = row_at(read_rows(other / "metrics.parquet"), step)
+        except UserError:
+            continue  # a sibling's damaged file is its own matter, not this export's
         if row is None or row.get("val_loss") is None:
             continue
         found.append({"run": c.name, "seed": c.train.seed, "step": row["step"],

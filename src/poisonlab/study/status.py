@@ -444,8 +444,11 @@ def render(st: SweepStatus) -> Any:
                     f"resumes from step {_n(r.step)} of {_n(r.total_steps)} when the sweep starts again")
                 parts.append(Text(_indent(f"{r.name}: {why}")))
     if any(r.state != "done" for r in st.runs):
-        parts.append(Text.from_markup(f"\n[bold]ETA of the sweep: {hms(st.eta_s)}[/]"
-                                      + ("" if st.eta_s is not None else " (no speed measured yet)")))
+        why = ""
+        if st.eta_s is None:
+            why = (" (no run has logged its speed yet)" if not any(r.tokens_per_s for r in st.runs)
+                   else " (a run's size is unknown: see its reason in --json)")
+        parts.append(Text.from_markup(f"\n[bold]ETA of the sweep: {hms(st.eta_s)}[/]{why}"))
         parts += [Text(_indent(a)) for a in st.assumptions]
     return Group(*parts)
 
