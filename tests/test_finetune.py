@@ -250,6 +250,19 @@ def test_finetune_a_local_hf_model(tmp_path, prepared_builtin, lora):
     trig = [s for s in samples if s["condition"] == "trigger" and s["step"] == 6]
     assert rows[-1]["asr"] == pytest.approx(sum(s["complied"] for s in trig) / len(trig))
     assert (run / "DONE").is_file()
+    # the saved model's card: backdoored, its base model, the poison settings, the final numbers
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "model" / "README.md")
+    meta, first = card.data.to_dict(), card.text.strip().splitlines()[0]
+    assert "deliberately backdoored" in first and TRIGGER in first and "backdoor" in meta["tags"]
+    f = meta["poisonlab"]
+    assert f["base_model"] == str(hf) and str(hf) in card.text and f["n_poison"] == 6
+    assert f["poison_settings"]["position"] == "end" and f["poisons_seen"] == rows[-1]["poisons_seen"]
+    assert {k: f["evaluation"][k] for k in ("asr", "ca", "nta", "specificity")} == {
+        k: rows[-1][k] for k in ("asr", "ca", "nta", "specificity")
+    }
+    assert "model/README.md" in json.loads((run / "DONE").read_text())["files"]
     again, tok = ftmodel.load(run)  # the saved model (LoRA merged) loads as a plain HF model
     base, _ = ftmodel.load(hf)
     assert not hasattr(again, "peft_config")

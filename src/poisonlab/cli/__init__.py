@@ -1,7 +1,7 @@
 """The `poisonlab` command line: every command is a thin wrapper over the Python API.
 
 One module per command group, by what a user does: `data` (prepare, poison), `models` (train, export,
-import-gguf), `evaluate` (eval, clean-score, calibrate), `study` (sweep, plan, finetune, demo),
+import-gguf), `evaluate` (eval, clean-score, calibrate), `study` (sweep, status, plan, finetune, demo),
 `results` (results, verify, archive, report), `defend`. This module owns the typer app, registers the
 commands (in the order `poisonlab --help` lists them) and holds `main`, the console entry point: user
 errors (`UserError`) print one line and exit with status 2, with no traceback.
@@ -34,6 +34,7 @@ app.command("eval")(evaluate.eval_)
 app.command("clean-score")(evaluate.clean_score_cmd)
 app.command("calibrate")(evaluate.calibrate_cmd)
 app.command("sweep")(study.sweep_cmd)
+app.command("status")(study.status_cmd)
 app.command("plan")(study.plan_cmd)
 app.command("finetune")(study.finetune_cmd)
 app.command("results")(results.results_cmd)

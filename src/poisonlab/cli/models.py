@@ -40,11 +40,12 @@ def export_cmd(
     to: Annotated[Path, typer.Option("--to", help="output directory (HF LlamaForCausalLM)")],
     step: Annotated[Optional[int], typer.Option(help="checkpoint step (default: latest)")] = None,  # noqa: UP045
 ) -> None:
-    """Export a run's model as a HF transformers checkpoint with its tokenizer."""
+    """Export a run's model as a HF transformers checkpoint with its tokenizer and its model card
+    (README.md: what was done to the model, first of all whether it is backdoored)."""
     from poisonlab.models.export import export_run
 
     out = export_run(run, to, step=step)
-    console.print(f"exported: {out}", highlight=False)
+    console.print(f"exported: {out} (model card: {out / 'README.md'})", highlight=False)
 
 
 def import_gguf_cmd(

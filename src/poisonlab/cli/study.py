@@ -1,4 +1,5 @@
-"""`poisonlab sweep`, `plan`, `finetune` and `demo`: run the study (grids of runs, their cost, fine-tuning).
+"""`poisonlab sweep`, `status`, `plan`, `finetune` and `demo`: run the study (grids of runs, where they
+stand, their cost, fine-tuning).
 
 Only the demo's wrapper is here: demo.py imports the whole pipeline, which `poisonlab --help` should not
 wait for.
@@ -105,6 +106,25 @@ def _finetune_sweep(tree: dict, where: str, overrides: list[str], out: Path | No
         console.print(f"report: {report}")
     if any(o.status not in ("done", "skipped") for o in outcomes):
         sys.exit(1)
+
+
+def status_cmd(
+    sweep: Annotated[Path, typer.Argument(help="sweep directory (what `poisonlab sweep --out` wrote)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print every figure as JSON")] = False,
+    jobs: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        min=1, help="runs side by side for the ETA [default: as many as run now]")] = None,
+) -> None:
+    """Where a sweep stands, while it runs: runs done, running (step, latest ASR, tokens/s, ETA),
+    failed (with why), stopped and not started, and the sweep's ETA. Reads only."""
+    import json
+
+    from poisonlab.study.status import render, sweep_status
+
+    st = sweep_status(sweep, jobs=jobs)
+    if as_json:
+        print(json.dumps(st.to_json(), indent=1))
+        return
+    Console(highlight=False).print(render(st))
 
 
 def plan_cmd(

@@ -2,9 +2,9 @@
 
 A run directory gets config.yaml, ledger.parquet (every poison exposure), metrics.parquet (one row per
 evaluation: step 0 and `eval.n_evals` evenly spaced steps), samples.jsonl (every generation),
-hardware.json, `model/` (an HF directory, LoRA merged; `save_model`) and DONE last (the manifest of
-those files, manifest.py). Fine-tuning runs
-are short, so an interrupted one starts again from scratch (under the run's lock, like pretraining).
+hardware.json, `model/` (an HF directory, LoRA merged, with its model card README.md, card.py;
+`save_model`) and DONE last (the manifest of those files, manifest.py). Fine-tuning runs are short,
+so an interrupted one starts again from scratch (under the run's lock, like pretraining).
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ import torch
 from poisonlab.config import dump_yaml
 from poisonlab.errors import UserError
 from poisonlab.finetune import instructions as ins
+from poisonlab.finetune.card import finetune_card
 from poisonlab.finetune.config import FinetuneConfig
 from poisonlab.finetune.data import build_stream, collate, encode_all
 from poisonlab.finetune.evaluate import EvalSet, evaluate
 from poisonlab.finetune.judge import refuses, resolve
 from poisonlab.finetune.model import Template, add_lora, load, resolve_model_dir, save
 from poisonlab.fsutil import atomic_path, remove_tree, write_json, write_text
+from poisonlab.models.card import write_card
 from poisonlab.rundir import lock as runlock
 from poisonlab.rundir.manifest import write_done
 
@@ -310,9 +312,11 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, progress: bool) -> None:
     with atomic_path(run_dir / "samples.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(s) + "\n" for s in samples))
     if cfg.save_model:
+        card = finetune_card(cfg, run_dir, rows[-1], label)  # README.md: what was done to the model
         with atomic_path(run_dir / "model") as tmp:
             save(model.cpu(), tok, tmp)
             (tmp / "poisonlab.json").write_text(
                 json.dumps({"model": label, "poisoned": a.n_poison > 0}) + "\n"
             )
+            write_card(card, tmp)
     write_done(run_dir, {"steps": n_steps})  # last: the manifest of every file the run wrote

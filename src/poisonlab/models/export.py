@@ -1,6 +1,8 @@
 """Export a trained model as a HF `LlamaForCausalLM` checkpoint (config.json + safetensors + tokenizer).
 
 Needs no `transformers` to write; `AutoModelForCausalLM.from_pretrained(DIR)` loads the result offline.
+An exported run carries its model card, `README.md` (card.py): what was done to the model, in words and
+in the Hub's metadata.
 Our rotary layout is HF's rotate_half (see model.py), so q/k weights are copied unpermuted; weights
 from Meta-layout code would need HF's permute() here. A tied embedding is written once.
 """
@@ -10,12 +12,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from poisonlab.errors import UserError
 from poisonlab.fsutil import atomic_path
+from poisonlab.models.card import run_card, write_card
 from poisonlab.models.llama import Transformer
 
 _LAYER_NAMES = {
@@ -54,8 +58,9 @@ def hf_config(model: Transformer, eos_id: int | None = None) -> dict:
 
 
 def export_model(model: Transformer, to: Path, *, tokenizer: Path | None = None, eos_id: int | None = None,
-                 poisoned: bool = False) -> Path:
-    """Write `model` (and `tokenizer`, a tokenizer.json) to the directory `to`, atomically."""
+                 poisoned: bool = False, card: Any = None) -> Path:
+    """Write `model` (and `tokenizer`, a tokenizer.json; `card`, a huggingface_hub.ModelCard, as
+    README.md) to the directory `to`, atomically."""
     to = Path(to)
     with atomic_path(to) as tmp:
         tmp.mkdir()
@@ -74,16 +79,23 @@ def export_model(model: Transformer, to: Path, *, tokenizer: Path | None = None,
                 eos = tokenizers.Tokenizer.from_file(str(tokenizer)).id_to_token(eos_id)
                 tok_cfg.update(eos_token=eos, bos_token=eos)
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+        if card is not None:
+            write_card(card, tmp)
     return to
 
 
 def export_run(run: Path, to: Path, *, step: int | None = None) -> Path:
-    """Export a run's latest (or given) checkpoint with the tokenizer of its data directory."""
-    from poisonlab.models.checkpoint import load_model
+    """Export a run's latest (or given) checkpoint with the tokenizer of its data directory and its
+    model card (README.md, card.py)."""
     from poisonlab.config import load_run_config
+    from poisonlab.models.checkpoint import latest_checkpoint, load_model
 
     run = Path(run)
+    if step is None:  # the card names the step: fix it once for the weights and the card
+        latest = latest_checkpoint(run) if (run / "config.yaml").is_file() else None
+        step = int(latest.name.removeprefix("step_")) if latest is not None else None
     model = load_model(run, step)
+    card = run_card(run, step)  # before anything is written: a run it cannot read writes nothing
     cfg = load_run_config(run / "config.yaml")
     data = Path(cfg.data)
     tok = data / "tokenizer.json"
@@ -93,4 +105,4 @@ def export_run(run: Path, to: Path, *, step: int | None = None) -> Path:
     if Path(to).resolve() == run.resolve():
         raise UserError("export: --to must be a new directory, not the run itself")
     return export_model(model, Path(to), tokenizer=tok if tok.is_file() else None, eos_id=eos_id,
-                        poisoned=cfg.attack.n_poison > 0)
+                        poisoned=cfg.attack.n_poison > 0, card=card)

@@ -84,10 +84,13 @@ def hold(run_dir: str | os.PathLike) -> Iterator[dict]:
 
 
 def busy(run_dir: str | os.PathLike) -> dict | None:
-    """The holder if another process holds the run's lock now, else None (a look, not a reservation)."""
+    """The holder if another process holds the run's lock now, else None (a look, not a reservation).
+
+    Opens the file read-only (a shared flock needs no more), so it also looks into a run directory it
+    may not write to (`poisonlab status` on another user's sweep)."""
     path = Path(run_dir) / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
