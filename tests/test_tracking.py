@@ -114,6 +114,16 @@ def test_turning_the_tracker_off_removes_curves_that_would_be_stale(tmp_path):
     assert not (tmp_path / "r" / "tb").exists() and (tmp_path / "r" / "DONE").is_file()
 
 
+def test_runs_that_differ_only_in_their_trackers_are_one_experiment():
+    from poisonlab.results.summary import experiment_keys
+
+    def run(log_to, lr):
+        return [{"model": "m", "settings": json.dumps({"train.log_to": log_to, "train.lr": lr})}]
+
+    assert experiment_keys({"a": run(["tensorboard"], 0.1), "b": run([], 0.1)}) == []
+    assert experiment_keys({"a": run(["tensorboard"], 0.1), "b": run([], 0.2)}) == ["train.lr"]
+
+
 def test_a_finetuning_run_logs_its_rows(tmp_path, prepared_builtin):
     from poisonlab.finetune.loop import finetune
 
