@@ -169,7 +169,7 @@ TRACKIO = FAKE + textwrap.dedent('''
     except RuntimeError as e:
         print("crashed:", e)
     from trackio.sqlite_storage import SQLiteStorage
-    print(json.dumps(SQLiteStorage.get_logs(cfg.out_dir.name, cfg.name), default=str))
+    print(json.dumps(SQLiteStorage.get_logs("sweep", cfg.name), default=str))
 ''')
 
 
@@ -177,7 +177,7 @@ def test_trackio_logs_locally_and_a_resume_leaves_no_stale_points(tmp_path):
     pytest.importorskip("trackio")
     script = tmp_path / "run.py"
     script.write_text(TRACKIO)
-    cfg = make_cfg(tmp_path / "sweep", "r", log_to=["trackio"])
+    cfg = make_cfg(tmp_path / "sweep" / "runs", "r", log_to=["trackio"])  # a sweep's layout
     env = dict(os.environ, TRACKIO_DIR=str(tmp_path / "trackio"), OMP_NUM_THREADS="1")
     for k in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):
         env.pop(k, None)
@@ -192,8 +192,9 @@ def test_trackio_logs_locally_and_a_resume_leaves_no_stale_points(tmp_path):
     crashed = run(20)
     assert max(e["step"] for e in crashed) == 20  # points past checkpoint 14
     logs = run(-1)  # the resume
-    log = [json.loads(line) for line in (tmp_path / "sweep" / "r" / "log.jsonl").read_text().splitlines()]
-    rows = pq.read_table(tmp_path / "sweep" / "r" / "metrics.parquet").to_pylist()
+    run_dir = tmp_path / "sweep" / "runs" / "r"
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     points = [(e["step"], k, v) for e in logs for k, v in e.items() if k.startswith(("train/", "eval/"))]
     got = {(s, k): v for s, k, v in points}
     assert len(got) == len(points)  # no point twice (the crashed start's are gone)
@@ -203,4 +204,16 @@ def test_trackio_logs_locally_and_a_resume_leaves_no_stale_points(tmp_path):
     assert got.keys() == expect.keys()
     for key, v in expect.items():
         assert got[key] == pytest.approx(v, rel=1e-6), key
-    assert not (tmp_path / "sweep" / "r" / "tb").exists()
+    assert not (run_dir / "tb").exists()
+
+
+def test_trackio_is_refused_a_remote_target_and_names_a_sweeps_project(tmp_path, monkeypatch):
+    from poisonlab.errors import UserError
+    from poisonlab.rundir.tracking import check, trackio_project
+
+    assert trackio_project(tmp_path / "demo" / "runs" / "tiny-100k_n1000") == "demo"  # a sweep's run
+    assert trackio_project(tmp_path / "mine" / "r") == "mine"
+    pytest.importorskip("trackio")
+    monkeypatch.setenv("TRACKIO_SPACE_ID", "someone/space")
+    with pytest.raises(UserError, match="trackio logs locally only, but TRACKIO_SPACE_ID is set"):
+        check(["trackio"], tmp_path / "r")

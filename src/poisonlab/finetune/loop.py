@@ -173,7 +173,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = False) -> Path:
         return run_dir
     resolve(cfg.eval.judge)  # refused before the run directory exists: a bad judge or model
     resolve_model_dir(cfg.model)
-    tracking.check(cfg.train.log_to)  # ... or a tracker that is not installed
+    tracking.check(cfg.train.log_to, run_dir)  # ... or a tracker that is not installed
     with runlock.hold(run_dir):
         if (run_dir / "DONE").is_file():  # finished by another process meanwhile
             return run_dir

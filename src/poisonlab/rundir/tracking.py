@@ -1,6 +1,6 @@
 """Live curves of a run in the trackers researchers already watch (`train.log_to`): TensorBoard event
 files in `<run_dir>/tb/` (so `tensorboard --logdir SWEEP` shows a sweep's grid, one run per
-directory) and trackio's local store (project: the directory the run is in; run: the run's name).
+directory) and trackio's local store (project: `trackio_project`, e.g. a sweep's name; run: the run's).
 
 What is logged, as the trainer writes its records (only the main rank logs):
 
@@ -69,9 +69,15 @@ def _clear(path: Path) -> None:
         remove_tree(path)
 
 
-def check(log_to: Iterable[str]) -> None:
-    """Refuse, in one line, a tracker that is not installed or would reach the network; called before
-    a run writes anything."""
+def trackio_project(run_dir: Path) -> str:
+    """A sweep's name for its runs (`SWEEP/runs/NAME`), else the name of the directory the run is in."""
+    parent = run_dir.absolute().parent
+    return parent.parent.name if parent.name == "runs" and parent.parent.name else parent.name
+
+
+def check(log_to: Iterable[str], run_dir: Path | None = None) -> None:
+    """Refuse, in one line, a tracker that is not installed, would reach the network or cannot take
+    the run's name; called before a run writes anything."""
     for name in log_to:
         try:
             if name == "tensorboard":
@@ -84,6 +90,13 @@ def check(log_to: Iterable[str]) -> None:
         if name == "trackio" and (remote := [k for k in TRACKIO_REMOTE if os.environ.get(k)]):
             raise UserError(f"train.log_to: trackio logs locally only, but {', '.join(remote)} is set "
                             "(it would send the run off this machine); unset it")
+        if name == "trackio" and run_dir is not None:
+            from trackio.sqlite_storage import SQLiteStorage
+
+            try:
+                SQLiteStorage.validate_project_name(trackio_project(run_dir))
+            except ValueError as e:
+                raise UserError(f"train.log_to: {run_dir}: {e}") from None
 
 
 class Sink(Protocol):
@@ -150,11 +163,15 @@ class Tracker:
         log_to = list(dict.fromkeys(log_to)) if main else []
         if main and "tensorboard" not in log_to:
             _clear(run_dir / TB_DIR)  # curves of an earlier start: they may run past the checkpoint
-        for name in log_to:
-            if name == "tensorboard":
-                self.sinks.append(TensorBoardSink(run_dir, config_text))
-            elif name == "trackio":
-                self.sinks.append(TrackioSink(run_dir.resolve().parent.name, run_dir.name, config or {}))
+        try:
+            for name in log_to:
+                if name == "tensorboard":
+                    self.sinks.append(TensorBoardSink(run_dir, config_text))
+                elif name == "trackio":
+                    self.sinks.append(TrackioSink(trackio_project(run_dir), run_dir.name, config or {}))
+        except BaseException:
+            self.close()
+            raise
 
     def log_line(self, entry: Mapping[str, Any]) -> None:
         if self.sinks and "step" in entry:

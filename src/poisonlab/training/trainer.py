@@ -183,7 +183,7 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
         try:
             # nothing is written before this
             run = run.with_start()  # continued pretraining: checked before anything is written
-            tracking.check(run.cfg.train.log_to)  # a tracker not installed: one line, not a crash mid-run
+            tracking.check(run.cfg.train.log_to, run_dir)  # a missing tracker: one line, not a crash mid-run
             stream, evaluator = _inputs(run, dist.world, stream, evaluator)
             with run_lock(run_dir, dist):
                 if open_run_dir(run.cfg, run_dir, dist, resume=resume):
