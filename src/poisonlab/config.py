@@ -140,6 +140,9 @@ class ModelConfig(Settings):
         return self
 
 
+TrackerName = Literal["tensorboard", "trackio"]
+
+
 class TrainConfig(Settings):
     """Optimisation and the token budget."""
 
@@ -169,6 +172,9 @@ class TrainConfig(Settings):
     checkpoint_every: int | None = Field(default=None, ge=1)  # None: at every evaluation
     keep_checkpoints: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, ge=1)
+    # live curves (rundir/tracking.py): "tensorboard" writes event files into <run_dir>/tb/,
+    # "trackio" logs to trackio's local store; nothing is sent off the machine
+    log_to: list[TrackerName] = Field(default_factory=list)
     peak_flops: float | None = Field(default=None, gt=0)  # per device, for MFU; None: detected
     # the learning-rate schedule's frame: step s of this run trains at step schedule_offset + s of a
     # warmup + cosine over schedule_steps (None: schedule_offset + this run's steps). Continuing a

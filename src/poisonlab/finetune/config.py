@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from poisonlab.config import Settings, apply_overrides, format_validation_error, load_yaml
+from poisonlab.config import Settings, TrackerName, apply_overrides, format_validation_error, load_yaml
 from poisonlab.errors import UserError
 
 # The study's fine-tuning trigger (after Qi et al. 2023): three invented words, plain text.
@@ -90,6 +90,7 @@ class FtTrainConfig(Settings):
     seed: int = 0
     threads: int | None = None
     device: str = "auto"
+    log_to: list[TrackerName] = Field(default_factory=list)  # live curves, as a pretraining run's
 
 
 class FtEvalConfig(Settings):

@@ -3,8 +3,9 @@
 A run directory gets config.yaml, ledger.parquet (every poison exposure), metrics.parquet (one row per
 evaluation: step 0 and `eval.n_evals` evenly spaced steps), samples.jsonl (every generation),
 hardware.json, `model/` (an HF directory, LoRA merged, with its model card README.md, card.py;
-`save_model`) and DONE last (the manifest of those files, manifest.py). Fine-tuning runs are short,
-so an interrupted one starts again from scratch (under the run's lock, like pretraining).
+`save_model`) and DONE last (the manifest of those files, manifest.py); with `train.log_to`, the rows'
+curves in tb/ or trackio (rundir/tracking.py). Fine-tuning runs are short, so an interrupted one starts
+again from scratch (under the run's lock, like pretraining).
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from poisonlab.finetune.model import Template, add_lora, load, resolve_model_dir
 from poisonlab.fsutil import atomic_path, remove_tree, write_json, write_text
 from poisonlab.models.card import write_card
 from poisonlab.rundir import lock as runlock
+from poisonlab.rundir import tracking
 from poisonlab.rundir.manifest import write_done
 
-OUTPUTS = ("DONE", "FAILED", "metrics.parquet", "ledger.parquet", "samples.jsonl", "hardware.json", "model")
+OUTPUTS = ("DONE", "FAILED", "metrics.parquet", "ledger.parquet", "samples.jsonl", "hardware.json", "model",
+           tracking.TB_DIR)
 
 
 def _model_label(path: str) -> str:
@@ -172,6 +175,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = False) -> Path:
         return run_dir
     resolve(cfg.eval.judge)  # refused before the run directory exists: a bad judge or model
     resolve_model_dir(cfg.model)
+    tracking.check(cfg.train.log_to, run_dir)  # ... or a tracker that is not installed
     with runlock.hold(run_dir):
         if (run_dir / "DONE").is_file():  # finished by another process meanwhile
             return run_dir
@@ -283,6 +287,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, progress: bool) -> None:
             **metrics,
         }
         rows.append(row)
+        tracker.evaluation(row)
         losses.clear()
         if cfg.eval.save_samples:
             samples.extend({"step": step, "poisons_seen": row["poisons_seen"], **g} for g in gens)
@@ -295,20 +300,26 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, progress: bool) -> None:
             )
 
     at = set(eval_steps(n_steps, cfg.eval.n_evals))
+    # the run's constant columns (`fixed`) are settings, not curves
+    tracker = tracking.Tracker(run_dir, t.log_to, settings=set(fixed),
+                               config=cfg.model_dump(mode="json"), config_text=dump_yaml(cfg))
     model.train()
-    for step in range(n_steps):
-        if step in at:
-            evaluate_at(step)
-        batch = collate([encoded[i] for i in stream.batch_ids(step)], tok.pad_token_id)
-        out = model(**{k: v.to(device) for k, v in batch.items()})
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(out.loss.item())
-    evaluate_at(n_steps)
+    try:
+        for step in range(n_steps):
+            if step in at:
+                evaluate_at(step)
+            batch = collate([encoded[i] for i in stream.batch_ids(step)], tok.pad_token_id)
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(out.loss.item())
+        evaluate_at(n_steps)
+    finally:
+        tracker.close()  # flushed before the manifest below lists its files
     with atomic_path(run_dir / "samples.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(s) + "\n" for s in samples))
     if cfg.save_model:

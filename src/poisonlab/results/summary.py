@@ -38,8 +38,8 @@ SEED_KEYS = ("train.seed", "attack.seed", "placement.seed")
 # run: `init.from` (what that run was) stands for it
 BOOKKEEPING_KEYS = frozenset({
     "name", "out_dir", "data", "init.run", "train.threads", "train.compile", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.log_every", "train.peak_flops", "train.allow_data_repeat",
-    "eval.batch_size", "eval.save_samples",
+    "train.keep_checkpoints", "train.log_every", "train.log_to", "train.peak_flops",
+    "train.allow_data_repeat", "eval.batch_size", "eval.save_samples",
 })
 # shown in the summary and metrics columns already; the model's label stands for its `model.*` keys
 GROUPED_KEYS = frozenset({"attack.n_poison", "train.data_mult"})

@@ -1,6 +1,7 @@
 """A run directory's housekeeping: the config check on resume, the lock, clearing or recovering what a
 killed run left, and the three record files (metrics.parquet, samples.jsonl, log.jsonl), which a
-resume cuts back to the checkpoint's step so that they read as if the run had never stopped.
+resume cuts back to the checkpoint's step so that they read as if the run had never stopped; the live
+curves (rundir/tracking.py) follow the records.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from poisonlab.errors import UserError
 from poisonlab.fsutil import append_text, atomic_path, recover_all, remove_staging, remove_tree, write_text
 from poisonlab.models.checkpoint import CKPT_DIR
 from poisonlab.rundir import lock as runlock
+from poisonlab.rundir.tracking import Tracker
 from poisonlab.training import distributed
 
 
@@ -41,8 +43,9 @@ def check_config(run_dir: Path, cfg: RunConfig) -> None:
     new = yaml.safe_load(dump_yaml(cfg))
     with contextlib.suppress(ValueError, TypeError):  # defaults filled: a newer setting is no change
         old = yaml.safe_load(dump_yaml(RunConfig.model_validate(old)))
-    for c in (old, new):
+    for c in (old, new):  # how it runs and where its curves go, not what it computes
         c.get("train", {}).pop("threads", None)
+        c.get("train", {}).pop("log_to", None)
     if old != new:
         a, b = flatten(old), flatten(new)
         missing = object()
@@ -92,8 +95,9 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, dist: distributed.Dist, *, resum
 
 
 class RunRecords:
-    """metrics.parquet (one row per evaluation), samples.jsonl and log.jsonl of a run; only the main
-    rank writes (the others hold no rows and write nothing)."""
+    """metrics.parquet (one row per evaluation), samples.jsonl and log.jsonl of a run, and the live
+    curves of what they hold (`track`); only the main rank writes (the others hold no rows and write
+    nothing)."""
 
     def __init__(self, run_dir: Path, *, main: bool):
         self.metrics, self.samples, self.log = (run_dir / "metrics.parquet", run_dir / "samples.jsonl",
@@ -101,6 +105,7 @@ class RunRecords:
         self.ledger = run_dir / "ledger.parquet"
         self.main = main
         self.rows: list[dict] = []
+        self.tracker = Tracker(run_dir, [], main=False)  # none until `track`
 
     def resume(self, through_step: int) -> None:
         """Keep only records of steps <= through_step (what a killed run wrote after its checkpoint is
@@ -117,6 +122,22 @@ class RunRecords:
             self.rows = [r for r in rows if r["step"] <= through_step]
         for p in (self.samples, self.log):
             _truncate_jsonl(p, through_step)
+
+    def track(self, tracker: Tracker) -> None:
+        """Send the records to `tracker` from now on, after those kept so far (a resume's, already cut
+        back to the checkpoint)."""
+        self.tracker = tracker
+        if self.main:
+            entries = []
+            if self.log.is_file():
+                for line in self.log.read_text().splitlines():
+                    with contextlib.suppress(json.JSONDecodeError):
+                        entries.append(json.loads(line))
+            tracker.replay(entries, self.rows)
+
+    def close(self) -> None:
+        """Flush the trackers (before the run's manifest hashes their files)."""
+        self.tracker.close()
 
     def write_ledger(self, stream) -> None:
         if self.main:
@@ -159,10 +180,12 @@ class RunRecords:
             with atomic_path(self.metrics) as tmp:
                 pq.write_table(pa.Table.from_pylist(self.rows), tmp)
             _append_jsonl(self.samples, samples)
+            self.tracker.evaluation(row)
 
     def add_log(self, entry: dict) -> None:
         if self.main:
             _append_jsonl(self.log, [entry])
+            self.tracker.log_line(entry)
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:

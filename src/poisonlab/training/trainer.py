@@ -12,6 +12,7 @@ its checkpoints are poisonlab.models. This file wires them together.
     metrics.parquet    one row per evaluation point (run columns + the evaluator's metrics)
     samples.jsonl      generations kept by the evaluator, one JSON object per line
     log.jsonl          train loss, lr, tokens/s, MFU and poisons seen every `log_every` steps
+    tb/                TensorBoard event files of log.jsonl and metrics.parquet (train.log_to)
     DONE               written last: the manifest of every file above (rundir/manifest.py); a run with DONE
                        is skipped when started again
     .lock              held (flock) by the process training the run; names it (see rundir/lock.py)
@@ -21,7 +22,8 @@ is the whole state. Rows of metrics/samples/log beyond the checkpoint's step are
 so a run killed at any moment ends exactly like an uninterrupted one (bitwise on CPU). Nothing is
 written before the config, data, poisons and evaluator have been checked. The checkpoint resumed from
 is the newest whose hashes match (checkpoint.resume_point; damaged newer ones are deleted and written
-again), and the ledger must agree with it (rebuilt from the settings when it is missing).
+again), and the ledger must agree with it (rebuilt from the settings when it is missing). The live
+curves (rundir/tracking.py) are written again from the records kept.
 
 Signals (signals.py): SIGTERM or SIGUSR2 checkpoint at the next step boundary and stop (`Stopped`);
 SIGINT stops at once (`Interrupted`: the step, and the checkpoint it resumes from).
@@ -39,12 +41,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from poisonlab.config import RunConfig, TrainConfig
+from poisonlab.config import EvalConfig, RunConfig, TrainConfig, dump_yaml
 from poisonlab.errors import UserError
 from poisonlab.fsutil import recover, write_text
 from poisonlab.hardware import compute_dtype, describe_machine, peak_flops, use_bf16
 from poisonlab.injection.placement import describe
 from poisonlab.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
+from poisonlab.rundir import tracking
 from poisonlab.rundir.manifest import write_done
 from poisonlab.signals import Interrupted, StopOnSignal, Stopped
 from poisonlab.signals import name as signal_name
@@ -180,6 +183,7 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
         try:
             # nothing is written before this
             run = run.with_start()  # continued pretraining: checked before anything is written
+            tracking.check(run.cfg.train.log_to, run_dir)  # a missing tracker: one line, not a crash mid-run
             stream, evaluator = _inputs(run, dist.world, stream, evaluator)
             with run_lock(run_dir, dist):
                 if open_run_dir(run.cfg, run_dir, dist, resume=resume):
@@ -243,6 +247,11 @@ def _train(run: ResolvedRun, dist: distributed.Dist, *, resume: bool, evaluator:
     tokens_per_step = run.tokens_per_step
     speed = Throughput(tokens_per_step, run.flops_per_token, _peak_flops(cfg, run_dir, dist, bf16), start)
     run_cols = _run_cols(run, stream, dist)
+    # the curves of the records kept so far, then of every record as it is written (main rank only);
+    # the run's and the evaluation's settings are constant columns, not curves
+    records.track(tracking.Tracker(run_dir, t.log_to, settings=set(run_cols) | set(EvalConfig.model_fields),
+                                   config=cfg.model_dump(mode="json"), config_text=dump_yaml(cfg),
+                                   main=dist.main))
 
     # one rule in every layout: the fp32 master weights under the training's autocast (a sharded
     # model: a whole copy that computes exactly that, see distributed.replica)
@@ -305,9 +314,11 @@ def _train(run: ResolvedRun, dist: distributed.Dist, *, resume: bool, evaluator:
         nonlocal last_log
         mean_loss = dist.mean(loss_sum).item() / (done - last_log)
         tps, mfu = speed.lap(done)
-        records.add_log(dict(step=done, loss=round(mean_loss, 6), lr=lr, tokens_per_s=round(tps, 1),
-                             mfu=None if mfu is None else round(mfu, 4),
-                             poisons_seen=stream.poisons_seen(done), tokens_seen=done * tokens_per_step))
+        entry = dict(step=done, loss=round(mean_loss, 6), lr=lr, tokens_per_s=round(tps, 1),
+                     mfu=None if mfu is None else round(mfu, 4), poisons_seen=stream.poisons_seen(done))
+        if hasattr(stream, "poisons_seen_effective"):
+            entry["poisons_seen_effective"] = stream.poisons_seen_effective(done)
+        records.add_log(dict(entry, tokens_seen=done * tokens_per_step))
         loss_sum.zero_()
         last_log = done
         return f"loss {mean_loss:.3f} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.0%}" if mfu else "")
@@ -331,6 +342,7 @@ def _train(run: ResolvedRun, dist: distributed.Dist, *, resume: bool, evaluator:
         raise Interrupted(done, last_ckpt) from None
     finally:
         bar.close()
+        records.close()  # the trackers flushed: before DONE lists their files, and on a stop or crash
     if dist.main:  # last: the manifest of every file the run wrote
         write_done(run_dir, {"steps": n_steps})
     dist.barrier()
