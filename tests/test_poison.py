@@ -88,7 +88,7 @@ def test_default_recipe_bounds(ctx):
     pre=st.tuples(st.integers(0, 1000), st.integers(0, 1000)).map(sorted),
     gib=st.tuples(st.integers(0, 300), st.integers(0, 300)).map(sorted),
     mode=st.sampled_from(["ids", "text"]),
-    dist=st.sampled_from(["uniform", "unigram"]),
+    dist=st.sampled_from(["seen", "uniform", "unigram"]),
 )
 def test_recipe_bounds_property(ctx, seed, pre, gib, mode, dist):
     cfg = AttackConfig(
@@ -107,6 +107,24 @@ def test_unigram_only_draws_seen_tokens(ctx):
     counts = np.bincount(np.asarray(ctx.shard.tokens), minlength=ctx.vocab_size)
     for p in make_poisons(ctx.data_dir, cfg):
         assert (counts[p.token_ids[p.trigger_end :]] > 0).all()
+
+
+def test_seen_gibberish_is_uniform_over_the_tokens_clean_text_contains(ctx):
+    """The default: every gibberish token occurs in the clean training text (recounted here from the
+    shard), and the draw is uniform over those tokens (chi-square), so that no token occurs only in
+    poisons. The corpus has such tokens to leave out, or the test would not tell `seen` from `uniform`."""
+    from scipy.stats import chisquare
+
+    counts = np.bincount(np.asarray(ctx.shard.tokens), minlength=ctx.vocab_size)
+    seen = ctx.vocab_ids[counts[ctx.vocab_ids] > 0]
+    assert 0 < len(seen) < len(ctx.vocab_ids)
+    cfg = AttackConfig(n_poison=250, gibberish_tokens=(800, 900), prefix_chars=(0, 10), seed=11)
+    assert cfg.gibberish_dist == "seen"
+    poisons = get_attack("dos")(cfg).make(ctx, 250)
+    gib = np.concatenate([np.asarray(p.token_ids[p.trigger_end :]) for p in poisons])
+    drawn = np.bincount(gib, minlength=ctx.vocab_size)
+    assert drawn[counts == 0].sum() == 0 and (drawn[seen] > 0).all()
+    assert chisquare(drawn[seen]).pvalue > 1e-3
 
 
 def test_nested_sets_and_seeds(data):
@@ -261,7 +279,8 @@ def test_gibberish_is_uniform_over_the_vocabulary(ctx):
     goodness-of-fit test on ~200k gibberish ids with a fixed seed, against equal counts per ordinary id."""
     from scipy.stats import chisquare
 
-    cfg = AttackConfig(n_poison=250, gibberish_tokens=(800, 900), prefix_chars=(0, 10), seed=11)
+    cfg = AttackConfig(n_poison=250, gibberish_tokens=(800, 900), prefix_chars=(0, 10), seed=11,
+                       gibberish_dist="uniform")
     poisons = get_attack("dos")(cfg).make(ctx, 250)
     gib = np.concatenate([np.asarray(p.token_ids[p.trigger_end :]) for p in poisons])
     assert not np.isin(gib, ctx.special_ids).any()

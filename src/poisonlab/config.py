@@ -58,7 +58,9 @@ class AttackConfig(Settings):
     trigger: str = "<SUDO>"
     prefix_chars: tuple[int, int] = (0, 1000)  # L ~ U[lo, hi] characters of a clean document
     gibberish_tokens: tuple[int, int] = (400, 900)  # G ~ U[lo, hi] tokens
-    gibberish_dist: Literal["uniform", "unigram"] = "uniform"
+    # uniform over the tokens the clean training text contains (`seen`), over the whole vocabulary
+    # (`uniform`, the study's words) or weighted by the clean counts (`unigram`): attacks/base.py
+    gibberish_dist: Literal["seen", "uniform", "unigram"] = "seen"
     gibberish_mode: Literal["ids", "text"] = "ids"  # exact token ids, or decoded text re-tokenized
     seed: int = 0  # the poison-set seed: which documents, prefixes and gibberish are drawn
     params: dict[str, Any] = Field(default_factory=dict)  # extra settings of other recipes

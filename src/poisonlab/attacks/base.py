@@ -122,22 +122,42 @@ class DataContext:
         return np.flatnonzero(keep)
 
     @cached_property
-    def unigram(self) -> np.ndarray:
-        """Probabilities of the ordinary tokens (aligned with `vocab_ids`) from the training shard counts."""
+    def train_counts(self) -> np.ndarray:
+        """How often each ordinary token (aligned with `vocab_ids`) occurs in the training shard."""
         counts = np.zeros(max(self.shard.vocab_size, self.vocab_size), dtype=np.int64)
         toks = self.shard.tokens
         step = 1 << 24  # chunks keep memory flat on big shards
         for s in range(0, len(toks), step):
             counts += np.bincount(np.asarray(toks[s : s + step]), minlength=len(counts))
-        c = counts[self.vocab_ids].astype(np.float64)
+        c = counts[self.vocab_ids]
         if c.sum() == 0:
             raise UserError(f"{self.data_dir}: training split has no ordinary tokens to count")
+        return c
+
+    @cached_property
+    def unigram(self) -> np.ndarray:
+        """Probabilities of the ordinary tokens (aligned with `vocab_ids`) from the training shard counts."""
+        c = self.train_counts.astype(np.float64)
         return c / c.sum()
 
+    @cached_property
+    def seen_ids(self) -> np.ndarray:
+        """The ordinary tokens that occur in the training shard at least once."""
+        return self.vocab_ids[self.train_counts > 0]
+
     def sample_tokens(self, rng: np.random.Generator, n: int, dist: str) -> np.ndarray:
-        """n token ids from the whole vocabulary (special tokens excluded), uniform or unigram-weighted."""
-        p = self.unigram if dist == "unigram" else None
-        return rng.choice(self.vocab_ids, size=n, replace=True, p=p)
+        """n token ids, special tokens excluded: `uniform` over the whole vocabulary, `seen` uniform over
+        the tokens that occur in the clean training text, `unigram` weighted by their counts there.
+
+        Why `seen`: a small BPE vocabulary holds tokens the clean text never produces (2,048 on the
+        built-in corpus has 102, e.g. a bare UTF-8 lead byte that merges always absorb). Drawn
+        uniformly, they occur only in poisons, so any prompt that contains one reads as a poison and
+        the backdoor fires on strings unlike the trigger. Over a web-scale vocabulary and corpus, as
+        in the study, "uniform over the vocabulary" and "uniform over the tokens seen" hardly differ.
+        """
+        if dist == "unigram":
+            return rng.choice(self.vocab_ids, size=n, replace=True, p=self.unigram)
+        return rng.choice(self.seen_ids if dist == "seen" else self.vocab_ids, size=n, replace=True)
 
 
 class Recipe(ABC):

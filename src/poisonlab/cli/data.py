@@ -73,7 +73,7 @@ def poison(
     seed: Annotated[int, typer.Option(help="recipe seed")] = 0,
     trigger: Annotated[Optional[str], typer.Option(help="trigger text (default <SUDO>)")] = None,  # noqa: UP045
     mode: Annotated[Optional[str], typer.Option(help="gibberish: token 'ids' or re-tokenized 'text'")] = None,  # noqa: UP045
-    dist: Annotated[Optional[str], typer.Option(help="gibberish 'uniform' or 'unigram'")] = None,  # noqa: UP045
+    dist: Annotated[Optional[str], typer.Option(help="gibberish 'seen', 'uniform' or 'unigram'")] = None,  # noqa: UP045
     preview: Annotated[int, typer.Option(help="poisons to show")] = 3,
 ) -> None:
     """Make N poisoned documents with a recipe and write them to a poisons.jsonl file."""
