@@ -56,11 +56,20 @@ def test_matches_the_evaluation_it_reads(tmp_path, prepared_builtin, capsys):
         assert rule[text] == pytest.approx(v["asr"])
 
 
+def _bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
 def test_errors(tmp_path, capsys):
     for argv, msg in ((["calibrate", str(tmp_path / "none.jsonl")], "no such samples file"),
                       (["calibrate", str(_write(tmp_path / "a.jsonl", [1.0], [1.0], {})), "--ratio", "x"],
                        "--ratio"),
-                      (["calibrate", str(tmp_path / "a.jsonl"), "--ratio", "0.5"], "above 1")):
+                      (["calibrate", str(tmp_path / "a.jsonl"), "--ratio", "0.5"], "above 1"),
+                      (["calibrate", str(_bytes(tmp_path / "cut.jsonl", b'{"kind": "per_prompt"}\n{"ki'))],
+                       "cut.jsonl:2: not valid JSON"),
+                      (["calibrate", str(_bytes(tmp_path / "latin1.jsonl", b'{"text": "caf\xe9"}\n'))],
+                       "latin1.jsonl: not UTF-8 text")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err

@@ -247,3 +247,19 @@ def test_everything_is_fsynced_before_it_is_published(tmp_path: Path, monkeypatc
     make_tree(tmp_path / "expected", "new")
     assert sum(kind == "rename" for kind, _ in events) == 3
     assert content(final) == content(tmp_path / "expected")
+
+
+def test_jsonl_reader_strict_for_users_files_lenient_for_a_runs_records(tmp_path):
+    """A user's file stops at its first bad line (named with its number); a run's records, whose last
+    line a crash may have cut, are read around it; both line by line, blank lines skipped."""
+    from poisonlab.errors import UserError
+    from poisonlab.rundir.jsonl import iter_jsonl
+
+    f = tmp_path / "s.jsonl"
+    f.write_bytes(b'{"a": 1}\n\n[2]\n{"a": 3\n"\xff"\n')
+    assert list(iter_jsonl(f, strict=False)) == [(1, {"a": 1}), (3, [2]), (5, "\ufffd")]
+    with pytest.raises(UserError, match=r"s\.jsonl: not UTF-8 text"):
+        list(iter_jsonl(f, strict=True))
+    f.write_bytes(b'{"a": 1}\n\n[2]\n{"a": 3\n')
+    with pytest.raises(UserError, match=r"s\.jsonl:4: not valid JSON"):
+        list(iter_jsonl(f, strict=True))

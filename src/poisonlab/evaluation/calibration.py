@@ -10,7 +10,6 @@ false positives stay at or below a bound on every condition of every clean model
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from poisonlab.errors import UserError
 from poisonlab.evaluation.metrics import success
+from poisonlab.rundir.jsonl import iter_jsonl
 
 
 def read_per_prompt(path: str | Path, step: int | None = None) -> dict[str, np.ndarray]:
@@ -28,13 +28,7 @@ def read_per_prompt(path: str | Path, step: int | None = None) -> dict[str, np.n
     if not p.is_file():
         raise UserError(f"{p}: no such samples file")
     recs = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+    for _, r in iter_jsonl(p, strict=True):
         if isinstance(r, dict) and r.get("kind") == "per_prompt" and (step is None or r.get("step") == step):
             recs.append(r)
     if not recs:

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from poisonlab.corpus.shards import TokenShard
 from poisonlab.errors import UserError
+from poisonlab.rundir.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +123,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if not p.is_file():
         raise UserError(f"{p}: no such prompt file")
     texts = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+    for i, rec in iter_jsonl(p, strict=True):
         text = rec.get("text", rec.get("prompt")) if isinstance(rec, dict) else None
         if not isinstance(text, str):
             raise UserError(f'{p}:{i}: expected an object with a "text" field')

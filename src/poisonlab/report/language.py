@@ -18,7 +18,6 @@ training progress, one panel per N (figures.fig_panels_by_n).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +29,7 @@ import yaml
 from poisonlab.config import LOOKALIKE_KINDS
 from poisonlab.report.figures import EXACT_COUNT, fig_panels_by_n
 from poisonlab.results.summary import Runs, experiment_keys, group_runs, settings_label, short_names
+from poisonlab.rundir.jsonl import iter_jsonl
 
 KIND_COLUMNS = (*(f"lang_nta_{k}" for k in LOOKALIKE_KINDS), *(f"lang_asr_{k}" for k in LOOKALIKE_KINDS),
                 "lang_asr_lookalike", "lang_specificity")
@@ -70,11 +70,9 @@ def kinds_from_samples(run_dir: Path, step: int) -> tuple[dict[str, float], int]
     gens: dict[str, list[str]] = defaultdict(list)
     kinds: dict[str, str] = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
+        for _, r in iter_jsonl(path, strict=False):  # a line cut by a crash is skipped
+            if not isinstance(r, dict):
+                continue
             if r.get("kind", "sample") != "sample" or r.get("step") != step or r.get("condition") is None:
                 continue
             gens[r["condition"]].append(r.get("generation", ""))

@@ -4,13 +4,13 @@ prompt (the evaluator's samples.jsonl), clipped for the page."""
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from poisonlab.report.figures import main_mult, model_order
 from poisonlab.results.summary import Runs, experiment_keys, group_runs, settings_label, short_names
+from poisonlab.rundir.jsonl import iter_jsonl
 
 
 def _run_file(root: Path, run_name: Any, name: str) -> Path:
@@ -79,13 +79,7 @@ def _num(x: Any) -> float:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash must not break the report
-    return out
+    return [r for _, r in iter_jsonl(path, strict=False)]  # a line cut by a crash must not break it
 
 
 def _clip(s: str, n: int, tail: bool = False) -> str:
