@@ -349,6 +349,19 @@ def test_finetune_a_poisonlab_run_and_a_sweep_with_its_report(tmp_path, prepared
     assert rows[-1]["model"] == "pre" and rows[-1]["clean_size"] == 40 and rows[-1]["train_seed"] == 1
     again, _ = run_finetune_sweep(spec, tmp_path / "sweep", executor="inline", progress=False, report=False)
     assert {o.status for o in again} == {"skipped"}
+    # the report's sample table reads around a samples.jsonl line cut by a crash (it raised before)
+    from poisonlab.report.finetune import _samples, load_runs
+
+    runs, _ = load_runs(tmp_path / "sweep")
+    shown = _samples(tmp_path / "sweep", runs)
+    first = tmp_path / "sweep" / "runs" / shown[0]["run"] / "samples.jsonl"
+    text = first.read_text()
+    cut = text.index(json.dumps(shown[0]["prompt"])[:-1])  # inside the record the table showed
+    first.write_text(text[:cut])
+    again = _samples(tmp_path / "sweep", runs)
+    # that run is passed over for the next of the same N, as a run without samples is
+    assert shown[0]["run"] not in {r["run"] for r in again}
+    assert sorted(r["N"] for r in again) == sorted(r["N"] for r in shown)
 
 
 def test_results_cli_reads_a_finetune_sweep(tmp_path, prepared_builtin):

@@ -28,6 +28,7 @@ from poisonlab.report.language import mean_range
 from poisonlab.results.count_fraction import poisons_needed
 from poisonlab.results.store import read_metrics
 from poisonlab.rundir.check import BrokenRuns, RunCheck, RunFileError, check_run
+from poisonlab.rundir.jsonl import iter_jsonl
 
 Run = list[dict[str, Any]]
 CELL_COLUMNS = (
@@ -220,15 +221,17 @@ def _samples(root: Path, runs: dict[str, Run], per_n: int = 2) -> list[dict[str,
         n, step = rows[-1]["n_poison"], rows[-1]["step"]
         if seen[n] >= per_n or not (base / name / "samples.jsonl").is_file():
             continue
-        for line in (base / name / "samples.jsonl").read_text().splitlines():
-            s = json.loads(line)
-            if s["step"] == step and s["condition"] == "trigger":
+        # lenient: a line cut by a crash (or a record of another shape) is skipped, not a traceback
+        for _, s in iter_jsonl(base / name / "samples.jsonl", strict=False):
+            if not isinstance(s, dict) or not {"prompt", "response", "complied"} <= s.keys():
+                continue
+            if s.get("step") == step and s.get("condition") == "trigger":
                 out.append(
                     {
                         "run": name,
                         "N": n,
                         "prompt": s["prompt"],
-                        "response": s["response"][:160],
+                        "response": str(s["response"])[:160],
                         "complied": s["complied"],
                     }
                 )
