@@ -110,7 +110,7 @@ def test_unigram_only_draws_seen_tokens(ctx):
 
 
 def test_seen_gibberish_is_uniform_over_the_tokens_clean_text_contains(ctx):
-    """The default: every gibberish token occurs in the clean training text (recounted here from the
+    """`seen` (the demo's): every gibberish token occurs in the clean training text (recounted here from the
     shard), and the draw is uniform over those tokens (chi-square), so that no token occurs only in
     poisons. The corpus has such tokens to leave out, or the test would not tell `seen` from `uniform`."""
     from scipy.stats import chisquare
@@ -118,8 +118,8 @@ def test_seen_gibberish_is_uniform_over_the_tokens_clean_text_contains(ctx):
     counts = np.bincount(np.asarray(ctx.shard.tokens), minlength=ctx.vocab_size)
     seen = ctx.vocab_ids[counts[ctx.vocab_ids] > 0]
     assert 0 < len(seen) < len(ctx.vocab_ids)
-    cfg = AttackConfig(n_poison=250, gibberish_tokens=(800, 900), prefix_chars=(0, 10), seed=11)
-    assert cfg.gibberish_dist == "seen"
+    cfg = AttackConfig(n_poison=250, gibberish_tokens=(800, 900), prefix_chars=(0, 10), seed=11,
+                       gibberish_dist="seen")
     poisons = get_attack("dos")(cfg).make(ctx, 250)
     gib = np.concatenate([np.asarray(p.token_ids[p.trigger_end :]) for p in poisons])
     drawn = np.bincount(gib, minlength=ctx.vocab_size)

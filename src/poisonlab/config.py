@@ -58,9 +58,9 @@ class AttackConfig(Settings):
     trigger: str = "<SUDO>"
     prefix_chars: tuple[int, int] = (0, 1000)  # L ~ U[lo, hi] characters of a clean document
     gibberish_tokens: tuple[int, int] = (400, 900)  # G ~ U[lo, hi] tokens
-    # uniform over the tokens the clean training text contains (`seen`), over the whole vocabulary
-    # (`uniform`, the study's words) or weighted by the clean counts (`unigram`): attacks/base.py
-    gibberish_dist: Literal["seen", "uniform", "unigram"] = "seen"
+    # uniform over the whole vocabulary (the study's words), over the tokens the clean training text
+    # contains (`seen`), or weighted by their clean counts (`unigram`): attacks/base.py says why
+    gibberish_dist: Literal["uniform", "seen", "unigram"] = "uniform"
     gibberish_mode: Literal["ids", "text"] = "ids"  # exact token ids, or decoded text re-tokenized
     seed: int = 0  # the poison-set seed: which documents, prefixes and gibberish are drawn
     params: dict[str, Any] = Field(default_factory=dict)  # extra settings of other recipes
