@@ -293,7 +293,7 @@ def test_results_and_report_show_it(sweep: Path, capsys: pytest.CaptureFixture) 
     assert "Clean capability" in out and "paired t, 4 seeds" in out
     assert f"{r['val_loss_diff']:+.3f}" in out and f"{r['val_loss_diff_lo']:+.3f} to" in out
     main(["results", str(sweep)])
-    assert "clean held-out loss against the N = 0" in capsys.readouterr().out
+    assert "clean held-out loss against the N = 0" in " ".join(capsys.readouterr().out.split())  # wrapped
     html = clean_html(list(rows.values()))
     assert "Clean capability beside the backdoor" in html and "1 of 1 poisoned groups compared" in html
     assert f"{r['val_loss_diff_lo']:.3f} to {r['val_loss_diff_hi']:.3f}" in html
