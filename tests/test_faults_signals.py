@@ -45,9 +45,15 @@ def wait_for(cond, proc: subprocess.Popen | None = None, what: str = "") -> None
         time.sleep(0.02)
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # a suite started as a background job (`cmd &`, nohup) inherits SIGINT ignored, and poisonlab
+    # rightly keeps it so; the children here stand for a command typed at a terminal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "poisonlab.cli", *args], env=ENV, text=True,
-                            stderr=subprocess.PIPE, **kw)
+                            stderr=subprocess.PIPE, preexec_fn=_ctrl_c_as_in_a_terminal, **kw)
 
 
 def test_train_ctrl_c_then_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, prepared_builtin):
