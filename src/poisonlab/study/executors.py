@@ -176,8 +176,9 @@ def record_failure(run_dir: Path, message: str, detail: str = "", logs: tuple[Pa
 
 
 def failure_message(run_dir: Path) -> str | None:
+    """The first line of a run's FAILED (its one-line reason), or None if there is none to read."""
     try:
-        return (run_dir / "FAILED").read_text(encoding="utf-8").splitlines()[0]
+        return (run_dir / "FAILED").read_text(encoding="utf-8", errors="replace").splitlines()[0]
     except (OSError, IndexError):
         return None
 

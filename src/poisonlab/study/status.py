@@ -35,6 +35,7 @@ from typing import Any
 
 from poisonlab.errors import UserError
 from poisonlab.rundir import lock as runlock
+from poisonlab.study.executors import failure_message
 
 STATES = ("done", "running", "failed", "stopped", "not started")
 LOG_LINES = 20  # the log lines a speed is measured over
@@ -171,11 +172,7 @@ def _state(run_dir: Path) -> tuple[str, dict | None, str | None]:
     if holder is not None:
         return "running", holder, None
     if (run_dir / "FAILED").exists():
-        try:
-            lines = (run_dir / "FAILED").read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError as e:
-            lines = [f"FAILED unreadable ({e.strerror})"]
-        return "failed", None, lines[0] if lines else "failed"
+        return "failed", None, failure_message(run_dir) or "failed (FAILED has no reason to read)"
     if run_dir.is_dir() and any(run_dir.iterdir()):
         return "stopped", None, None
     return "not started", None, None

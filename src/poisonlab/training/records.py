@@ -20,6 +20,7 @@ from poisonlab.errors import UserError
 from poisonlab.fsutil import append_text, atomic_path, recover_all, remove_staging, remove_tree, write_text
 from poisonlab.models.checkpoint import CKPT_DIR
 from poisonlab.rundir import lock as runlock
+from poisonlab.rundir.jsonl import iter_jsonl
 from poisonlab.rundir.tracking import Tracker
 from poisonlab.training import distributed
 
@@ -128,11 +129,7 @@ class RunRecords:
         back to the checkpoint)."""
         self.tracker = tracker
         if self.main:
-            entries = []
-            if self.log.is_file():
-                for line in self.log.read_text().splitlines():
-                    with contextlib.suppress(json.JSONDecodeError):
-                        entries.append(json.loads(line))
+            entries = [e for _, e in iter_jsonl(self.log, strict=False)] if self.log.is_file() else []
             tracker.replay(entries, self.rows)
 
     def close(self) -> None:
