@@ -74,3 +74,15 @@ def test_archive_json_is_written_at_the_specs_settings_only(tmp_path, capsys) ->
         main(["report", str(tmp_path), "--write-archive-json", "--threshold", "0.6"])
     assert e.value.code == 2 and "spec's settings" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_density_ladder_table_in_findings_is_what_its_archive_gives() -> None:
+    # the per-run table docs/findings.md quotes (docs/findings/ladder_table.py), rebuilt from the archive
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ladder_table", FINDINGS / "ladder_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = (FINDINGS.parent / "findings.md").read_text(encoding="utf-8")
+    rows = module.rows(FINDINGS / "density-ladder")
+    assert rows and [r for r in rows if r not in page] == []
