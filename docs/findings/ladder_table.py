@@ -1,6 +1,10 @@
 """The density ladder's per-run table in docs/findings.md, rebuilt from its archive.
 
     python docs/findings/ladder_table.py docs/findings/density-ladder
+    python docs/findings/ladder_table.py docs/findings/density-ladder --recency tiny-25k_n1000_x16.0_s0
+
+`--recency RUN`: each evaluation of one run beside the steps since its last poison and the poisons in
+the 20 steps before it, from its ledger (the "between poisons" reading).
 
 Per finished run: the poisons' share of the tokens and steps between poisons, the highest and the
 final ASR (metrics.parquet), the first evaluation at ASR >= 0.5 (step, poisons seen), and from the
@@ -42,5 +46,22 @@ def rows(archive: Path) -> list[str]:
     return out
 
 
+def recency(archive: Path, run: str, window: int = 20) -> list[str]:
+    from poisonlab.injection.stream import read_ledger
+    from poisonlab.report.density import steps_since_poison
+
+    ledger, _ = read_ledger(archive / "runs" / run / "ledger.parquet")
+    steps = sorted(ledger["step"].to_pylist())
+    t = pq.read_table(archive / "runs" / run / "metrics.parquet",
+                      columns=["step", "poisons_seen", "asr"]).to_pandas().sort_values("step")
+    return [f"step {s:6d}  seen {p:5d}  ASR {a:.2f}  since last poison {steps_since_poison(steps, int(s))}  "
+            f"poisons in the {window} steps before {sum(s - window <= x < s for x in steps)}"
+            for s, p, a in zip(t.step, t.poisons_seen, t.asr, strict=True)]
+
+
 if __name__ == "__main__":
-    print("\n".join(rows(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/findings/density-ladder"))))
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/findings/density-ladder")
+    if "--recency" in sys.argv:
+        print("\n".join(recency(root, sys.argv[sys.argv.index("--recency") + 1])))
+    else:
+        print("\n".join(rows(root)))
