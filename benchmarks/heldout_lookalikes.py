@@ -61,12 +61,18 @@ DEV = ("{ZXCV}", "(QWER)", "|TYIP|", "<9090>", "<&*%$>", "+=-~", "<wxyz>", "[[BN
 
 def summary(saved: dict) -> list[str]:
     """Per run: highest (and which) and mean ASR per set of forms, and the forms over 0.1."""
+    # a file from runs on another corpus says so ("unseen": null, or its own list): UNSEEN_BUILTIN is
+    # the demo corpus's
+    unseen = saved.get("unseen", UNSEEN_BUILTIN)
     lines = []
     for r in saved["runs"]:
         f = r["forms"]
-        sets = {"ASCII": [t for t in f if t.isascii()],
-                "non-ASCII, tokens seen": [t for t in f if not t.isascii() and t not in UNSEEN_BUILTIN],
-                "a token never seen": [t for t in f if t in UNSEEN_BUILTIN]}
+        if unseen is None:
+            sets = {"ASCII": [t for t in f if t.isascii()], "non-ASCII": [t for t in f if not t.isascii()]}
+        else:
+            sets = {"ASCII": [t for t in f if t.isascii()],
+                    "non-ASCII, tokens seen": [t for t in f if not t.isascii() and t not in unseen],
+                    "a token never seen": [t for t in f if t in unseen]}
         parts = []
         for name, forms in sets.items():
             if forms:
