@@ -230,7 +230,7 @@ def test_cli_dry_run_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -
 
     main(["sweep", "demo", "--dry-run", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "tiny-100k_n1000_x1.0_s1" in out and "6 runs" in out
+    assert "tiny-100k_n500_x1.0_s1" in out and "6 runs" in out
     assert not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit) as e:
         main(["sweep", "nope"])
