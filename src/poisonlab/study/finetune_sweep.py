@@ -1,10 +1,11 @@
 """Fine-tuning sweeps (`kind: finetune` specs; `poisonlab sweep finetune`): the study's fine-tuning
 question, N poisons x clean-set sizes x schedules x seeds, each run fine-tuning one base model.
 
-The base model is `model` (a local HF directory or a poisonlab run), or is built by the sweep itself in
-up to two stages before the grid: `pretrain` (a pretraining run config, trained clean into
-`<sweep>/base/pretrain/`, its data made from `prepare` when missing) and `align` (a fine-tuning config
-without poisons, the "instruction-tuned, aligned" model the grid starts from, `<sweep>/base/align`).
+The sweep starts from `model` (a local HF directory, e.g. an imported pretrained model, or a poisonlab
+run) or from a `pretrain` stage (a pretraining run config, trained clean into `<sweep>/base/pretrain/`,
+its data made from `prepare` when missing), exactly one of the two. An `align` stage (a fine-tuning
+config without poisons, `<sweep>/base/align`) may follow: the "instruction-tuned, aligned" model the
+grid starts from, saved as a full HF model (LoRA merged).
 Runs are named `ft_n<N>_c<clean>_<schedule>_s<seed>[_p<k>]` under `<sweep>/runs/`; they go through the
 same executors as pretraining sweeps (local processes, Slurm), finished runs are skipped, and the
 report's fine-tuning section is built at the end.
@@ -52,10 +53,11 @@ class FinetuneSweepSpec(Settings):
     kind: str = "finetune"
     name: str = "finetune"
     description: str = ""
-    model: str | None = None  # the base model when there is no pretrain/align stage
+    # where the sweep starts: `model` (a local HF directory or a poisonlab run) or `pretrain`, one of them
+    model: str | None = None
     pretrain: dict[str, Any] | None = None  # a pretraining RunConfig tree (trained clean)
     prepare: CorpusConfig | None = None  # the pretraining data, made when missing
-    align: dict[str, Any] | None = None  # a FinetuneConfig tree (no poisons) over the pretrained model
+    align: dict[str, Any] | None = None  # a FinetuneConfig tree (no poisons) over `model` or `pretrain`
     base: dict[str, Any] = Field(default_factory=dict)  # a FinetuneConfig tree for every grid run
     grid: FtGrid = Field(default_factory=FtGrid)
     zero_once: bool = True
@@ -64,18 +66,32 @@ class FinetuneSweepSpec(Settings):
 
 def load_ft_spec(tree: dict[str, Any], where: str, overrides: list[str] | None = None) -> FinetuneSweepSpec:
     tree = copy.deepcopy(tree)
+    # `--set` keys of the sweep's own (model=DIR, align.x=..., grid.x=...) stay; others go to base
     fixed = [
-        o if o.split(".", 1)[0] in FinetuneSweepSpec.model_fields else f"base.{o}" for o in overrides or []
+        o if o.split("=", 1)[0].split(".", 1)[0].strip() in FinetuneSweepSpec.model_fields else f"base.{o}"
+        for o in overrides or []
     ]
     apply_overrides(tree, fixed)
     try:
         spec = FinetuneSweepSpec.model_validate(tree)
     except ValidationError as e:
         raise UserError(format_validation_error(e, where)) from None
-    if spec.model is None and spec.pretrain is None and spec.align is None:
-        raise UserError(f"{where}: give the base model (`model: DIR`) or a `pretrain` stage")
-    if spec.align is None and spec.pretrain is None and not Path(spec.model or "").exists():
-        raise UserError(f"{where}: model: {spec.model}: no such directory")
+    if (spec.model is None) == (spec.pretrain is None):
+        raise UserError(
+            f"{where}: give the model the sweep starts from: either `model: DIR` (a local HF model "
+            "directory or a poisonlab run) or a `pretrain` stage, "
+            + ("not both" if spec.model is not None else "neither is given")
+        )
+    if spec.model is not None:
+        from poisonlab.finetune.model import resolve_model_dir
+
+        try:
+            resolve_model_dir(spec.model)  # refused here, before any stage runs, with what to do
+        except UserError as e:
+            hint = "" if Path(spec.model).is_absolute() else f" (read from {Path.cwd()})"
+            if not Path(spec.model).exists():  # e.g. a pretrained model not imported yet
+                hint += "; `poisonlab import-gguf` or `make real-model` imports one (docs/real-model.md)"
+            raise UserError(f"{where}: {e}{hint}") from None
     if spec.align and (spec.align.get("attack") or {}).get("n_poison") not in (None, 0):
         raise UserError(f"{where}: align: the aligned base model is trained without poisons")
     return spec
