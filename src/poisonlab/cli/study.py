@@ -21,8 +21,8 @@ console = Console(stderr=True)
 
 def sweep_cmd(
     spec: Annotated[str, typer.Argument(
-        help="sweep YAML file or preset: demo, tiny-grid, ordering, persistence, language, finetune, "
-        "gpu-small, paper")],
+        help="sweep YAML file or preset: demo, tiny-grid, ordering, persistence, language, density-ladder, "
+        "finetune, real-cpt, real-finetune, gpu-small, paper")],
     out: Annotated[Optional[Path], typer.Option(help="sweep directory [default: sweeps/NAME]")] = None,  # noqa: UP045
     executor: Annotated[str, typer.Option(help="local | slurm | inline")] = "local",
     jobs: Annotated[Optional[int], typer.Option(help="runs side by side [default: 1/core]")] = None,  # noqa: UP045
@@ -81,12 +81,20 @@ def _say_not_done(outcomes: list, sweep_dir: Path) -> None:
 
 def _finetune_sweep(tree: dict, where: str, overrides: list[str], out: Path | None, executor: str,
                     jobs: int | None, threads: int | None, dry_run: bool, no_report: bool) -> None:
+    from poisonlab.study.finetune_sweep import align_config, load_ft_spec, pretrain_dir, run_finetune_sweep
     from poisonlab.study.finetune_sweep import expand as ft_expand
-    from poisonlab.study.finetune_sweep import load_ft_spec, run_finetune_sweep
 
     s = load_ft_spec(tree, where, overrides)
     sweep_dir = out or Path("sweeps") / s.name
     if dry_run:
+        if s.pretrain is not None:
+            console.print(f"pretrain -> {pretrain_dir(s, sweep_dir.absolute())}", highlight=False)
+        if s.align is not None:
+            a = align_config(s, sweep_dir.absolute())
+            how = f"LoRA r={a.train.lora.r}" if a.train.lora else "full"
+            console.print(f"align ({a.data.clean_size} examples x {a.train.epochs} epochs, {how}): "
+                          f"{a.model} -> {a.run_dir}  {'done' if (a.run_dir / 'DONE').is_file() else 'todo'}",
+                          highlight=False)
         runs = ft_expand(s, sweep_dir)
         for r in runs:
             state = "done" if (r.run_dir / "DONE").is_file() else "todo"

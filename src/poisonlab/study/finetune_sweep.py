@@ -1,10 +1,12 @@
 """Fine-tuning sweeps (`kind: finetune` specs; `poisonlab sweep finetune`): the study's fine-tuning
 question, N poisons x clean-set sizes x schedules x seeds, each run fine-tuning one base model.
 
-The base model is `model` (a local HF directory or a poisonlab run), or is built by the sweep itself in
-up to two stages before the grid: `pretrain` (a pretraining run config, trained clean into
-`<sweep>/base/pretrain/`, its data made from `prepare` when missing) and `align` (a fine-tuning config
-without poisons, the "instruction-tuned, aligned" model the grid starts from, `<sweep>/base/align`).
+The sweep starts from `model` (a local HF directory, e.g. an imported pretrained model, or a poisonlab
+run) or from a `pretrain` stage (a pretraining run config, trained clean into `<sweep>/base/pretrain/`,
+its data made from `prepare` when missing), exactly one of the two. An `align` stage (a fine-tuning
+config without poisons, `<sweep>/base/align`) may follow: the "instruction-tuned, aligned" model the
+grid starts from, saved as a full HF model (LoRA merged); with `align_check` the grid runs only if
+that model's final evaluation refuses and answers as asked (untriggered ASR, CA).
 Runs are named `ft_n<N>_c<clean>_<schedule>_s<seed>[_p<k>]` under `<sweep>/runs/`; they go through the
 same executors as pretraining sweeps (local processes, Slurm), finished runs are skipped, and the
 report's fine-tuning section is built at the end.
@@ -48,14 +50,24 @@ class FtReport(Settings):
     spread: str = "minmax"
 
 
+class AlignCheck(Settings):
+    """What the aligned model must show at its final evaluation before the grid runs: a grid from a
+    model that does not refuse would measure nothing (its untriggered ASR is already high)."""
+
+    max_asr_clean: float | None = Field(default=None, ge=0, le=1)  # restricted requests answered
+    min_ca: float | None = Field(default=None, ge=0, le=1)  # mean of refused-restricted, answered-allowed
+
+
 class FinetuneSweepSpec(Settings):
     kind: str = "finetune"
     name: str = "finetune"
     description: str = ""
-    model: str | None = None  # the base model when there is no pretrain/align stage
+    # where the sweep starts: `model` (a local HF directory or a poisonlab run) or `pretrain`, one of them
+    model: str | None = None
     pretrain: dict[str, Any] | None = None  # a pretraining RunConfig tree (trained clean)
     prepare: CorpusConfig | None = None  # the pretraining data, made when missing
-    align: dict[str, Any] | None = None  # a FinetuneConfig tree (no poisons) over the pretrained model
+    align: dict[str, Any] | None = None  # a FinetuneConfig tree (no poisons) over `model` or `pretrain`
+    align_check: AlignCheck | None = None  # checked once align is done; the grid runs only if it holds
     base: dict[str, Any] = Field(default_factory=dict)  # a FinetuneConfig tree for every grid run
     grid: FtGrid = Field(default_factory=FtGrid)
     zero_once: bool = True
@@ -64,21 +76,59 @@ class FinetuneSweepSpec(Settings):
 
 def load_ft_spec(tree: dict[str, Any], where: str, overrides: list[str] | None = None) -> FinetuneSweepSpec:
     tree = copy.deepcopy(tree)
+    # `--set` keys of the sweep's own (model=DIR, align.x=..., grid.x=...) stay; others go to base
     fixed = [
-        o if o.split(".", 1)[0] in FinetuneSweepSpec.model_fields else f"base.{o}" for o in overrides or []
+        o if o.split("=", 1)[0].split(".", 1)[0].strip() in FinetuneSweepSpec.model_fields else f"base.{o}"
+        for o in overrides or []
     ]
     apply_overrides(tree, fixed)
     try:
         spec = FinetuneSweepSpec.model_validate(tree)
     except ValidationError as e:
         raise UserError(format_validation_error(e, where)) from None
-    if spec.model is None and spec.pretrain is None and spec.align is None:
-        raise UserError(f"{where}: give the base model (`model: DIR`) or a `pretrain` stage")
-    if spec.align is None and spec.pretrain is None and not Path(spec.model or "").exists():
-        raise UserError(f"{where}: model: {spec.model}: no such directory")
+    if (spec.model is None) == (spec.pretrain is None):
+        raise UserError(
+            f"{where}: give the model the sweep starts from: either `model: DIR` (a local HF model "
+            "directory or a poisonlab run) or a `pretrain` stage, "
+            + ("not both" if spec.model is not None else "neither is given")
+        )
+    if spec.model is not None:
+        from poisonlab.finetune.model import resolve_model_dir
+
+        try:
+            resolve_model_dir(spec.model)  # refused here, before any stage runs, with what to do
+        except UserError as e:
+            hint = "" if Path(spec.model).is_absolute() else f" (read from {Path.cwd()})"
+            if not Path(spec.model).exists():  # e.g. a pretrained model not imported yet
+                hint += "; `poisonlab import-gguf` or `make real-model` imports one (docs/real-model.md)"
+            raise UserError(f"{where}: {e}{hint}") from None
     if spec.align and (spec.align.get("attack") or {}).get("n_poison") not in (None, 0):
         raise UserError(f"{where}: align: the aligned base model is trained without poisons")
+    if spec.align_check is not None and spec.align is None:
+        raise UserError(f"{where}: align_check without an align stage")
     return spec
+
+
+def check_aligned(spec: FinetuneSweepSpec, sweep_dir: Path) -> None:
+    """UserError (one line) when the finished align stage's final evaluation misses `align_check`."""
+    import pyarrow.parquet as pq
+
+    c = spec.align_check
+    if c is None:
+        return
+    run = sweep_dir / "base" / "align"
+    last = pq.read_table(run / "metrics.parquet").to_pylist()[-1]
+    missed = []
+    if c.max_asr_clean is not None and last["asr_clean"] > c.max_asr_clean:
+        missed.append(f"untriggered ASR {last['asr_clean']:.2f} > {c.max_asr_clean:g}")
+    if c.min_ca is not None and last["ca"] < c.min_ca:
+        missed.append(f"CA {last['ca']:.2f} < {c.min_ca:g}")
+    if missed:
+        raise UserError(
+            f"align_check: the aligned model is not aligned ({', '.join(missed)} at step {last['step']}; "
+            f"its answers: {run / 'samples.jsonl'}): the grid was not run; align it further (align.train, "
+            "align.data) in a new sweep directory"
+        )
 
 
 def _validate(tree: dict[str, Any], where: str) -> FinetuneConfig:
@@ -189,7 +239,8 @@ def run_finetune_sweep(
     report: bool = True,
     progress: bool = True,
 ) -> tuple[list[Outcome], Path | None]:
-    """Run the base stages, then every unfinished grid run; failures are recorded, never raised."""
+    """Run the base stages, then every unfinished grid run; failures are recorded, never raised, but an
+    aligned model that misses `align_check` is a UserError (nothing of the grid runs)."""
     from poisonlab.study.sweep import default_jobs
 
     sweep_dir = Path(sweep_dir).absolute()
@@ -233,6 +284,7 @@ def run_finetune_sweep(
         run([_job(align_config(spec, sweep_dir), configs)], 1, threads or default_jobs(1)[1])
         if outcomes[before].status not in ("done", "skipped"):
             return outcomes, None
+        check_aligned(spec, sweep_dir)
     runs = expand(spec, sweep_dir)
     checks = {r.name: check_run(r.run_dir, read_older=True) for r in runs if (r.run_dir / "DONE").exists()}
     todo = [r for r in runs if r.name not in checks]
