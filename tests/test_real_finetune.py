@@ -143,6 +143,7 @@ def test_real_finetune_end_to_end_on_a_tiny_llama(tmp_path, prepared_builtin):
     spec = _preset([*sets, "align_check=null"])
     outcomes, _ = run_finetune_sweep(spec, tmp_path / "sw", executor="inline", progress=False, report=False)
     assert [o.status for o in outcomes] == ["skipped", "done", "done"]  # align (done above), N = 0, N = 2
+    assert outcomes[0].extra["run_dir"] == str(tmp_path / "sw" / "base" / "align")  # where a FAILED goes
     saved = tmp_path / "sw" / "base" / "align" / "model"
     assert (saved / "model.safetensors").is_file() and (saved / "config.json").is_file()
     assert not [p.name for p in saved.iterdir() if "adapter" in p.name]
@@ -167,3 +168,15 @@ def test_real_finetune_end_to_end_on_a_tiny_llama(tmp_path, prepared_builtin):
     ledger = pq.read_table(tmp_path / "sw" / "runs" / "ft_n002_c16_uniform_s0" / "ledger.parquet")
     assert ledger.num_rows == 2
     assert json.loads((saved / "poisonlab.json").read_text()) == {"model": "tiny-instruct", "poisoned": False}
+
+
+def test_a_failed_stage_run_is_pointed_to_where_its_failed_file_is(tmp_path, capsys):
+    # an align or pretrain stage's run lies under base/, not runs/: the message names its own directory
+    from poisonlab.cli.study import _say_not_done
+    from poisonlab.study.executors import Outcome
+
+    align = tmp_path / "base" / "align"
+    _say_not_done([Outcome("align", "failed", error="boom", extra={"run_dir": str(align)}),
+                   Outcome("ft_n000_c16_uniform_s0", "failed", error="bang")], tmp_path)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"see {align}/FAILED" in err and f"see {tmp_path}/runs/ft_n000_c16_uniform_s0/FAILED" in err

@@ -69,14 +69,15 @@ def sweep_cmd(
 
 def _say_not_done(outcomes: list, sweep_dir: Path) -> None:
     """One line per run that did not end finished: failed, broken, stopped or busy, with its reason."""
-    how = {"failed": ("red", " (see {dir}/runs/{name}/FAILED)"),
+    how = {"failed": ("red", " (see {run}/FAILED)"),
            "broken": ("red", " (poisonlab verify {dir}; train it again with --no-resume)"),
            "stopped": ("yellow", ""), "busy": ("yellow", "")}
     for o in outcomes:
         if o.status in how:
             color, where = how[o.status]
+            run = o.extra.get("run_dir") or f"{sweep_dir}/runs/{o.name}"  # a stage's run lies elsewhere
             console.print(f"  [{color}]{o.status}[/] {o.name}: {o.error}" + where.format(dir=sweep_dir,
-                          name=o.name), highlight=False, soft_wrap=True)
+                          run=run), highlight=False, soft_wrap=True)
 
 
 def _finetune_sweep(tree: dict, where: str, overrides: list[str], out: Path | None, executor: str,

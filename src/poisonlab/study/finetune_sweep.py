@@ -276,12 +276,16 @@ def run_finetune_sweep(
             progress=progress,
             report=False,
         )
-        outcomes += [Outcome(f"pretrain:{o.name}", o.status, o.seconds, o.error) for o in res.outcomes]
+        pre = sweep_dir / "base" / "pretrain" / "runs"  # where a stage run's FAILED is, for the messages
+        outcomes += [Outcome(f"pretrain:{o.name}", o.status, o.seconds, o.error,
+                             {"run_dir": str(pre / o.name)}) for o in res.outcomes]
         if not res.ok:
             return outcomes, None
     if spec.align is not None:
         before = len(outcomes)
-        run([_job(align_config(spec, sweep_dir), configs)], 1, threads or default_jobs(1)[1])
+        aligned = align_config(spec, sweep_dir)
+        run([_job(aligned, configs)], 1, threads or default_jobs(1)[1])
+        outcomes[before].extra["run_dir"] = str(aligned.run_dir)
         if outcomes[before].status not in ("done", "skipped"):
             return outcomes, None
         check_aligned(spec, sweep_dir)
