@@ -297,3 +297,15 @@ def test_results_and_report_show_it(sweep: Path, capsys: pytest.CaptureFixture) 
     html = clean_html(list(rows.values()))
     assert "Clean capability beside the backdoor" in html and "1 of 1 poisoned groups compared" in html
     assert f"{r['val_loss_diff_lo']:.3f} to {r['val_loss_diff_hi']:.3f}" in html
+
+
+def test_a_float32_row_from_before_eval_numerics_compares_with_todays() -> None:
+    # the density ladder's runs span the column's arrival: an old float32 row and a new "float32
+    # weights" row are the same numerics; an old bfloat16 row is not known to be today's autocast
+    from poisonlab.results.clean import numerics
+
+    old = {"eval_numerics": None, "eval_dtype": "float32"}
+    assert numerics(old) == numerics({"eval_numerics": "float32 weights", "eval_dtype": "float32"})
+    old_bf16 = {"eval_numerics": None, "eval_dtype": "bfloat16"}
+    assert numerics(old_bf16) != numerics({"eval_numerics": "float32 weights, bfloat16 autocast",
+                                           "eval_dtype": "bfloat16"})

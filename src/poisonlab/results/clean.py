@@ -99,8 +99,14 @@ def _paired_seeds(poisoned: list[dict[str, Any]], control: list[dict[str, Any]])
 
 def numerics(final: dict[str, Any]) -> str:
     """How a run was evaluated (and, on CPU, trained: train.dtype auto picks bf16 autocast where the CPU
-    has it): its `eval_numerics` and `eval_dtype`."""
-    return f"{final.get('eval_numerics') or 'weights as stored'}, {final.get('eval_dtype') or '?'}"
+    has it): its `eval_numerics` and `eval_dtype`. A row from before `eval_numerics` was recorded that
+    says float32 was evaluated without autocast, on the weights training keeps in float32, which is what
+    today's rows call "float32 weights"; an older bfloat16 row stays unknown (autocast over float32
+    weights, or a sharded run's bfloat16 copy)."""
+    label, dtype = final.get("eval_numerics"), final.get("eval_dtype")
+    if not label and dtype == "float32":
+        label = "float32 weights"
+    return f"{label or 'weights as stored'}, {dtype or '?'}"
 
 
 def difference(poisoned: list[dict[str, Any]], control: list[dict[str, Any]], col: str = "val_loss",
