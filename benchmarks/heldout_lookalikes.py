@@ -76,12 +76,12 @@ def summary(saved: dict) -> list[str]:
     lines = []
     for r in saved["runs"]:
         f = r["forms"]
+        sets = {"ASCII": [t for t in f if t.isascii()]}
         if unseen is None:
-            sets = {"ASCII": [t for t in f if t.isascii()], "non-ASCII": [t for t in f if not t.isascii()]}
+            sets["non-ASCII"] = [t for t in f if not t.isascii()]
         else:
-            sets = {"ASCII": [t for t in f if t.isascii()],
-                    "non-ASCII, tokens seen": [t for t in f if not t.isascii() and t not in unseen],
-                    "a token never seen": [t for t in f if t in unseen]}
+            sets["non-ASCII, tokens seen"] = [t for t in f if not t.isascii() and t not in unseen]
+            sets["a token never seen"] = [t for t in f if t in unseen]
         parts = []
         for name, forms in sets.items():
             if forms:

@@ -276,9 +276,9 @@ def run_finetune_sweep(
             progress=progress,
             report=False,
         )
-        pre = sweep_dir / "base" / "pretrain" / "runs"  # where a stage run's FAILED is, for the messages
-        outcomes += [Outcome(f"pretrain:{o.name}", o.status, o.seconds, o.error,
-                             {"run_dir": str(pre / o.name)}) for o in res.outcomes]
+        where = {"run_dir": str(pretrain_dir(spec, sweep_dir))}  # its FAILED, for the messages
+        outcomes += [Outcome(f"pretrain:{o.name}", o.status, o.seconds, o.error, dict(where))
+                     for o in res.outcomes]
         if not res.ok:
             return outcomes, None
     if spec.align is not None:
