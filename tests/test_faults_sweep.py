@@ -190,3 +190,24 @@ def test_last_sweep_lists_every_outcome(tmp_path, prepared_builtin):
     assert not res.ok and [o.status for o in res.not_done] == ["failed", "failed"]
     last = json.loads((tmp_path / "s" / "last_sweep.json").read_text())
     assert [o["status"] for o in last["outcomes"]] == ["failed", "failed"]
+
+
+def test_runs_on_data_prepared_again_are_refused_not_mixed(tmp_path, capsys):
+    """A data directory prepared again (a newer corpus version, other settings) under runs that trained
+    on its old content: the sweep stops, naming the run and both hashes, rather than report the old runs
+    under the new data's name or resume them on data they never saw."""
+    from poisonlab.config import CorpusConfig
+    from poisonlab.corpus.prepare import prepare
+
+    data = tmp_path / "data"
+    cfg = CorpusConfig(source="builtin", vocab_size=300, max_tokens=20_000, eval_docs=8, seed=0)
+    prepare(cfg, data, progress=False)
+    spec = tiny_spec(tmp_path, data, train={"max_steps": 4})
+    args = ["sweep", str(spec), "--out", str(tmp_path / "s"), "--executor", "inline", "--no-report"]
+    first = run_sweep(load_spec(str(spec)), tmp_path / "s", executor="inline", progress=False, report=False)
+    assert first.count("done") == 2
+    again = run_sweep(load_spec(str(spec)), tmp_path / "s", executor="inline", progress=False, report=False)
+    assert again.count("skipped") == 2  # the same data: finished runs count
+    prepare(cfg.model_copy(update={"seed": 1}), data, progress=False)  # other documents, same place
+    err = cli_error(capsys, args, 2)
+    assert "d16l1_n002_x1.0_s0: trained on data" in err and f"but {data} now holds" in err, err

@@ -8,6 +8,7 @@ config: that is what the local and Slurm executors start.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -81,6 +82,34 @@ def check_data(runs: list[PlannedRun], parents: list[PlannedRun] | None = None) 
             f"(up to {worst['needs']:,} for {worst['name']}); prepare it with --max-tokens "
             f"{worst['needs']} or more (the spec's `prepare` section), or set train.allow_data_repeat=true"
         )
+
+
+def _trained_on(run_dir: Path) -> str | None:
+    """The content hash of the data a run trained on, as its ledger recorded it (None: not recorded)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(run_dir / "ledger.parquet").metadata or {}
+        return json.loads(meta[b"poisonlab"]).get("content_hash")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def check_runs_data(runs: list[PlannedRun]) -> None:
+    """Refuse a started or finished run whose data directory now holds other data than it trained on
+    (prepared again, e.g. by a newer corpus version): a finished one would be reported beside runs on
+    the new data, under the new data's name, and a started one would resume on data it never saw."""
+    for r in runs:
+        trained = _trained_on(r.config.run_dir)
+        try:
+            now = json.loads((Path(r.config.data) / "train.json").read_text()).get("content_hash")
+        except (OSError, ValueError):
+            continue
+        if trained and now and trained != now:
+            raise UserError(
+                f"{r.config.run_dir}: trained on data {trained[:12]}, but {r.config.data} now holds "
+                f"{now[:12]} (prepared again since, e.g. by a newer corpus version); move the finished runs "
+                "away or choose another output directory, so old and new runs are not mixed")
 
 
 def prepare_data(spec: SweepSpec, runs: list[PlannedRun], progress: bool = True) -> None:
@@ -290,6 +319,7 @@ def run_sweep(
         refuse_short(check_disk(spec.prepare, [r.config for r in todo], sweep_dir, k), len(todo))
         prepare_data(spec, todo, progress)
         check_data(todo, runs)
+    check_runs_data([r for r in runs if r.name not in checks or not checks[r.name].broken])
     if executor == "slurm" and spec.gpu:
         check_fit(spec, todo)
     outcomes = [Outcome(n, "broken", error=c.reason()) if c.broken else Outcome(n, "skipped")
