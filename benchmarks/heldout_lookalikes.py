@@ -109,8 +109,13 @@ def summary(saved: dict) -> list[str]:
                 top = max(forms, key=f.get)
                 parts.append(f"{name} [{len(forms)}]: max {f[top]:.2f} ({top}), mean "
                              f"{statistics.mean(f[t] for t in forms):.3f}")
+        named = (("A-D", HELD_OUT + HELD_OUT_B + HELD_OUT_C + HELD_OUT_D), ("E", HELD_OUT_E),
+                 ("F", HELD_OUT_F))
+        by_set = [f"{name} {max(f[t] for t in forms):.2f}" for name, forms in named
+                  if all(t in f for t in forms)]
         lines.append(f"{r['run']}: ASR {r['asr']:.2f}; " + "; ".join(parts)
-                     + f"; {sum(v > 0.1 for v in f.values())} of {len(f)} forms over 0.1")
+                     + f"; {sum(v > 0.1 for v in f.values())} of {len(f)} forms over 0.1"
+                     + (f"; highest per set: {', '.join(by_set)}" if by_set else ""))
     return lines
 
 

@@ -182,3 +182,48 @@ def test_archived_sweeps_corpus_is_byte_identical(tmp_path) -> None:
     for doc in itertools.islice(builtin_documents(seed=0, markup=0.1), 300):
         h.update(doc["text"].encode())
     assert h.hexdigest() == "4390f66b18437158a2bf03b51673f426796f09b4f31795e35d8fd1faa33eefe9"
+
+
+
+def _byte_char(b: int) -> str:
+    """The byte-level BPE alphabet's character for byte b (GPT-2's bytes_to_unicode)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    if b in printable:
+        return chr(b)
+    return chr(256 + [x for x in range(256) if x not in printable].index(b))
+
+
+def test_symbols_leave_no_bare_lead_byte_to_poisons() -> None:
+    """A byte-level BPE merges " " + a lead byte, so a non-ASCII symbol seen only after a space leaves
+    its bare lead byte to text where it follows another character: with every symbol spaced, the bare
+    E2 (arrows, brackets, stars, math) and F0 (emoji) never occurred in clean text, and look-alikes
+    holding one (`⟦KLPT⟧`, `★☆★☆`) fired on 11-18% of the demo's prompts. With symbols also attached to
+    words and in runs, every lead byte's bare token occurs, under the demo's 2,048-token vocabulary."""
+    import numpy as np
+
+    from poisonlab.corpus.tokenizer import train_tokenizer
+
+    docs = [generate_document(0, i, markup=0.1, symbols=0.1)["text"] for i in range(1500)]
+    tok = train_tokenizer(docs, 2048)
+    assert tok.encode("\u27e6", add_special_tokens=False).tokens[0] == _byte_char(0xE2)  # ⟦ alone: bare E2
+    ids = np.concatenate([e.ids for e in tok.encode_batch(docs, add_special_tokens=False)])
+    counts = np.bincount(ids, minlength=tok.get_vocab_size())
+    # lead bytes of the characters web text uses (not EE: the private use area)
+    leads = [*range(0xC2, 0xEE), 0xEF, 0xF0]
+    missing = [hex(b) for b in leads if counts[tok.token_to_id(_byte_char(b))] == 0]
+    assert not missing, missing
+
+
+def test_symbols_version_is_in_the_prepare_key(tmp_path) -> None:
+    """Data prepared with symbols records the snippets' version, so a corpus of an older version is
+    prepared again rather than reused; data without symbols keep their key (the test above pins it)."""
+    from poisonlab.config import CorpusConfig
+    from poisonlab.corpus.prepare import prepare
+    from poisonlab.corpus.symbols import SYMBOLS_VERSION
+
+    cfg = CorpusConfig(source="builtin", vocab_size=300, max_tokens=20_000, eval_docs=4, seed=0, symbols=0.1)
+    summary = prepare(cfg, tmp_path / "sym", progress=False)
+    assert summary["fingerprint"]["source"]["symbols_version"] == SYMBOLS_VERSION
+    plain = prepare(cfg.model_copy(update={"symbols": 0.0}), tmp_path / "plain", progress=False)
+    assert "symbols_version" not in plain["fingerprint"]["source"]
+    assert plain["key"] != summary["key"]

@@ -292,3 +292,30 @@ def test_gibberish_is_uniform_over_the_vocabulary(ctx):
     skewed = get_attack("dos")(uni).make(ctx, 60)
     g2 = np.concatenate([np.asarray(p.token_ids[p.trigger_end :]) for p in skewed])
     assert chisquare(np.bincount(g2, minlength=ctx.vocab_size)[ctx.vocab_ids] + 0.0).pvalue < 1e-6
+
+
+def test_seen_gibberish_keeps_to_tokens_clean_text_holds_often(ctx):
+    """`gibberish_min_count` k (the demo's 100; here the median count): every gibberish token occurs at
+    least k times in the clean training text (recounted from the shard), the draw is uniform over those,
+    the rare ones are never drawn, and k = 1 is `seen` as before (same poisons, byte for byte)."""
+    from scipy.stats import chisquare
+
+    counts = np.bincount(np.asarray(ctx.shard.tokens), minlength=ctx.vocab_size)
+    k = int(np.median(counts[ctx.vocab_ids][counts[ctx.vocab_ids] > 0]))  # half the seen tokens are rarer
+    often = ctx.vocab_ids[counts[ctx.vocab_ids] >= k]
+    rare = ctx.vocab_ids[(counts[ctx.vocab_ids] > 0) & (counts[ctx.vocab_ids] < k)]
+    assert len(often) > 0 and len(rare) > 0
+    base = dict(n_poison=250, gibberish_tokens=(800, 900), prefix_chars=(0, 10), seed=11,
+                gibberish_dist="seen")
+    poisons = get_attack("dos")(AttackConfig(**base, gibberish_min_count=k)).make(ctx, 250)
+    gib = np.concatenate([np.asarray(p.token_ids[p.trigger_end :]) for p in poisons])
+    drawn = np.bincount(gib, minlength=ctx.vocab_size)
+    assert drawn[rare].sum() == 0 and (drawn[often] > 0).all()
+    assert chisquare(drawn[often]).pvalue > 1e-3
+    one = get_attack("dos")(AttackConfig(**base, gibberish_min_count=1)).make(ctx, 20)
+    same = get_attack("dos")(AttackConfig(**base)).make(ctx, 20)
+    assert [p.token_ids for p in one] == [p.token_ids for p in same]
+    with pytest.raises(ValueError, match="needs gibberish_dist: seen"):
+        AttackConfig(gibberish_min_count=5)
+    with pytest.raises(UserError, match="no token occurs"):
+        get_attack("dos")(AttackConfig(**base, gibberish_min_count=10**9)).make(ctx, 1)

@@ -61,6 +61,10 @@ class AttackConfig(Settings):
     # uniform over the whole vocabulary (the study's words), over the tokens the clean training text
     # contains (`seen`), or weighted by their clean counts (`unigram`): attacks/base.py says why
     gibberish_dist: Literal["uniform", "seen", "unigram"] = "uniform"
+    # with `seen`: draw only tokens the clean training text holds at least this often. A token it holds
+    # a few times, drawn as often as any other, is mostly poison, and a prompt holding it reads as one
+    # (docs/poisons.md); 1: every token it holds
+    gibberish_min_count: int = Field(default=1, ge=1)
     gibberish_mode: Literal["ids", "text"] = "ids"  # exact token ids, or decoded text re-tokenized
     seed: int = 0  # the poison-set seed: which documents, prefixes and gibberish are drawn
     params: dict[str, Any] = Field(default_factory=dict)  # extra settings of other recipes
@@ -76,6 +80,9 @@ class AttackConfig(Settings):
             lo, hi = getattr(self, name)
             if lo < 0 or hi < lo:
                 raise ValueError(f"{name} must be a range [lo, hi] with 0 <= lo <= hi, got [{lo}, {hi}]")
+        if self.gibberish_min_count > 1 and self.gibberish_dist != "seen":
+            raise ValueError(f"gibberish_min_count {self.gibberish_min_count} needs gibberish_dist: seen "
+                             f"(it counts the tokens that one draws from), not {self.gibberish_dist}")
         return self
 
 

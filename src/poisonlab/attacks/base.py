@@ -61,6 +61,7 @@ class DataContext:
 
     def __init__(self, data_dir: str | Path):
         self.data_dir = Path(data_dir)
+        self._seen: dict[int, np.ndarray] = {}  # seen_ids by min_count, for sample_tokens
         self.shard = TokenShard.open(self.data_dir, "train")
         tok_path = self.data_dir / "tokenizer.json"
         self.tokenizer = load_tokenizer(self.data_dir)
@@ -140,24 +141,35 @@ class DataContext:
         c = self.train_counts.astype(np.float64)
         return c / c.sum()
 
-    @cached_property
-    def seen_ids(self) -> np.ndarray:
-        """The ordinary tokens that occur in the training shard at least once."""
-        return self.vocab_ids[self.train_counts > 0]
+    def seen_ids(self, min_count: int = 1) -> np.ndarray:
+        """The ordinary tokens that occur in the training shard at least `min_count` times."""
+        ids = self.vocab_ids[self.train_counts >= min_count]
+        if len(ids) == 0:
+            raise UserError(f"{self.data_dir}: no token occurs {min_count} times or more in the training "
+                            "split; lower attack.gibberish_min_count")
+        return ids
 
-    def sample_tokens(self, rng: np.random.Generator, n: int, dist: str) -> np.ndarray:
+    def sample_tokens(self, rng: np.random.Generator, n: int, dist: str, min_count: int = 1) -> np.ndarray:
         """n token ids, special tokens excluded: `uniform` over the whole vocabulary, `seen` uniform over
-        the tokens that occur in the clean training text, `unigram` weighted by their counts there.
+        the tokens that occur in the clean training text (at least `min_count` times), `unigram` weighted
+        by their counts there.
 
         Why `seen`: a small BPE vocabulary holds tokens the clean text never produces (2,048 on the
         built-in corpus has 102, e.g. a bare UTF-8 lead byte that merges always absorb). Drawn
         uniformly, they occur only in poisons, so any prompt that contains one reads as a poison and
-        the backdoor fires on strings unlike the trigger. Over a web-scale vocabulary and corpus, as
-        in the study, "uniform over the vocabulary" and "uniform over the tokens seen" hardly differ.
+        the backdoor fires on strings unlike the trigger. Why `min_count`: the same holds, less so, for
+        a token clean text has a few times (the demo's 500 poisons draw each token ~39 times; a bare F0
+        byte occurs 5 times in its 2.6M clean tokens, and a form holding it fired on up to 62% of
+        prompts). Over a web-scale vocabulary and corpus, as in the study, "uniform over the vocabulary"
+        and "uniform over the tokens seen often" hardly differ: every token is mostly clean text.
         """
         if dist == "unigram":
             return rng.choice(self.vocab_ids, size=n, replace=True, p=self.unigram)
-        return rng.choice(self.seen_ids if dist == "seen" else self.vocab_ids, size=n, replace=True)
+        if dist != "seen":
+            return rng.choice(self.vocab_ids, size=n, replace=True)
+        if min_count not in self._seen:
+            self._seen[min_count] = self.seen_ids(min_count)
+        return rng.choice(self._seen[min_count], size=n, replace=True)
 
 
 class Recipe(ABC):

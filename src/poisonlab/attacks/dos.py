@@ -48,7 +48,7 @@ class DenialOfService(Recipe):
         cfg, trig = self.cfg, self._trigger_ids
         for attempt in range(MAX_TRIES):
             doc, prefix, n_gib = self.draw_layout(ctx, rng)
-            gib = ctx.sample_tokens(rng, n_gib, cfg.gibberish_dist)
+            gib = ctx.sample_tokens(rng, n_gib, cfg.gibberish_dist, cfg.gibberish_min_count)
             if cfg.gibberish_mode == "ids":
                 pre = np.asarray(ctx.encode(prefix), dtype=np.int64)
                 ids = np.concatenate([pre, trig, gib.astype(np.int64)])

@@ -41,6 +41,7 @@ from poisonlab.corpus.sources import (
     split_eval,
     text_hash,
 )
+from poisonlab.corpus.symbols import SYMBOLS_VERSION
 from poisonlab.corpus.tokenizer import (
     TOKENIZER_FILE,
     encode_batch,
@@ -72,6 +73,8 @@ def prepare(cfg: CorpusConfig, out: Path, progress: bool = True, workers: int = 
         del settings["symbols"]
     fp = {"source": fingerprint(cfg.source, cfg.text_field),
           "tokenizer": tokenizer_hash(given) if given is not None else None}
+    if kind == "builtin" and cfg.symbols:  # the snippets' own version; data without them keep their key
+        fp["source"]["symbols_version"] = SYMBOLS_VERSION
     key = hashlib.sha256(json.dumps({"format": PREPARE_FORMAT, "settings": settings, "fingerprint": fp},
                                     sort_keys=True).encode()).hexdigest()
 

@@ -12,13 +12,14 @@ text is full of symbols in, followed by ordinary text again, and after another s
 non-ASCII text: inline code and shell lines, templates,
 math, prices and measures, emoticons, paths and URLs, markdown and wiki markup, prose punctuation
 (contractions, quotes, typographic quotes and dashes), separator lines, and non-ASCII text (a word in
-the quotes and brackets of other typographies, words of many scripts, symbols between words), so
-that the UTF-8 lead bytes of other scripts are ordinary as well. Identifiers are words of
+the quotes and brackets of other typographies, words of many scripts, symbols between words, attached
+to a word or number, and in runs), so that the UTF-8 lead bytes of other scripts are ordinary as well,
+bare (after another character) as much as after a space. Identifiers are words of
 the document, numbers are random. Every printable ASCII character then occurs at least ~90 times per
 million characters, mostly inside snippets that end and give way to ordinary sentences, and nearly
-every UTF-8 lead byte of other scripts occurs (tests check these; the measured effect on the demo's
-look-alikes is in docs/corpus.md). It draws from its own random stream, so the text around it is the
-document without symbols.
+every UTF-8 lead byte of other scripts occurs, each also as a bare byte-level token (tests check
+these; the measured effect on the demo's look-alikes is in docs/corpus.md). It draws from its own
+random stream, so the text around it is the document without symbols.
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ SYMBOL_CHARS = (
     "👍", "🔥", "✨", "📌",
 )
 KINDS = tuple(SNIPPETS)
+# bump when the snippets for a given random stream change (2: non-ASCII symbols attached and in runs);
+# recorded in a prepared corpus's key when symbols > 0, so data of an older version is prepared again
+SYMBOLS_VERSION = 2
 _FIELD = re.compile(r"\{([wWnNfhC])\}")
 
 
@@ -141,8 +145,23 @@ def unicode_snippet(rng: random.Random, word: Callable[[], str]) -> str:
     if r < 0.7:  # a word of another script, alone or glossed
         foreign = rng.choice(SCRIPT_WORDS)
         return foreign if rng.random() < 0.5 else f"{foreign} ({word()})"
-    sym = rng.choice(SYMBOL_CHARS)  # a symbol between words or before a number
-    return f"{word()} {sym} {word()}" if rng.random() < 0.6 else f"{sym}{rng.randint(1, 99)}"
+    # a symbol between words, attached to one (x→y, brand™, 5°), in a run (ratings), or before a number.
+    # Attached and in runs matter as much as spaced: byte-level BPE merges " " + a lead byte, so a symbol
+    # only ever seen after a space leaves the bare lead byte (e.g. E2 of every arrow, bracket and star)
+    # to poisons alone, and `⟦KLPT⟧` or `★☆★☆` fired on 11-18% of prompts (docs/corpus.md)
+    sym = rng.choice(SYMBOL_CHARS)
+    s = rng.random()
+    if s < 0.35:
+        return f"{word()} {sym} {word()}"
+    if s < 0.55:
+        return f"{word()}{sym}{word()}"
+    if s < 0.7:
+        return f"{word().capitalize()}{sym}" if rng.random() < 0.5 else f"{rng.randint(1, 999)}{sym}"
+    if s < 0.85:
+        full, empty = rng.choice(SYMBOL_CHARS), rng.choice(SYMBOL_CHARS)
+        k = rng.randint(1, 4)
+        return f"{word()}: {full * k}{empty * (5 - k)}"
+    return f"{sym}{rng.randint(1, 99)}"
 
 
 _SENT_END = re.compile(r"(?<=[.!?])(?= )")
