@@ -132,6 +132,21 @@ def test_a_run_starts_from_a_local_hf_llama(tmp_path: Path, prepared_builtin: Pa
     rows = pq.read_table(cfg.run_dir / "metrics.parquet").to_pylist()
     assert {r["init_from"] for r in rows} == {"hf"} and {r["init_step"] for r in rows} == {0}
     assert read_ledger(cfg.run_dir / "ledger.parquet")[0].num_rows == 3 and rows[-1]["poisons_seen"] == 3
+    # named for the directory it started from (its shape alone would not say which model it is), also
+    # where the metrics were written before the trainer named it so, and in an archive without the model
+    import pyarrow as pa
+
+    from poisonlab.results.store import _read_run
+
+    assert {r["model"] for r in rows} == {"hf"}
+    path = cfg.run_dir / "metrics.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.column_names.index("model"), "model",
+                                    pa.array(["d32-l2"] * table.num_rows)), path)
+    for p in hf.iterdir():
+        p.unlink()
+    hf.rmdir()
+    assert set(_read_run(cfg.run_dir).column("model").to_pylist()) == {"hf"}
 
 
 def test_an_hf_start_that_does_not_fit_is_refused(tmp_path: Path, prepared_builtin: Path, tiny_llama) -> None:

@@ -52,7 +52,7 @@ from poisonlab.rundir.manifest import write_done
 from poisonlab.signals import Interrupted, StopOnSignal, Stopped
 from poisonlab.signals import name as signal_name
 from poisonlab.training import distributed
-from poisonlab.training.continued import load_start
+from poisonlab.training.continued import is_hf_dir, load_start
 from poisonlab.training.records import RunRecords, check_config, open_run_dir, run_lock
 from poisonlab.training.resolve import ResolvedRun, resolve_run
 from poisonlab.training.schedule import checkpoint_steps, eval_steps, lr_at
@@ -133,8 +133,14 @@ def _say(text: str) -> None:
 
 
 def _model_name(cfg: RunConfig) -> str:
+    """The preset's name; for a model started from a local HF directory, that directory's name (its
+    shape alone, `d576-l30`, would not say it is SmolLM2); else the shape."""
     m = cfg.model
-    return m.preset or f"d{m.d_model}-l{m.n_layers}"
+    if m.preset:
+        return m.preset
+    if cfg.init.run is not None and is_hf_dir(Path(cfg.init.run)):
+        return Path(cfg.init.run).name
+    return f"d{m.d_model}-l{m.n_layers}"
 
 
 def _default_stream(cfg: RunConfig, n_steps: int, poisons: list, clean_offset: int = 0) -> Stream:
