@@ -105,10 +105,6 @@ def run_settings(run_dir: Path, *, strict: bool = False) -> dict[str, Any]:
     settings = {**_DEFAULTS, **flatten(tree)}
     settings["data_id"] = _data_id(settings.get("data"), run_dir)
     settings["init.from"] = _init_from(settings.get("init.run"), run_dir)
-    # started from a model directory, not from a run of ours: no config.yaml of a run where it was,
-    # nor beside this run (an archive keeps the runs, never the model)
-    settings["init.from_hf"] = bool(settings.get("init.run")) and not settings.get("model.preset") \
-        and settings["init.from"] == Path(str(settings["init.run"])).name
     return settings
 
 
@@ -127,14 +123,22 @@ def _init_from(init_run: Any, run_dir: Path) -> str | None:
     return Path(init_run).name
 
 
+def _hf_start(settings: dict[str, Any]) -> str | None:
+    """The name of the model directory a run without a preset started from, None otherwise: `init.from`
+    falls back to the directory's name where no run's config.yaml was found (an archive keeps the runs,
+    never the model), as the trainer names such a run."""
+    run = settings.get("init.run")
+    if not run or settings.get("model.preset") or settings.get("init.from") != Path(str(run)).name:
+        return None
+    return Path(str(run)).name
+
+
 def _config_keys(settings: dict[str, Any]) -> dict[str, Any]:
     """Metrics columns from the run's settings (the fallback when a metrics file lacks them)."""
     if not settings:
         return {}
-    preset = settings.get("model.preset")
     shape = f"d{settings.get('model.d_model')}-l{settings.get('model.n_layers')}"
-    hf = Path(str(settings["init.run"])).name if settings.get("init.from_hf") else None
-    keys = {"model": preset or hf or shape}
+    keys = {"model": settings.get("model.preset") or _hf_start(settings) or shape}
     keys.update({col: settings.get(key) for col, key in CONFIG_COLUMNS.items()})
     keys.update(_placement_keys(settings))
     keys["trigger"] = settings.get("eval.trigger") or keys["trigger"]  # what was evaluated, as the evaluator
@@ -183,8 +187,8 @@ def _read_run(run_dir: Path) -> pa.Table | None:
     for col in ("model", *CONFIG_COLUMNS, *PLACEMENT_COLUMNS):
         if col not in t.column_names and col in keys:
             t = t.append_column(col, pa.array([keys[col]] * n))
-    if settings.get("init.from_hf") and "model" in t.column_names:  # rows written before the trainer
-        t = t.set_column(t.column_names.index("model"), "model", pa.array([keys["model"]] * n))  # named it
+    if _hf_start(settings) and "model" in t.column_names:  # rows written before the trainer named it
+        t = t.set_column(t.column_names.index("model"), "model", pa.array([keys["model"]] * n))
     if "run_id" not in t.column_names:
         t = t.append_column("run_id", pa.array([run_dir.name] * n))
     t = t.append_column("run_name", pa.array([run_dir.name] * n))

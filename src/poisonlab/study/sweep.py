@@ -86,12 +86,13 @@ def check_data(runs: list[PlannedRun], parents: list[PlannedRun] | None = None) 
 
 def _trained_on(run_dir: Path) -> str | None:
     """The content hash of the data a run trained on, as its ledger recorded it (None: not recorded)."""
-    import pyarrow.parquet as pq
+    import pyarrow as pa
+
+    from poisonlab.injection.stream import read_ledger
 
     try:
-        meta = pq.read_schema(run_dir / "ledger.parquet").metadata or {}
-        return json.loads(meta[b"poisonlab"]).get("content_hash")
-    except (OSError, ValueError, KeyError):
+        return read_ledger(run_dir / "ledger.parquet")[1].get("content_hash")
+    except (UserError, OSError, ValueError, pa.ArrowException):
         return None
 
 
