@@ -184,7 +184,6 @@ def test_archived_sweeps_corpus_is_byte_identical(tmp_path) -> None:
     assert h.hexdigest() == "4390f66b18437158a2bf03b51673f426796f09b4f31795e35d8fd1faa33eefe9"
 
 
-
 def _byte_char(b: int) -> str:
     """The byte-level BPE alphabet's character for byte b (GPT-2's bytes_to_unicode)."""
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]

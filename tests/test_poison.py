@@ -297,7 +297,7 @@ def test_gibberish_is_uniform_over_the_vocabulary(ctx):
 def test_seen_gibberish_keeps_to_tokens_clean_text_holds_often(ctx):
     """`gibberish_min_count` k (the demo's 100; here the median count): every gibberish token occurs at
     least k times in the clean training text (recounted from the shard), the draw is uniform over those,
-    the rare ones are never drawn, and k = 1 is `seen` as before (same poisons, byte for byte)."""
+    the rare ones are never drawn, while k = 1 (the default) draws them too."""
     from scipy.stats import chisquare
 
     counts = np.bincount(np.asarray(ctx.shard.tokens), minlength=ctx.vocab_size)
@@ -312,9 +312,10 @@ def test_seen_gibberish_keeps_to_tokens_clean_text_holds_often(ctx):
     drawn = np.bincount(gib, minlength=ctx.vocab_size)
     assert drawn[rare].sum() == 0 and (drawn[often] > 0).all()
     assert chisquare(drawn[often]).pvalue > 1e-3
-    one = get_attack("dos")(AttackConfig(**base, gibberish_min_count=1)).make(ctx, 20)
-    same = get_attack("dos")(AttackConfig(**base)).make(ctx, 20)
-    assert [p.token_ids for p in one] == [p.token_ids for p in same]
+    every = get_attack("dos")(AttackConfig(**base)).make(ctx, 250)  # k = 1, the default: every seen token
+    drawn1 = np.bincount(np.concatenate([np.asarray(p.token_ids[p.trigger_end :]) for p in every]),
+                         minlength=ctx.vocab_size)
+    assert drawn1[rare].sum() > 0 and drawn1[counts == 0].sum() == 0
     with pytest.raises(ValueError, match="needs gibberish_dist: seen"):
         AttackConfig(gibberish_min_count=5)
     with pytest.raises(UserError, match="no token occurs"):
