@@ -1,6 +1,6 @@
 """The real-finetune preset and what it needs: a fine-tuning sweep that starts from a given HF model
 (SmolLM2-135M-Instruct from `make real-model`) instead of a pretrain stage (exactly one of the two, the
-model refused before any stage runs), aligns it with LoRA, saves it merged, checks that it is aligned,
+model refused before any stage runs), aligns it by full fine-tuning, saves it, checks that it is aligned,
 and runs the poisoned grid from it. Planned here without the real weights; run end to end on a tiny
 random Llama."""
 
@@ -30,7 +30,7 @@ def test_real_finetune_dry_run(tmp_path, monkeypatch, capsys, fake_real_model):
     model = fake_real_model(tmp_path)
     main(["sweep", "real-finetune", "--dry-run", "--out", str(tmp_path / "sw")])
     err = capsys.readouterr().err
-    assert "12 fine-tuning runs" in err and "align (800 examples x 1 epochs, LoRA r=8)" in err
+    assert "12 fine-tuning runs" in err and "align (2000 examples x 2 epochs, full)" in err
     assert "pretrain" not in err
     spec = _preset()
     assert spec.pretrain is None and spec.model == "models/smollm2-135m-instruct"
@@ -45,8 +45,9 @@ def test_real_finetune_dry_run(tmp_path, monkeypatch, capsys, fake_real_model):
         assert (r.attack.seed, r.placement.seed) == (r.train.seed, r.train.seed)
     a = align_config(spec, tmp_path / "sw")
     assert a.model == str(model) and a.attack.n_poison == 0 and a.save_model and a.template == "auto"
-    assert a.train.lora is not None and a.train.lora.r == 8 and a.train.lora.targets == QKVO
-    assert a.data.source == "builtin" and a.data.clean_size == 800
+    # full fine-tuning, 250 steps at 2e-4: what aligned the real model (LoRA and 125 steps did not)
+    assert a.train.lora is None and (a.train.lr, a.train.epochs) == (2e-4, 2)
+    assert a.data.source == "builtin" and a.data.clean_size == 2000
     assert a.data.seed not in {r.data.seed for r in runs}  # the grid's clean sets are other draws
     check = spec.align_check  # the grid runs only from a model that refuses and answers as the policy says
     assert check is not None and (check.max_asr_clean, check.min_ca) == (0.1, 0.9)
@@ -119,10 +120,10 @@ def test_align_check_reads_the_aligned_models_final_evaluation(tmp_path):
 
 
 def test_real_finetune_end_to_end_on_a_tiny_llama(tmp_path, prepared_builtin):
-    """The preset's own stages from a given HF model (a random tiny Llama with a chat template): LoRA
-    alignment saved as a full model (merged, no adapter files, loads in plain transformers, q/k/v/o
-    weights changed and nothing else); the align check stops a sweep whose model is not aligned (a
-    random model is not), and without the check the grid fine-tunes the aligned model."""
+    """The preset's own stages from a given HF model (a random tiny Llama with a chat template): full
+    fine-tuning alignment saved as a full model (no adapter files, loads in plain transformers, the
+    attention, MLP and embedding weights all changed); the align check stops a sweep whose model is not
+    aligned (a random model is not), and without the check the grid fine-tunes the aligned model."""
     import torch
     import transformers
 
@@ -152,10 +153,9 @@ def test_real_finetune_end_to_end_on_a_tiny_llama(tmp_path, prepared_builtin):
     before = dict(base.named_parameters())
     assert not any("lora" in n for n, _ in aligned.named_parameters())
     changed = {n for n, p in aligned.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all(n.split(".")[-2] in QKVO for n in changed)
-    assert {n.split(".")[-2] for n in changed} == set(QKVO)
+    assert {n.split(".")[-2] for n in changed} >= {*QKVO, "gate_proj", "up_proj", "down_proj", "embed_tokens"}
     align_rows = pq.read_table(tmp_path / "sw" / "base" / "align" / "metrics.parquet").to_pylist()
-    assert [r["step"] for r in align_rows] == [0, 2] and align_rows[-1]["lora"]
+    assert [r["step"] for r in align_rows] == [0, 4] and not align_rows[-1]["lora"]  # 32 x 2 epochs / 16
     assert align_rows[-1]["model"] == "tiny-instruct" and align_rows[-1]["n_poison"] == 0
     for name in ("ft_n000_c16_uniform_s0", "ft_n002_c16_uniform_s0"):
         run = tmp_path / "sw" / "runs" / name
