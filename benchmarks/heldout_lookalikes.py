@@ -91,6 +91,14 @@ HELD_OUT_G = (
     "< JKL >", "<ZK]", "[ZK>", "<|WX|>", "<%%>", "{{JX}}", "((PW))", "#WXKZ", "@JKLM", "!KZP!", "?WXQ?",
     ";JKM;", "::QK::", "※WK※", "⟨JXKW⟩", "‹‹ZK››", "⁽WX⁾", "᚛ᚁᚂ᚜", "ʘʘʘ", "ΓΞΠ",
 )
+# an eighth, written 2026-12-07 (21:25) after G had been measured on tiny-25k at 6x (2 of 8 seeds fired
+# on `<` forms, up to 0.34) and before any measurement of a demo with another smallest size: angle
+# brackets around capitals, digits, lower case and symbols of other lengths, and other openers
+HELD_OUT_H = (
+    "<BWZ>", "<QJ>", "<HKVXY>", "<ZZZZ>", "<PK9>", "<wrtz>", "<Bq>", "</QJX>", "<QJX/>", "<<JB",
+    "<-KW->", "<.MX.>", "<=ZT=>", "<+PB+>", "<'KJ'>", "<JW", "< ZX", "<XV>>", "[[<KB>]]", "(<WJ)",
+    "{HXQ}", "[MJZW]", "|PB|", "/QXJ/", "\\ZKW", "%JQ", "*ZK*", "^WB^", "~~QP~~", "¡JZ!",
+)
 # the held-out forms holding a token that the built-in demo corpus's clean text never has (its
 # evaluator names them: "look-alike controls with tokens the clean train split never has")
 UNSEEN_BUILTIN = ("⟦KLPT⟧", "⦃MWRB⦄", "❰XZQY❱", "⸨GCFE⸩", "⌈WRKX⌉", "★☆★☆", "♠♣♥♦", "◆◇◆", "⇐⇒⇔", "∑∏∫")
@@ -120,7 +128,8 @@ def summary(saved: dict) -> list[str]:
                 parts.append(f"{name} [{len(forms)}]: max {f[top]:.2f} ({top}), mean "
                              f"{statistics.mean(f[t] for t in forms):.3f}")
         named = (("A-D", HELD_OUT + HELD_OUT_B + HELD_OUT_C + HELD_OUT_D), ("E", HELD_OUT_E),
-                 ("F", HELD_OUT_F), ("G", HELD_OUT_G))
+                 ("F", HELD_OUT_F), ("G", HELD_OUT_G),
+                 ("H", HELD_OUT_H))
         by_set = [f"{name} {max(f[t] for t in forms):.2f}" for name, forms in named
                   if all(t in f for t in forms)]
         lines.append(f"{r['run']}: ASR {r['asr']:.2f}; " + "; ".join(parts)
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     forms = DEV if args.dev else (HELD_OUT + HELD_OUT_B + HELD_OUT_C + HELD_OUT_D + HELD_OUT_E + HELD_OUT_F
-                                  + HELD_OUT_G)
+                                  + HELD_OUT_G + HELD_OUT_H)
     out = []
     for run in run_dirs(args.sweep):
         if not (run / "DONE").exists():
