@@ -31,6 +31,7 @@ from poisonlab.config import ModelConfig
 PRESETS: dict[str, dict[str, Any]] = {
     # tiny: this 2-core CPU; context 128. 25k..3.2M non-embedding parameters (a 128x range).
     "tiny-25k": dict(d_model=32, n_layers=2, n_heads=2),
+    "tiny-50k": dict(d_model=48, n_layers=2, n_heads=2),
     "tiny-100k": dict(d_model=64, n_layers=2, n_heads=4),
     "tiny-200k": dict(d_model=64, n_layers=4, n_heads=4),
     "tiny-400k": dict(d_model=128, n_layers=2, n_heads=4),
@@ -52,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       tie_embeddings=False),
 }
 LADDERS: dict[str, list[str]] = {
-    "tiny": ["tiny-25k", "tiny-100k", "tiny-200k", "tiny-400k", "tiny-800k", "tiny-3m"],
+    "tiny": ["tiny-25k", "tiny-50k", "tiny-100k", "tiny-200k", "tiny-400k", "tiny-800k", "tiny-3m"],
     "small": ["small-10m", "small-25m", "small-50m", "small-85m"],
     "paper": ["paper-600m", "paper-2b", "paper-7b", "paper-13b"],
 }
