@@ -187,12 +187,14 @@ def test_eval_refuses_a_damaged_checkpoint_or_config(sweep: Path, capsys) -> Non
 
 
 def test_the_committed_archives_verify_and_read(tmp_path: Path) -> None:
-    """Every archived run under docs/findings carries a manifest that its files match, and the results
+    """Every archived run under docs/findings (a fine-tuning sweep's base stages too) carries a manifest
+    that its files match, and the results
     store reads every archive; the tiny-grid's report builds from a copy of it."""
     archives = sorted(p for p in FINDINGS.iterdir() if (p / "runs").is_dir())
     assert {p.name for p in archives} >= {"tiny-grid", "ordering", "persistence", "language", "finetune"}
     for archive in archives:
-        for run in (archive / "runs").iterdir():
+        stages = [d.parent for d in (archive / "stages").rglob("DONE")]  # none where there is no stages/
+        for run in [*(archive / "runs").iterdir(), *stages]:
             c = check_run(run, deep=True)
             assert c.status == "verified", (run, c.problems)
             assert "archived" in read_done(run) or "adopted" in read_done(run)

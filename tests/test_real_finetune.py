@@ -168,6 +168,18 @@ def test_real_finetune_end_to_end_on_a_tiny_llama(tmp_path, prepared_builtin):
     ledger = pq.read_table(tmp_path / "sw" / "runs" / "ft_n002_c16_uniform_s0" / "ledger.parquet")
     assert ledger.num_rows == 2
     assert json.loads((saved / "poisonlab.json").read_text()) == {"model": "tiny-instruct", "poisoned": False}
+    # the archive keeps the align stage's evaluations (the evidence the grid's base model is aligned),
+    # in stages/ without its model, where a sweep resumed on the archive does not take it for done
+    from poisonlab.results.archive import archive_sweep
+    from poisonlab.rundir.check import check_run
+
+    got = archive_sweep(tmp_path / "sw", tmp_path / "arch")
+    assert sorted(got["added"]) == ["align", "ft_n000_c16_uniform_s0", "ft_n002_c16_uniform_s0"]
+    stage = tmp_path / "arch" / "stages" / "align"
+    assert check_run(stage, deep=True).status == "verified" and not (stage / "model").exists()
+    assert pq.read_table(stage / "metrics.parquet").to_pylist() == align_rows
+    assert not (tmp_path / "arch" / "base").exists()
+    assert archive_sweep(tmp_path / "sw", tmp_path / "arch")["kept"] == got["added"]
 
 
 def test_a_failed_stage_run_is_pointed_to_where_its_failed_file_is(tmp_path, capsys):

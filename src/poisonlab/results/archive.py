@@ -97,9 +97,9 @@ def _archived(target: Path, source_done: Path) -> bool:
 
 def archive_sweep(sweep_dir: str | Path, dest: str | Path, *,
                   skip_broken: bool = False) -> dict[str, list[str]]:
-    """Archive every finished run of sweep_dir into dest/runs; returns the runs added, updated, kept,
-    unfinished and broken (left out: with any and not `skip_broken`, BrokenRuns before anything is
-    written)."""
+    """Archive every finished run of sweep_dir into dest/runs (and a fine-tuning sweep's finished base
+    stages into dest/stages); returns the runs added, updated, kept, unfinished and broken (left out:
+    with any and not `skip_broken`, BrokenRuns before anything is written)."""
     sweep_dir, dest = Path(sweep_dir), Path(dest)
     runs = sweep_dir / "runs"
     if not runs.is_dir():
@@ -108,7 +108,16 @@ def archive_sweep(sweep_dir: str | Path, dest: str | Path, *,
         raise UserError(f"{dest}: the archive must be another directory than the sweep")
     out: dict[str, list[str]] = {"added": [], "updated": [], "kept": [], "unfinished": [], "broken": []}
     checks = []
-    for run_dir in sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    targets: dict[Path, Path] = {}
+    run_dirs = sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))
+    targets.update({r: dest / "runs" / r.name for r in run_dirs})
+    # a fine-tuning sweep's base stages (base/align, base/pretrain/runs/*): their evaluations are the
+    # evidence that the grid's base model is what it claims (aligned, clean), so they are kept too, in
+    # stages/ (not base/: a sweep resumed on the archive would take a stage without its model for done)
+    base = sweep_dir / "base"
+    stage_dirs = sorted(d.parent for d in base.rglob("DONE")) if base.is_dir() else []
+    targets.update({s: dest / "stages" / s.relative_to(base) for s in stage_dirs})
+    for run_dir in [*run_dirs, *stage_dirs]:
         c = check_run(run_dir, read_older=True)  # an older run's files read back before any is copied
         if c.status == "unfinished":
             out["unfinished"].append(run_dir.name)
@@ -121,7 +130,7 @@ def archive_sweep(sweep_dir: str | Path, dest: str | Path, *,
         if c.broken:
             out["broken"].append(c.line())
             continue
-        target = dest / "runs" / c.name
+        target = targets[c.run_dir]
         if _archived(target, c.run_dir / "DONE"):
             out["kept"].append(c.name)  # the same finished run archived before
             continue
