@@ -362,6 +362,21 @@ def test_finetune_a_poisonlab_run_and_a_sweep_with_its_report(tmp_path, prepared
     # that run is passed over for the next of the same N, as a run without samples is
     assert shown[0]["run"] not in {r["run"] for r in again}
     assert sorted(r["N"] for r in again) == sorted(r["N"] for r in shown)
+    # a sweep whose only finished runs are its N = 0 controls (the first runs of a long grid) reports
+    # without a curve against poisons seen (it raised: no poisoned N to colour)
+    import shutil
+
+    from poisonlab.cli import main
+
+    first.write_text(text)  # whole again, as its manifest says
+    only0 = Path(shutil.copytree(tmp_path / "sweep", tmp_path / "only0",
+                                 ignore=shutil.ignore_patterns("report")))
+    for run in (only0 / "runs").iterdir():
+        if not run.name.startswith("ft_n000_"):
+            shutil.rmtree(run)
+    main(["report", str(only0), "--n-boot", "0"])
+    assert (only0 / "report" / "report.html").is_file()
+    assert not (only0 / "report" / "ft_asr_vs_poisons_seen.png").exists()
 
 
 def test_results_cli_reads_a_finetune_sweep(tmp_path, prepared_builtin):

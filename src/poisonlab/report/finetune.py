@@ -158,12 +158,12 @@ def fig_asr_vs_seen(runs: dict[str, Run], spread: str, threshold: float) -> Any 
 
     uni = cells({k: v for k, v in runs.items() if v[-1]["schedule"] == "uniform"})
     sizes = sorted({c for _, c, _ in uni})
-    if not sizes:
+    ns = sorted({n for _, _, n in uni if n})
+    if not sizes or not ns:  # no poisoned run (yet): no poisons seen to plot against
         return None
     fig, axes = plt.subplots(
         1, len(sizes), figsize=(4.4 * len(sizes), 3.4), squeeze=False, constrained_layout=True
     )
-    ns = sorted({n for _, _, n in uni if n})
     colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(1, len(ns))))
     for ax, c in zip(axes[0], sizes, strict=True):
         for colour, n in zip(colours, ns, strict=True):
