@@ -45,7 +45,7 @@ bench: install
 # the figures committed beside every archive under docs/findings, rebuilt from its runs (after any
 # change to the analysis; tests/test_findings_archives.py fails until they are)
 findings: install
-	for d in docs/findings/*/; do $(VENV)/bin/poisonlab report $$d --write-archive-json || exit 1; done
+	for d in docs/findings/*/runs; do $(VENV)/bin/poisonlab report $${d%/runs} --write-archive-json || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info
