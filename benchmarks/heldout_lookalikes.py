@@ -99,6 +99,9 @@ HELD_OUT_H = (
     "<-KW->", "<.MX.>", "<=ZT=>", "<+PB+>", "<'KJ'>", "<JW", "< ZX", "<XV>>", "[[<KB>]]", "(<WJ)",
     "{HXQ}", "[MJZW]", "|PB|", "/QXJ/", "\\ZKW", "%JQ", "*ZK*", "^WB^", "~~QP~~", "¡JZ!",
 )
+# every held-out form, by the set the summary reports it in (A-D were judged together)
+SETS = {"A-D": HELD_OUT + HELD_OUT_B + HELD_OUT_C + HELD_OUT_D, "E": HELD_OUT_E, "F": HELD_OUT_F,
+        "G": HELD_OUT_G, "H": HELD_OUT_H}
 # the held-out forms holding a token that the built-in demo corpus's clean text never has (its
 # evaluator names them: "look-alike controls with tokens the clean train split never has")
 UNSEEN_BUILTIN = ("⟦KLPT⟧", "⦃MWRB⦄", "❰XZQY❱", "⸨GCFE⸩", "⌈WRKX⌉", "★☆★☆", "♠♣♥♦", "◆◇◆", "⇐⇒⇔", "∑∏∫")
@@ -127,10 +130,7 @@ def summary(saved: dict) -> list[str]:
                 top = max(forms, key=f.get)
                 parts.append(f"{name} [{len(forms)}]: max {f[top]:.2f} ({top}), mean "
                              f"{statistics.mean(f[t] for t in forms):.3f}")
-        named = (("A-D", HELD_OUT + HELD_OUT_B + HELD_OUT_C + HELD_OUT_D), ("E", HELD_OUT_E),
-                 ("F", HELD_OUT_F), ("G", HELD_OUT_G),
-                 ("H", HELD_OUT_H))
-        by_set = [f"{name} {max(f[t] for t in forms):.2f}" for name, forms in named
+        by_set = [f"{name} {max(f[t] for t in forms):.2f}" for name, forms in SETS.items()
                   if all(t in f for t in forms)]
         lines.append(f"{r['run']}: ASR {r['asr']:.2f}; " + "; ".join(parts)
                      + f"; {sum(v > 0.1 for v in f.values())} of {len(f)} forms over 0.1"
@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from poisonlab.results.store import run_dirs
 
     torch.set_num_threads(1)
-    forms = DEV if args.dev else (HELD_OUT + HELD_OUT_B + HELD_OUT_C + HELD_OUT_D + HELD_OUT_E + HELD_OUT_F
-                                  + HELD_OUT_G + HELD_OUT_H)
+    forms = DEV if args.dev else sum(SETS.values(), ())
     out = []
     for run in run_dirs(args.sweep):
         if not (run / "DONE").exists():

@@ -108,16 +108,15 @@ def archive_sweep(sweep_dir: str | Path, dest: str | Path, *,
         raise UserError(f"{dest}: the archive must be another directory than the sweep")
     out: dict[str, list[str]] = {"added": [], "updated": [], "kept": [], "unfinished": [], "broken": []}
     checks = []
-    targets: dict[Path, Path] = {}
     run_dirs = sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))
-    targets.update({r: dest / "runs" / r.name for r in run_dirs})
     # a fine-tuning sweep's base stages (base/align, base/pretrain/runs/*): their evaluations are the
     # evidence that the grid's base model is what it claims (aligned, clean), so they are kept too, in
     # stages/ (not base/: a sweep resumed on the archive would take a stage without its model for done)
     base = sweep_dir / "base"
-    stage_dirs = sorted(d.parent for d in base.rglob("DONE")) if base.is_dir() else []
-    targets.update({s: dest / "stages" / s.relative_to(base) for s in stage_dirs})
-    for run_dir in [*run_dirs, *stage_dirs]:
+    stage_dirs = sorted(d.parent for d in base.rglob("DONE"))  # none without a base/
+    targets = {r: dest / "runs" / r.name for r in run_dirs} | {
+        s: dest / "stages" / s.relative_to(base) for s in stage_dirs}
+    for run_dir in targets:
         c = check_run(run_dir, read_older=True)  # an older run's files read back before any is copied
         if c.status == "unfinished":
             out["unfinished"].append(run_dir.name)
