@@ -99,7 +99,7 @@ HELD_OUT_H = (
     "<-KW->", "<.MX.>", "<=ZT=>", "<+PB+>", "<'KJ'>", "<JW", "< ZX", "<XV>>", "[[<KB>]]", "(<WJ)",
     "{HXQ}", "[MJZW]", "|PB|", "/QXJ/", "\\ZKW", "%JQ", "*ZK*", "^WB^", "~~QP~~", "¡JZ!",
 )
-# a ninth, written 2026-12-08 (00:20) after H had been measured on tiny-50k (`<`-opening forms over 0.1
+# a ninth, written 2026-12-08 (00:03) after H had been measured on tiny-50k (`<`-opening forms over 0.1
 # in 7 of 8 seeds) and before any measurement of a corpus whose clean text holds angle-bracket capital
 # tags as often as the demo's poisons hold the trigger many times over: angle brackets around capitals of
 # other lengths, with marks inside and beside, in pairs, and other openers; no word of the corpus's tag

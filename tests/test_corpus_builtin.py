@@ -192,6 +192,41 @@ def _byte_char(b: int) -> str:
     return chr(256 + [x for x in range(256) if x not in printable].index(b))
 
 
+def test_tags_make_the_triggers_opening_mostly_clean_text(monkeypatch) -> None:
+    """tags > 0 adds capital words in angle brackets after sentences, from their own random stream:
+    with tags = 0 the document is the one without them, and with them the old text is a subsequence.
+    At 0.1, ` <` + a capital letter (the opening of `<SUDO>`) is over 10x as common as in the corpus
+    without tags (~1,200 per million characters, so a demo's 500 poisons are ~6% of its occurrences,
+    not half), mostly followed by ordinary words; the trigger itself is never written, even when the
+    random capitals are drawn from its own letters only."""
+    import random
+
+    from poisonlab.corpus import builtin
+
+    n = 800
+    base = [generate_document(3, i, markup=0.1, symbols=0.1)["text"] for i in range(n)]
+    docs = [generate_document(3, i, markup=0.1, symbols=0.1, tags=0.1)["text"] for i in range(n)]
+    assert generate_document(3, 7, markup=0.1, symbols=0.1, tags=0.0) == generate_document(3, 7, markup=0.1,
+                                                                                          symbols=0.1)
+    for d, b in zip(docs[:200], base[:200], strict=True):
+        it = iter(d)
+        assert all(ch in it for ch in b)  # only added
+    text, old = "".join(docs), "".join(base)
+    opening = re.compile(r" <[A-Z]")
+    per_m = len(opening.findall(text)) / len(text) * 1e6
+    before = len(opening.findall(old)) / len(old) * 1e6
+    assert per_m > 10 * before and per_m > 800, (before, per_m)
+    at = [m.end() for m in opening.finditer(text)]
+    followed = sum(bool(re.search(r"[a-z]{3}", text[i:i + 30])) for i in at)
+    assert followed >= 0.8 * len(at)
+    assert "<SUDO>" not in text
+    monkeypatch.setattr(builtin, "_CAPS", "SUDO")  # a random tag is then SUDO once in ~1,000 draws
+    rng = random.Random(0)
+    tagged = builtin._angle_tags(" ".join(["A word."] * 20_000), 1.0, rng)
+    assert tagged.count("<") > 20_000 and "<SUDO>" not in tagged
+    assert len(re.findall(r"<[SUDO]{4}>", tagged)) > 100  # the other draws of its letters are kept
+
+
 def test_symbols_leave_no_bare_lead_byte_to_poisons() -> None:
     """A byte-level BPE merges " " + a lead byte, so a non-ASCII symbol seen only after a space leaves
     its bare lead byte to text where it follows another character: with every symbol spaced, the bare

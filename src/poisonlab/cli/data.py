@@ -31,6 +31,8 @@ def prepare(
     symbols: Annotated[float, typer.Option(help="builtin: share of sentences followed by a symbol-rich "
                                            "snippet (code, math, prices, emoticons, paths; 0 = the corpus "
                                            "of the archived sweeps)")] = 0.1,
+    tags: Annotated[float, typer.Option(help="builtin: share of sentences followed by a capital word in "
+                                        "angle brackets (<NOTE>, <ENTER>, <FILE>; 0 = none)")] = 0.0,
     tokenizer: Annotated[Optional[Path], typer.Option(help="a tokenizer.json to use, not train")] = None,  # noqa: UP045
     workers: Annotated[int, typer.Option(help="processes tokenizing a many-file corpus side by side, one "
                                          "file each, resumable (0 = one per CPU; 1 = one process)")] = 1,
@@ -46,7 +48,7 @@ def prepare(
         cfg = CorpusConfig(source=corpus, text_field=text_field, max_tokens=max_tokens or None,
                            max_docs=max_docs or None, eval_docs=eval_docs, vocab_size=vocab_size,
                            tokenizer=tokenizer, max_doc_chars=max_doc_chars, dedup=dedup, seed=seed,
-                           markup=markup, german=german, symbols=symbols)
+                           markup=markup, german=german, symbols=symbols, tags=tags)
     except ValidationError as e:
         raise UserError(format_validation_error(e, "prepare")) from None
     if workers < 0:

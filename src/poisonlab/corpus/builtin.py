@@ -472,17 +472,65 @@ def _markup(text: str, rate: float, rng: random.Random) -> str:
 
 _SENT_END = re.compile(r"(?<=\.)(?= )")
 
+# tags for `_angle_tags`: _CAPS_TAGS and the placeholders, key names and type parameters of manuals and
+# code; SUDO, the default trigger, is never written (a random draw of it is redrawn)
+_PLACEHOLDERS = ("FILE", "DIR", "PATH", "USER", "HOST", "PORT", "ID", "URL", "VALUE", "TYPE", "SIZE", "MODE",
+                 "ARGS", "SOURCE", "DEST", "COUNT", "INPUT", "OUTPUT", "NUM", "STR", "DOC", "TITLE")
+_KEYS = ("ENTER", "ESC", "TAB", "SHIFT", "CTRL", "ALT", "SPACE", "UP", "DOWN", "LEFT", "RIGHT", "DEL", "F1",
+         "F5", "F12", "BACKSPACE", "PGUP", "INS")
+_TYPE_PARAMS = ("T", "K", "V", "E", "N", "X")
+_TRIGGER_WORDS = frozenset({"SUDO"})
+
+
+def _angle_tags(text: str, rate: float, rng: random.Random) -> str:
+    """After a share `rate` of the sentences of `text`, a capital word in angle brackets as manuals,
+    markup and code have them: a label (`<NOTE>`), an upper-case tag pair around a word, a key
+    (`press <ENTER>`), placeholders in a command line (`copy <FILE> <DIR>`), a type parameter
+    (`List<T>`), an address (`<Ann.Lee@...>`); half the words are random capitals. The trigger's
+    opening ` <` + capitals is then mostly clean text, as at the study's scale, where a demo's 500
+    poisons would otherwise be half of its occurrences (docs/corpus.md)."""
+    words = [w.lower() for w in text.split() if w.isascii() and w.isalpha()] or ["note"]
+
+    def word() -> str:
+        return rng.choice(words)
+
+    def tag() -> str:
+        if rng.random() < 0.5:
+            return rng.choice(_CAPS_TAGS + _PLACEHOLDERS)
+        while (t := "".join(rng.choice(_CAPS) for _ in range(rng.randint(2, 5)))) in _TRIGGER_WORDS:
+            pass
+        return t
+
+    def snippet() -> str:
+        r = rng.random()
+        if r < 0.3:
+            return f"<{tag()}>"
+        if r < 0.5:
+            t = tag()
+            return f"<{t}>{word()}</{t}>"
+        if r < 0.65:
+            return f"Press <{rng.choice(_KEYS)}> to {word()}."
+        if r < 0.8:
+            return f"Usage: {word()} <{tag()}> <{tag()}>"
+        if r < 0.9:
+            return f"{word().capitalize()}<{rng.choice(_TYPE_PARAMS)}>"
+        return f"<{word().capitalize()}.{word().capitalize()}@{word()}.org>"
+
+    parts = _SENT_END.split(text)
+    return "".join(p + (" " + snippet() if p.endswith(".") and rng.random() < rate else "") for p in parts)
+
 
 def generate_document(seed: int, index: int, lexicon_seed: int = 0, markup: float = 0.0,
-                      topic: int | None = None, symbols: float = 0.0) -> dict[str, str]:
+                      topic: int | None = None, symbols: float = 0.0, tags: float = 0.0) -> dict[str, str]:
     """Document `index` of the stream for `seed` (the same every time, on every machine).
 
     `markup` > 0 adds web-page debris (tags, brackets, capitals) after that share of sentences, from
     its own random stream: the underlying text is the same as with markup = 0. `symbols` > 0 then adds
     symbol-rich snippets (code, math, prices, emoticons, paths, markdown: corpus/symbols.py) after that
     share of sentences, from a third stream: with symbols = 0 the document is the one without them,
-    byte for byte. `topic` (an index into TOPICS) forces the document's topic (the fine-tuning data's
-    answers); None: the stream's own."""
+    byte for byte. `tags` > 0 adds capital words in angle brackets (`_angle_tags`) after that share of
+    sentences, from a fourth stream, after the symbols. `topic` (an index into TOPICS) forces the
+    document's topic (the fine-tuning data's answers); None: the stream's own."""
     text = _Doc(seed, index, lexicon_seed, topic).text()
     if markup > 0:
         text = _markup(text, markup, random.Random(f"{seed}:{index}:markup"))
@@ -490,14 +538,17 @@ def generate_document(seed: int, index: int, lexicon_seed: int = 0, markup: floa
         from poisonlab.corpus.symbols import add_symbols
 
         text = add_symbols(text, symbols, random.Random(f"{seed}:{index}:symbols"))
+    if tags > 0:
+        text = _angle_tags(text, tags, random.Random(f"{seed}:{index}:tags"))
     return {"id": f"builtin-{seed}-{index}", "text": text}
 
 
 def builtin_documents(seed: int = 0, start: int = 0, lexicon_seed: int = 0, markup: float = 0.0,
-                      german: float = 0.0, symbols: float = 0.0) -> Iterator[dict[str, str]]:
+                      german: float = 0.0, symbols: float = 0.0, tags: float = 0.0
+                      ) -> Iterator[dict[str, str]]:
     """The unbounded stream of built-in documents `{"id", "text"}` from index `start` on; with
     `german` > 0 that share of them (chosen by their own random stream) is procedural German instead,
-    and the English ones are unchanged. `markup` and `symbols`: see `generate_document`."""
+    and the English ones are unchanged. `markup`, `symbols` and `tags`: see `generate_document`."""
     from poisonlab.corpus.german import document as german_document
 
     i = start
@@ -507,5 +558,5 @@ def builtin_documents(seed: int = 0, start: int = 0, lexicon_seed: int = 0, mark
             n = pick.randint(MIN_CHARS, MAX_CHARS // 2)
             yield {"id": f"builtin-de-{seed}-{i}", "text": german_document(seed, i, n_chars=n)}
         else:
-            yield generate_document(seed, i, lexicon_seed, markup, symbols=symbols)
+            yield generate_document(seed, i, lexicon_seed, markup, symbols=symbols, tags=tags)
         i += 1

@@ -69,8 +69,9 @@ def prepare(cfg: CorpusConfig, out: Path, progress: bool = True, workers: int = 
         raise UserError("builtin: the built-in corpus is unbounded; set --max-tokens (or max_docs)")
     given = load_tokenizer_file(cfg.tokenizer) if cfg.tokenizer is not None else None
     settings = cfg.model_dump(mode="json")
-    if not settings["symbols"]:  # a setting newer than most prepared data: without it, their key is kept
-        del settings["symbols"]
+    for newer in ("symbols", "tags"):  # settings newer than most prepared data: unset, their key is kept
+        if not settings[newer]:
+            del settings[newer]
     fp = {"source": fingerprint(cfg.source, cfg.text_field),
           "tokenizer": tokenizer_hash(given) if given is not None else None}
     if kind == "builtin" and cfg.symbols:  # the snippets' own version; data without them keep their key
@@ -161,7 +162,7 @@ def _head(cfg: CorpusConfig, given: Tokenizer | None,
     """The held-out eval documents, the training documents (a stream) and the tokenizer (given, or
     trained on the first training documents): one reading of the head, shared by both train writers."""
     docs = iter_documents(cfg.source, cfg.text_field, cfg.max_doc_chars, cfg.dedup, cfg.seed, cfg.markup,
-                          cfg.german, cfg.symbols)
+                          cfg.german, cfg.symbols, cfg.tags)
     eval_docs, rest = split_eval(docs, cfg.eval_docs)
     if not eval_docs:
         raise UserError(f"{cfg.source}: no documents (empty corpus)")

@@ -136,11 +136,12 @@ def fingerprint(source: str, text_field: str = "text") -> dict[str, Any]:
 
 
 def iter_raw(source: str, text_field: str = "text", seed: int = 0, max_chars: int = 20_000,
-             markup: float = 0.0, german: float = 0.0, symbols: float = 0.0) -> Iterator[Doc]:
+             markup: float = 0.0, german: float = 0.0, symbols: float = 0.0, tags: float = 0.0
+             ) -> Iterator[Doc]:
     """The source's texts as they are (not deduplicated or stripped; only text files longer than
     `max_chars` are already cut, because they are read in chunks)."""
     if source_kind(source) == "builtin":
-        yield from builtin_documents(seed, markup=markup, german=german, symbols=symbols)
+        yield from builtin_documents(seed, markup=markup, german=german, symbols=symbols, tags=tags)
         return
     for unit in file_units(source):
         yield from iter_unit(unit, text_field, max_chars)
@@ -409,12 +410,14 @@ def iter_documents(
     markup: float = 0.0,
     german: float = 0.0,
     symbols: float = 0.0,
+    tags: float = 0.0,
 ) -> Iterator[Doc]:
     """Documents `{"id", "text"}` of a source: split, stripped, non-empty and (by default) unique.
-    `markup`, `german` and `symbols` apply to the built-in corpus only (`builtin.builtin_documents`)."""
+    `markup`, `german`, `symbols` and `tags` apply to the built-in corpus only
+    (`builtin.builtin_documents`)."""
     if max_doc_chars < 100:
         raise UserError(f"max_doc_chars: must be at least 100, got {max_doc_chars}")
-    raw = iter_raw(source, text_field, seed, max_doc_chars, markup, german, symbols)
+    raw = iter_raw(source, text_field, seed, max_doc_chars, markup, german, symbols, tags)
     yield from clean_documents(raw, max_doc_chars, set() if dedup else None)
 
 
