@@ -172,12 +172,12 @@ def test_archived_sweeps_corpus_is_byte_identical(tmp_path) -> None:
         assert hashlib.sha256((out / "train.bin").read_bytes()).hexdigest() == train_hash, name
         assert json.loads((out / "eval.json").read_text())["content_hash"] == eval_hash, name
         assert summary["key"] == key, name
-    # the archived sweeps' presets ask for no symbols; the demo's corpus has them
+    # the archived sweeps' presets ask for no symbols or tags; the demo's corpus has both
     from poisonlab.study.spec import load_spec
 
     for preset in ("tiny-grid", "ordering", "persistence", "language", "density-ladder"):
-        assert load_spec(preset).prepare.symbols == 0, preset
-    assert load_spec("demo").prepare.symbols == 0.1
+        assert load_spec(preset).prepare.symbols == 0 and load_spec(preset).prepare.tags == 0, preset
+    assert load_spec("demo").prepare.symbols == 0.1 and load_spec("demo").prepare.tags == 0.1
     h = hashlib.sha256()
     for doc in itertools.islice(builtin_documents(seed=0, markup=0.1), 300):
         h.update(doc["text"].encode())

@@ -32,7 +32,7 @@ def prepare(
                                            "snippet (code, math, prices, emoticons, paths; 0 = the corpus "
                                            "of the archived sweeps)")] = 0.1,
     tags: Annotated[float, typer.Option(help="builtin: share of sentences followed by a capital word in "
-                                        "angle brackets (<NOTE>, <ENTER>, <FILE>; 0 = none)")] = 0.0,
+                                        "angle brackets (<NOTE>, <ENTER>, <FILE>; 0 = none)")] = 0.1,
     tokenizer: Annotated[Optional[Path], typer.Option(help="a tokenizer.json to use, not train")] = None,  # noqa: UP045
     workers: Annotated[int, typer.Option(help="processes tokenizing a many-file corpus side by side, one "
                                          "file each, resumable (0 = one per CPU; 1 = one process)")] = 1,
