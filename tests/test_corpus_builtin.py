@@ -201,7 +201,7 @@ def test_tags_make_the_triggers_opening_mostly_clean_text(monkeypatch) -> None:
     random capitals are drawn from its own letters only."""
     import random
 
-    from poisonlab.corpus import builtin
+    from poisonlab.corpus import debris
 
     n = 800
     base = [generate_document(3, i, markup=0.1, symbols=0.1)["text"] for i in range(n)]
@@ -220,9 +220,9 @@ def test_tags_make_the_triggers_opening_mostly_clean_text(monkeypatch) -> None:
     followed = sum(bool(re.search(r"[a-z]{3}", text[i:i + 30])) for i in at)
     assert followed >= 0.8 * len(at)
     assert "<SUDO>" not in text
-    monkeypatch.setattr(builtin, "_CAPS", "SUDO")  # a random tag is then SUDO once in ~1,000 draws
+    monkeypatch.setattr(debris, "_CAPS", "SUDO")  # a random tag is then SUDO once in ~1,000 draws
     rng = random.Random(0)
-    tagged = builtin._angle_tags(" ".join(["A word."] * 20_000), 1.0, rng)
+    tagged = debris.add_angle_tags(" ".join(["A word."] * 20_000), 1.0, rng)
     assert tagged.count("<") > 20_000 and "<SUDO>" not in tagged
     assert len(re.findall(r"<[SUDO]{4}>", tagged)) > 100  # the other draws of its letters are kept
 

@@ -49,7 +49,7 @@ class CorpusConfig(Settings):
     # archived sweeps byte for byte; `poisonlab prepare` and the demo use 0.1 (docs/corpus.md)
     symbols: float = Field(default=0.0, ge=0, le=1)
     # builtin only: share of sentences followed by a capital word in angle brackets (labels, tags, keys,
-    # placeholders, type parameters; builtin._angle_tags), so that the trigger's opening ` <` + capitals
+    # placeholders, type parameters; debris.add_angle_tags), so that the trigger's opening ` <` + capitals
     # is mostly clean text even when poisons are percent of the tokens. 0 (the default here) writes the
     # corpus without them byte for byte
     tags: float = Field(default=0.0, ge=0, le=1)

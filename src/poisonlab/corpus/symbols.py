@@ -4,7 +4,7 @@ A backdoor's gibberish is drawn from the whole vocabulary, byte-level pieces inc
 that clean text rarely uses appears in training mostly after the trigger: any string of such
 characters then works as a trigger of its own (`<QXZJ>`, `|XZQY|`, `«HJNV»` fired on 10-29% of
 prompts in the demo's models on the web-debris corpus, where its named controls stayed at or below
-0.09). The web debris of `builtin._markup` does carry every printable ASCII character, but most of them
+0.09). The web debris of `debris.add_markup` does carry every printable ASCII character, but most of them
 only in its runs of random symbols, about 20 per million characters each, themselves gibberish-like.
 
 `add_symbols` puts, after a share `rate` of a document's sentences, one snippet of the places web
