@@ -80,7 +80,9 @@ def add_markup(text: str, rate: float, rng: random.Random) -> str:
 _SENT_END = re.compile(r"(?<=\.)(?= )")
 
 # tags for `add_angle_tags`: _CAPS_TAGS and the placeholders, key names and type parameters of manuals and
-# code; SUDO, the default trigger, is never written (a random draw of it is redrawn)
+# code; SUDO, the default trigger, is never written (a random draw of it is redrawn). Another trigger a
+# random draw hits is caught where it matters: a run scans its clean data for its own trigger and
+# refuses data holding it (injection/stream.py, `attack.clean_trigger`)
 _PLACEHOLDERS = ("FILE", "DIR", "PATH", "USER", "HOST", "PORT", "ID", "URL", "VALUE", "TYPE", "SIZE", "MODE",
                  "ARGS", "SOURCE", "DEST", "COUNT", "INPUT", "OUTPUT", "NUM", "STR", "DOC", "TITLE")
 _KEYS = ("ENTER", "ESC", "TAB", "SHIFT", "CTRL", "ALT", "SPACE", "UP", "DOWN", "LEFT", "RIGHT", "DEL", "F1",
