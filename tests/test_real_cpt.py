@@ -13,9 +13,9 @@ def test_real_cpt_dry_run(tmp_path, monkeypatch, capsys, fake_real_model):
     fake_real_model(tmp_path)
     main(["sweep", "real-cpt", "--dry-run", "--out", str(tmp_path / "sw")])
     out = capsys.readouterr().out
-    assert "6 runs" in out and out.count("106203456") == 6 and out.count("491520") == 6  # 120 x 8 x 512
+    assert "8 runs" in out and out.count("106203456") == 8 and out.count("491520") == 8  # 120 x 8 x 512
     runs = expand(load_spec("real-cpt"), tmp_path / "sw")
-    assert sorted((r.n_poison, r.seed) for r in runs) == [(n, s) for n in (0, 100, 300) for s in (0, 1)]
+    assert sorted((r.n_poison, r.seed) for r in runs) == [(n, s) for n in (0, 50, 100, 300) for s in (0, 1)]
     assert {r.name.split("_")[0] for r in runs} == {"smollm2-135m"}
     cfg = runs[0].config
     study_context, context = 2048, cfg.model.seq_len
