@@ -127,3 +127,19 @@ def test_zero_poison_runs_do_not_enter_and_sustained_success_needs_to_last():
     # the pretraining rule: crossing interpolated in log poisons seen between the last dip and the next
     assert poisons_needed(rows, 0.5) == (pytest.approx(10 * 1.5 ** 0.6), False)
     assert poisons_needed(rows[:3], 0.5) == (10, True)
+
+
+def test_a_separated_fit_gives_no_elasticity():
+    """Two poisoned N, the smaller scoring 0 in every run (the real model's seed 0: N = 25 among 200
+    and 1,000 at 0/64, N = 100 at 22/64 and 23/64): the logit MLE of N's effect is infinite, so the
+    fit stops anywhere with a Pearson scale of ~0 and a needle-thin interval. It must say so, not
+    print that interval; the same design with a few successes at N = 25 still fits."""
+    runs = [{"n_poison": n, "clean_size": c, "asr": k / 64, "n_prompts": 64}
+            for n, c, k in [(25, 200, 0), (25, 1000, 0), (100, 200, 22), (100, 1000, 23)]]
+    fit = elasticity(runs)
+    assert fit is not None and fit["separated"] and fit["e"] is None and fit["e_ci"] is None
+    assert fit["b_ci"] is None and "separated" in reading(fit)
+    runs[0]["asr"], runs[1]["asr"] = 3 / 64, 2 / 64
+    fit = elasticity(runs)
+    assert not fit.get("separated") and fit["b"] > 0 and fit["scale"] > 0.01
+

@@ -17,7 +17,10 @@ an elasticity), and asymmetric when b is small. On 1,000 simulated sweeps of the
 10/25/50 x C 200/2000 x 3 seeds, 64 requests) at the dispersion measured on its archive (Pearson scale
 ~38), it covered the true e in 98% (e = 0) and 97% (e = 1) of sweeps, where the delta method covered
 99% and 86% with the same t, 97% and 84% with z (tests/test_finetune_stats.py; docs/finetuning.md).
-Runs without poisons do not enter (log 0).
+Runs without poisons do not enter (log 0). A separated fit (a poisoned N whose runs all scored 0, or
+all 1, at two N levels: the logit's N effect then runs off to infinity, the fitted rates hit 0 or 1
+and the Pearson scale to 0) gives no b, c or e: its intervals would be the optimiser's stopping point,
+not the data's (the real model's seed 0, N = 25 all 0: e = -0.0015 "95% -0.0015 to -0.0015").
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ def _fit(n: np.ndarray, c: np.ndarray, k: np.ndarray, trials: np.ndarray) -> Any
     return res
 
 
+def _separated(res: Any) -> bool:
+    """The fit ran off to a boundary: fitted rates at 0 or 1 (statsmodels warns of perfect separation
+    only for complete separation, not for the quasi-complete kind a group of all-zero runs makes)."""
+    mu = np.asarray(res.fittedvalues, dtype=float)
+    return bool(np.any(mu < 1e-6) or np.any(mu > 1 - 1e-6))
+
+
 def elasticity(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """`runs`: {"n_poison", "clean_size", "asr", "n_prompts"} per run (final evaluation). None when
     the design cannot separate N from C (fewer than 2 values of either among poisoned runs)."""
@@ -62,6 +72,9 @@ def elasticity(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     res = _fit(n, c, k, trials)
     if res is None:
         return None
+    if _separated(res):
+        return {"b": None, "c": None, "b_ci": None, "c_ci": None, "runs": len(rows), "scale": None,
+                "df": float(res.df_resid), "e": None, "e_ci": None, "separated": True}
     b, cc = float(res.params[1]), float(res.params[2])
     ci = np.asarray(res.conf_int(0.05))
     out: dict[str, Any] = {
@@ -101,6 +114,9 @@ def fieller(b: float, c: float, vbb: float, vcc: float, vbc: float, df: float,
 
 def reading(fit: dict[str, Any] | None) -> str:
     """One sentence: what the interval of e says."""
+    if fit and fit.get("separated"):
+        return ("No elasticity: the fit is separated (a poisoned N whose runs all scored 0 or all 1 makes "
+                "N's effect unbounded on the logit scale); read the final ASR per N and clean-set size.")
     if not fit or fit.get("e") is None:
         return (
             "The design does not separate the count from the fraction (needs ≥ 2 poisoned N and ≥ 2 sizes)."
