@@ -70,7 +70,10 @@ def torchrun(tmp: Path, cfg: RunConfig, **env) -> int:
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script),
            cfg.model_dump_json(exclude_unset=True)]  # unset: the vocabulary comes from the data
     e = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", POISONLAB_NO_PROGRESS="1", **env)
-    return subprocess.run(cmd, env=e, timeout=300, capture_output=True).returncode
+    done = subprocess.run(cmd, env=e, timeout=300, capture_output=True)
+    if done.returncode:  # pytest shows this on the failure: why torchrun failed, not only that it did
+        print(done.stdout.decode(errors="replace")[-4000:], done.stderr.decode(errors="replace")[-8000:])
+    return done.returncode
 
 
 def rows(run: Path) -> list[dict]:
