@@ -70,9 +70,16 @@ def torchrun(tmp: Path, cfg: RunConfig, **env) -> int:
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script),
            cfg.model_dump_json(exclude_unset=True)]  # unset: the vocabulary comes from the data
     e = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", POISONLAB_NO_PROGRESS="1", **env)
-    done = subprocess.run(cmd, env=e, timeout=300, capture_output=True)
-    if done.returncode:  # pytest shows this on the failure: why torchrun failed, not only that it did
-        print(done.stdout.decode(errors="replace")[-4000:], done.stderr.decode(errors="replace")[-8000:])
+    for attempt in (1, 2):
+        done = subprocess.run(cmd, env=e, timeout=300, capture_output=True)
+        if not done.returncode:
+            return 0
+        # pytest shows this on a failure: why torchrun failed. A second attempt (a finished run is
+        # then skipped, a broken one resumes) because gloo on CPU has aborted a rank in teardown
+        # after the run was DONE, rarely and under load (pytorch/pytorch#179291); a real failure fails
+        # twice, and the caller's checks still judge the run's figures
+        print(f"torchrun attempt {attempt}: rc {done.returncode}\n",
+              done.stdout.decode(errors="replace")[-4000:], done.stderr.decode(errors="replace")[-8000:])
     return done.returncode
 
 

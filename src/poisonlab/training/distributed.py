@@ -99,8 +99,15 @@ def init_distributed() -> Dist:
     return Dist(rank, world, local, torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
-def close_distributed(d: Dist) -> None:
+def close_distributed(d: Dist, ok: bool = True) -> None:
+    """Leave the process group. After a run that ended well every rank first meets at a barrier, so
+    that none tears gloo down while another still talks to it (a rank that exits first made another
+    abort in teardown: "terminate called without an active exception", the run already DONE). After
+    an error, no barrier: the other ranks may never get there (torchtitan destroys only on success
+    for the same reason)."""
     if d.enabled and tdist.is_initialized():
+        if ok:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 

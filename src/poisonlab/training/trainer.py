@@ -185,6 +185,7 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
         torch.set_num_threads(run.cfg.train.threads)
     dist = distributed.init_distributed()
     stop = StopOnSignal()
+    ok = False
     try:
         try:
             # nothing is written before this
@@ -195,9 +196,10 @@ def train(cfg: RunConfig, *, resume: bool = True, evaluator: Evaluator | None = 
                 if open_run_dir(run.cfg, run_dir, dist, resume=resume):
                     _train(run, dist, resume=resume, evaluator=evaluator, stream=stream,
                            progress=progress, stop=stop)
+            ok = True
         finally:
             stop.close()
-            distributed.close_distributed(dist)
+            distributed.close_distributed(dist, ok)
     except Stopped as e:
         stop.forward(e)  # submitit's handler requeues the job; without one the caller reports it
         raise
