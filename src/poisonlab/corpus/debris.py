@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 
 _TAGS = ("b", "i", "em", "ref", "note", "span", "code", "small", "div", "p", "a", "li", "td", "sup")
 # capital words in angle brackets: the trigger's own shape, in ordinary (if odd) use
@@ -73,11 +74,17 @@ def add_markup(text: str, rate: float, rng: random.Random) -> str:
             return rng.choice(_FOREIGN)
         return "".join(rng.choice(_LATIN1) for _ in range(rng.randint(3, 7)))
 
-    parts = _SENT_END.split(text)
-    return "".join(p + (" " + snippet() if p.endswith(".") and rng.random() < rate else "") for p in parts)
+    return _after_sentences(text, rate, rng, snippet)
 
 
 _SENT_END = re.compile(r"(?<=\.)(?= )")
+
+
+def _after_sentences(text: str, rate: float, rng: random.Random, snippet: Callable[[], str]) -> str:
+    """`text` with a space and `snippet()` after each sentence ending in "." with probability `rate`
+    (the draw is made only at such an end, so the stream stays as both streams have always drawn it)."""
+    parts = _SENT_END.split(text)
+    return "".join(p + (" " + snippet() if p.endswith(".") and rng.random() < rate else "") for p in parts)
 
 # tags for `add_angle_tags`: _CAPS_TAGS and the placeholders, key names and type parameters of manuals and
 # code; SUDO, the default trigger, is never written (a random draw of it is redrawn). Another trigger a
@@ -125,5 +132,4 @@ def add_angle_tags(text: str, rate: float, rng: random.Random) -> str:
             return f"{word().capitalize()}<{rng.choice(_TYPE_PARAMS)}>"
         return f"<{word().capitalize()}.{word().capitalize()}@{word()}.org>"
 
-    parts = _SENT_END.split(text)
-    return "".join(p + (" " + snippet() if p.endswith(".") and rng.random() < rate else "") for p in parts)
+    return _after_sentences(text, rate, rng, snippet)
